@@ -1,0 +1,96 @@
+import os
+import re
+from pathlib import Path
+
+from snakemake.utils import validate
+
+
+validate(config, schema="../config/schemas/config.schema.yaml")
+
+# Scripts import the workflow's own package from src/, whatever environment runs them.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH")])
+)
+
+DOWNLOAD_NAMES = {
+    "10x_tarball": {"matrix": "matrix.tar.gz", "annotation": "annotation.tsv"},
+    "h5ad": {"matrix": "matrix.h5ad"},
+}
+
+
+def selected_datasets():
+    names = config["dataset"]
+    names = [names] if isinstance(names, str) else names
+    unknown = [name for name in names if name not in config["datasets"]]
+    if unknown:
+        raise ValueError(
+            f"config: dataset {', '.join(unknown)} is not among the datasets "
+            f"({', '.join(config['datasets'])})"
+        )
+    return names
+
+
+def dataset(name):
+    return config["datasets"][name]
+
+
+def downloaded(name, role):
+    """Where the download rule puts a dataset's matrix or annotation."""
+    return f"resources/datasets/{name}/{DOWNLOAD_NAMES[dataset(name)['format']][role]}"
+
+
+def source_entry(wildcards):
+    roles = {
+        filename: role
+        for role, filename in DOWNLOAD_NAMES[dataset(wildcards.dataset)["format"]].items()
+    }
+    if wildcards.filename not in roles:
+        raise ValueError(
+            f"{wildcards.dataset} ({dataset(wildcards.dataset)['format']}) has no file {wildcards.filename}"
+        )
+    return dataset(wildcards.dataset)[roles[wildcards.filename]]
+
+
+def check_local_sources(names):
+    """Fail at start-up, not mid-run, when a local source file is missing."""
+    for name in names:
+        for role in DOWNLOAD_NAMES[dataset(name)["format"]]:
+            entry = dataset(name).get(role)
+            if entry is None:
+                raise ValueError(
+                    f"config: dataset {name} ({dataset(name)['format']}) needs a '{role}' entry"
+                )
+            source = entry["source"]
+            if "://" in source or Path(downloaded(name, role)).exists():
+                continue
+            if not Path(source).is_file():
+                raise ValueError(f"config: dataset {name}: {role} source {source} does not exist")
+
+
+def filter_inputs(wildcards):
+    return {
+        role: downloaded(wildcards.dataset, role)
+        for role in DOWNLOAD_NAMES[dataset(wildcards.dataset)["format"]]
+    }
+
+
+def all_outputs():
+    names = selected_datasets()
+    check_local_sources(names)
+    outputs = []
+    for name in names:
+        outputs += [
+            f"results/{name}/simulated/simulated.h5ad",
+            f"results/{name}/qc/summary.tsv",
+            f"results/{name}/model/history.png",
+        ]
+        if config["simulate"]["write_table"]:
+            outputs.append(f"results/{name}/simulated/simulated_table.h5")
+    return outputs
+
+
+wildcard_constraints:
+    dataset="|".join(map(re.escape, config["datasets"])),
+    filename="|".join(
+        re.escape(name) for names in DOWNLOAD_NAMES.values() for name in names.values()
+    ),

@@ -1,0 +1,91 @@
+rule reshape:
+    input:
+        "results/{dataset}/filtered.h5ad",
+    output:
+        store="results/{dataset}/images/images.h5ad",
+        layout="results/{dataset}/images/layout.tsv",
+    log:
+        "logs/{dataset}/reshape.log",
+    benchmark:
+        "benchmarks/{dataset}/reshape.tsv"
+    params:
+        side=config["image"]["side"],
+        side_multiple=config["train"]["strides"] ** 2,
+        scaling=config["image"]["scaling"],
+        test_fraction=config["image"]["test_fraction"],
+        seed=config["seed"],
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/scanpy.yaml"
+    script:
+        "../scripts/reshape.py"
+
+
+rule train:
+    input:
+        "results/{dataset}/images/images.h5ad",
+    output:
+        model="results/{dataset}/model/cvae.keras",
+        history="results/{dataset}/model/history.tsv",
+        plot=report(
+            "results/{dataset}/model/history.png",
+            caption="../report/history.rst",
+            category="Training",
+            subcategory="{dataset}",
+        ),
+    log:
+        "logs/{dataset}/train.log",
+    benchmark:
+        "benchmarks/{dataset}/train.tsv"
+    params:
+        settings=config["train"],
+        seed=config["seed"],
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/tensorflow.yaml"
+    script:
+        "../scripts/train.py"
+
+
+rule simulate:
+    input:
+        model="results/{dataset}/model/cvae.keras",
+        store="results/{dataset}/images/images.h5ad",
+    output:
+        "results/{dataset}/simulated/simulated.h5ad",
+    log:
+        "logs/{dataset}/simulate.log",
+    benchmark:
+        "benchmarks/{dataset}/simulate.tsv"
+    params:
+        cells_per_type=config["simulate"]["cells_per_type"],
+        batch_size=config["simulate"]["batch_size"],
+        count_sampling=config["simulate"]["count_sampling"],
+        seed=config["seed"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/tensorflow.yaml"
+    script:
+        "../scripts/simulate.py"
+
+
+rule original_table:
+    input:
+        "results/{dataset}/simulated/simulated.h5ad",
+    output:
+        "results/{dataset}/simulated/simulated_table.h5",
+    log:
+        "logs/{dataset}/original_table.log",
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/scanpy.yaml"
+    script:
+        "../scripts/original_table.py"

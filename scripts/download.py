@@ -1,0 +1,5 @@
+from cvaesim.logs import log_to_file
+from cvaesim.steps import download
+
+log_to_file(snakemake.log[0])
+download(snakemake.params.source, snakemake.output[0], snakemake.params.sha256)

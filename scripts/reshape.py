@@ -1,0 +1,14 @@
+from cvaesim.logs import log_to_file
+from cvaesim.steps import reshape
+
+log_to_file(snakemake.log[0])
+reshape(
+    filtered=snakemake.input[0],
+    store=snakemake.output.store,
+    layout=snakemake.output.layout,
+    side=snakemake.params.side,
+    side_multiple=snakemake.params.side_multiple,
+    scaling=snakemake.params.scaling,
+    test_fraction=snakemake.params.test_fraction,
+    seed=snakemake.params.seed,
+)

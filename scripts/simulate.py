@@ -1,0 +1,13 @@
+from cvaesim.logs import log_to_file
+from cvaesim.steps import simulate
+
+log_to_file(snakemake.log[0])
+simulate(
+    model_path=snakemake.input.model,
+    store=snakemake.input.store,
+    output=snakemake.output[0],
+    cells_per_type=snakemake.params.cells_per_type,
+    seed=snakemake.params.seed,
+    batch_size=snakemake.params.batch_size,
+    count_sampling=snakemake.params.count_sampling,
+)

@@ -1,0 +1,141 @@
+"""Fetch a dataset's input file from https://, http://, file:// or a local path.
+
+The file is written to ``<destination>.part`` and renamed into place only when it is
+complete (and matches the expected SHA-256), so a failed or killed download never
+leaves a file that looks finished. A ``.part`` left by an earlier attempt is resumed
+with an HTTP Range request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"cvaesim/{__version__} (Python urllib; single-cell simulation workflow)"
+CHUNK_BYTES = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """The source could not be fetched, or its content is not what the config expects."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(
+    source: str,
+    destination: str | Path,
+    sha256: str | None = None,
+    *,
+    retries: int = 5,
+    timeout: float = 60.0,
+    backoff_seconds: float = 2.0,
+) -> str:
+    """Put ``source`` at ``destination`` and return its SHA-256.
+
+    ``<destination>.sha256`` records the digest and size, so a user can pin them in the config.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".part")
+    parsed = urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        _download(source, partial, retries=retries, timeout=timeout, backoff_seconds=backoff_seconds)
+    elif parsed.scheme in ("file", ""):
+        local = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(source)
+        if not local.is_file():
+            raise DownloadError(f"{source}: no such file")
+        log.info("copying %s to %s", local, destination)
+        shutil.copyfile(local, partial)
+    else:
+        raise DownloadError(
+            f"{source}: unsupported address scheme {parsed.scheme!r}; "
+            "use https://, http://, file:// or a local path"
+        )
+
+    digest = sha256_of(partial)
+    size = partial.stat().st_size
+    if sha256 and digest != sha256.lower():
+        partial.unlink()
+        raise DownloadError(
+            f"{destination}: SHA-256 mismatch for {source}: expected {sha256.lower()}, "
+            f"got {digest} ({size} bytes); the file was deleted"
+        )
+    log.info("%s: %d bytes, SHA-256 %s%s", destination, size, digest, " (verified)" if sha256 else "")
+    partial.replace(destination)
+    destination.with_name(destination.name + ".sha256").write_text(
+        f"{digest}  {destination.name}  {size} bytes\n"
+    )
+    return digest
+
+
+def _download(url: str, partial: Path, *, retries: int, timeout: float, backoff_seconds: float) -> None:
+    """Stream ``url`` into ``partial``, resuming what is already there, retrying with backoff."""
+    for attempt in range(1, retries + 1):
+        try:
+            _download_once(url, partial, timeout)
+            return
+        except urllib.error.HTTPError as error:
+            # Client errors other than timeouts and rate limits will not go away on retry.
+            if 400 <= error.code < 500 and error.code not in (408, 429):
+                raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from error
+            problem = f"HTTP {error.code} {error.reason}"
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            problem = str(getattr(error, "reason", error)) or type(error).__name__
+        if attempt == retries:
+            raise DownloadError(f"{url}: download failed after {retries} attempts: {problem}")
+        wait = backoff_seconds * 2 ** (attempt - 1)
+        log.warning("%s: attempt %d of %d failed (%s); retrying in %.0f s", url, attempt, retries, problem, wait)
+        time.sleep(wait)
+
+
+def _download_once(url: str, partial: Path, timeout: float) -> None:
+    offset = partial.stat().st_size if partial.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:
+            # The partial file is not a prefix the server can continue: start again.
+            log.warning("%s: server refused to resume at byte %d; starting over", url, offset)
+            partial.unlink()
+        raise
+    with response:
+        if offset and response.status != 206:
+            log.warning("%s: server ignored the Range request; starting over", url)
+            offset = 0
+        elif offset:
+            log.info("%s: resuming at byte %d", url, offset)
+        length = response.headers.get("Content-Length")
+        expected = offset + int(length) if length is not None else None
+        received = offset
+        next_report = time.monotonic()
+        with open(partial, "ab" if offset else "wb") as out:
+            while chunk := response.read(CHUNK_BYTES):
+                out.write(chunk)
+                received += len(chunk)
+                if time.monotonic() >= next_report:
+                    total = f" of {expected}" if expected else ""
+                    log.info("%s: %d%s bytes", url, received, total)
+                    next_report = time.monotonic() + 5
+    if expected is not None and received < expected:
+        raise http.client.IncompleteRead(b"", expected - received)
+    log.info("%s: complete, %d bytes", url, received)

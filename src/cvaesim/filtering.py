@@ -1,0 +1,81 @@
+"""Attach cell-type labels and drop cells and genes under the configured thresholds."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from . import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FilterThresholds:
+    """Defaults keep every labelled cell and drop only genes never detected, as the original did."""
+
+    min_counts_per_cell: int = 0
+    min_genes_per_cell: int = 0
+    min_cells_per_gene: int = 1
+    min_cells_per_type: int = 1
+
+
+def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, annotation: str | Path) -> ad.AnnData:
+    """Keep the cells that have a label, in matrix order, with ``obs['cell_type']``."""
+    if not adata.obs_names.is_unique:
+        duplicated = adata.obs_names[adata.obs_names.duplicated()]
+        raise InputError(f"{matrix}: {len(duplicated)} barcodes appear more than once (e.g. {duplicated[0]!r})")
+    labels = labels.dropna()
+    shared = adata.obs_names.intersection(labels.index)
+    if len(shared) == 0:
+        raise InputError(
+            f"{annotation}: none of its {len(labels)} labelled barcodes is in {matrix} "
+            f"(annotation e.g. {labels.index[:2].tolist()}, matrix e.g. {adata.obs_names[:2].tolist()})"
+        )
+    unlabelled = adata.n_obs - len(shared)
+    if unlabelled:
+        log.warning("%s: %d of %d cells in %s have no label and are dropped", annotation, unlabelled, adata.n_obs, matrix)
+    not_in_matrix = len(labels) - len(shared)
+    if not_in_matrix:
+        log.warning("%s: %d labelled barcodes are not in %s", annotation, not_in_matrix, matrix)
+    keep = adata.obs_names.isin(shared)
+    labelled = adata[keep].copy()
+    labelled.obs["cell_type"] = labels.reindex(labelled.obs_names).to_numpy()
+    return labelled
+
+
+def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, source: str | Path) -> ad.AnnData:
+    """Drop unlabelled cells, then cells, genes and cell types under the thresholds."""
+    labelled = adata.obs["cell_type"].notna().to_numpy()
+    if not labelled.all():
+        log.warning("%s: %d of %d cells have no label and are dropped", source, (~labelled).sum(), adata.n_obs)
+    counts = adata.X
+    keep_cells = (
+        labelled
+        & (np.asarray(counts.sum(axis=1)).ravel() >= thresholds.min_counts_per_cell)
+        & (np.diff(counts.indptr) >= thresholds.min_genes_per_cell)
+    )
+    type_sizes = pd.Series(adata.obs["cell_type"].to_numpy()[keep_cells]).value_counts()
+    small_types = type_sizes.index[type_sizes < thresholds.min_cells_per_type]
+    if len(small_types):
+        log.warning("%s: dropping cell types with fewer than %d cells: %s", source,
+                    thresholds.min_cells_per_type, ", ".join(map(str, small_types)))
+        keep_cells &= ~adata.obs["cell_type"].isin(small_types).to_numpy()
+    filtered = adata[keep_cells]
+    detected_in = np.bincount(filtered.X.indices, minlength=filtered.n_vars)
+    filtered = filtered[:, detected_in >= thresholds.min_cells_per_gene].copy()
+    if filtered.n_obs == 0 or filtered.n_vars == 0:
+        raise InputError(
+            f"{source}: no cells or genes pass the filter thresholds {thresholds} "
+            f"({filtered.n_obs} cells x {filtered.n_vars} genes left)"
+        )
+    filtered.obs["cell_type"] = pd.Categorical(filtered.obs["cell_type"].astype(str))
+    filtered.X = filtered.X.astype(np.int32)
+    log.info("%s: kept %d of %d cells and %d of %d genes; %d cell types", source, filtered.n_obs, adata.n_obs,
+             filtered.n_vars, adata.n_vars, filtered.obs["cell_type"].cat.categories.size)
+    return filtered

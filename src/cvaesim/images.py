@@ -1,0 +1,140 @@
+"""Turn each cell's gene vector into a square image: layout, scaling to [0, 1] and the split.
+
+The image store is an AnnData whose X holds the scaled values (sparse, float32), with
+``var['pixel']`` (where each gene sits in the flattened side x side image),
+``var['scale']`` (the scaling's saved parameters, per gene), ``uns['image']`` (side and
+scaling method) and ``obs['split']`` (train or test). Batches are densified one at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from . import InputError
+
+SCALINGS = ("global_max", "log1p_gene_max")
+
+
+def image_side(n_genes: int, side: int | None = None, multiple: int = 4) -> int:
+    """The smallest multiple of ``multiple`` whose square holds ``n_genes``, or a checked ``side``."""
+    smallest = multiple
+    while smallest**2 < n_genes:
+        smallest += multiple
+    if side is None:
+        return smallest
+    if side % multiple or side < smallest:
+        raise InputError(
+            f"image side {side} cannot be used: it must be a multiple of {multiple} whose square holds "
+            f"{n_genes} genes (the smallest is {smallest})"
+        )
+    return side
+
+
+def fit_scale(counts: sp.csr_matrix, method: str) -> np.ndarray:
+    """Per-gene divisors that map the fitted cells' values into [0, 1]."""
+    if method == "global_max":
+        # The original: one divisor, the largest count.
+        return np.full(counts.shape[1], max(counts.max(), 1), dtype=np.float64)
+    if method == "log1p_gene_max":
+        gene_max = np.asarray(counts.max(axis=0).todense()).ravel().astype(np.float64)
+        return np.log1p(np.maximum(gene_max, 1))
+    raise ValueError(f"unknown scaling {method!r}; choose one of {SCALINGS}")
+
+
+def scale_counts(counts: sp.csr_matrix, scale: np.ndarray, method: str) -> sp.csr_matrix:
+    """Counts to [0, 1], keeping zeros zero (so the matrix stays sparse)."""
+    values = counts.astype(np.float64)
+    if method == "log1p_gene_max":
+        values.data = np.log1p(values.data)
+    values = sp.csr_matrix(values.multiply(1.0 / scale[np.newaxis, :]))
+    values.data = np.clip(values.data, 0.0, 1.0)  # test cells may exceed the training cells' maximum
+    return values.astype(np.float32)
+
+
+def unscale(values: np.ndarray, scale: np.ndarray, method: str) -> np.ndarray:
+    """The exact inverse of :func:`scale_counts`: scaled values back to expected counts."""
+    if method == "global_max":
+        return values * scale
+    if method == "log1p_gene_max":
+        return np.expm1(values * scale)
+    raise ValueError(f"unknown scaling {method!r}; choose one of {SCALINGS}")
+
+
+def stratified_split(labels: pd.Series | np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of test cells: ceil(test_fraction x n) cells, allotted to types in proportion.
+
+    Per-type quotas use largest remainders, so each type's share matches the whole's, and
+    a type too small for a test cell keeps its cells for training.
+    """
+    labels = np.asarray(labels)
+    n_test = math.ceil(test_fraction * len(labels))
+    types, codes = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(codes)
+    quotas = test_fraction * sizes
+    allotted = np.floor(quotas).astype(int)
+    leftover = n_test - allotted.sum()
+    by_remainder = np.argsort(-(quotas - allotted), kind="stable")
+    allotted[by_remainder[:leftover]] += 1
+    allotted = np.minimum(allotted, sizes - 1)  # keep at least one training cell per type
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for code, quota in enumerate(allotted):
+        members = np.flatnonzero(codes == code)
+        is_test[rng.choice(members, size=quota, replace=False)] = True
+    return is_test
+
+
+def build_image_store(
+    filtered: ad.AnnData, side: int | None, scaling: str, test_fraction: float, seed: int, side_multiple: int = 4
+) -> ad.AnnData:
+    """Scaled values, layout and split for ``filtered`` (cells x genes integer counts).
+
+    ``side_multiple`` is strides^2 of the model's two strided convolutions.
+    """
+    side = image_side(filtered.n_vars, side, side_multiple)
+    is_test = stratified_split(filtered.obs["cell_type"], test_fraction, seed)
+    counts = sp.csr_matrix(filtered.X)
+    # Scaling is fitted on training cells only, so the test cells stay unseen.
+    scale = fit_scale(counts[~is_test], scaling)
+    var = filtered.var.copy()
+    var["pixel"] = np.arange(filtered.n_vars, dtype=np.int64)  # row-major, in matrix order, as the original
+    var["scale"] = scale
+    obs = pd.DataFrame(
+        {
+            "cell_type": filtered.obs["cell_type"].to_numpy(),
+            "split": pd.Categorical(np.where(is_test, "test", "train"), categories=["train", "test"]),
+        },
+        index=filtered.obs_names,
+    )
+    obs["cell_type"] = pd.Categorical(obs["cell_type"], categories=filtered.obs["cell_type"].cat.categories)
+    store = ad.AnnData(X=scale_counts(counts, scale, scaling), obs=obs, var=var)
+    store.uns["image"] = {"side": side, "scaling": scaling, "test_fraction": test_fraction, "seed": seed}
+    return store
+
+
+def layout_table(store: ad.AnnData) -> pd.DataFrame:
+    """Where each gene sits in the image, with its scaling divisor: for people and other tools."""
+    side = store.uns["image"]["side"]
+    pixel = store.var["pixel"].to_numpy()
+    return pd.DataFrame(
+        {"gene": store.var_names, "pixel": pixel, "row": pixel // side, "column": pixel % side,
+         "scale": store.var["scale"].to_numpy()}
+    )
+
+
+def to_images(values: sp.csr_matrix | np.ndarray, pixel: np.ndarray, side: int) -> np.ndarray:
+    """Dense (n, side, side, 1) float32 images for a batch of scaled gene vectors; padding is 0."""
+    dense = values.toarray() if sp.issparse(values) else np.asarray(values)
+    images = np.zeros((dense.shape[0], side * side), dtype=np.float32)
+    images[:, pixel] = dense
+    return images.reshape(-1, side, side, 1)
+
+
+def from_images(images: np.ndarray, pixel: np.ndarray) -> np.ndarray:
+    """Gene vectors (n, genes) read back from images, padding pixels dropped."""
+    return images.reshape(images.shape[0], -1)[:, pixel]

@@ -1,0 +1,27 @@
+"""Send a rule's output to its log file, and its final error to the terminal too."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+
+def log_to_file(path: str) -> None:
+    """Redirect stdout, stderr and the ``logging`` module to ``path``.
+
+    An uncaught exception goes to the log with its traceback, and its one-line message to
+    the terminal as well, so a user sees what went wrong without opening the log.
+    """
+    terminal = sys.__stderr__
+    handle = open(path, "w", buffering=1)
+    sys.stdout = sys.stderr = handle
+    logging.basicConfig(level=logging.INFO, stream=handle, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def report(kind, error, trace):
+        traceback.print_exception(kind, error, trace, file=handle)
+        handle.flush()
+        print(f"{kind.__name__}: {error}", file=terminal)
+
+    sys.excepthook = report

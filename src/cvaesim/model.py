@@ -1,0 +1,128 @@
+"""The conditional convolutional VAE, after the keras.io VAE example plus a label input.
+
+Architecture of the original (UMIche's deepconvcvae): the one-hot cell type is embedded
+as a second image channel for the encoder and concatenated to z for the decoder.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+
+@keras.saving.register_keras_serializable(package="cvaesim")
+class Sampling(layers.Layer):
+    """z = mean + exp(log_var / 2) * eps, eps ~ N(0, I), from a seeded generator."""
+
+    def __init__(self, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs):
+        z_mean, z_log_var = inputs
+        epsilon = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+        return z_mean + ops.exp(0.5 * z_log_var) * epsilon
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+def build_encoder(side, n_cell_types, filters, kernel_size, strides, dense_units, latent_dim) -> keras.Model:
+    images = keras.Input(shape=(side, side, 1), name="image")
+    labels = keras.Input(shape=(n_cell_types,), name="cell_type")
+    label_channel = layers.Reshape((side, side, 1))(layers.Dense(side * side, name="label_embedding")(labels))
+    x = layers.Concatenate()([images, label_channel])
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", activation="relu")(x)
+    x = layers.Conv2D(filters * 2, kernel_size, strides=strides, padding="same", activation="relu")(x)
+    x = layers.Dense(dense_units, activation="relu")(layers.Flatten()(x))
+    z_mean = layers.Dense(latent_dim, name="z_mean")(x)
+    z_log_var = layers.Dense(latent_dim, name="z_log_var")(x)
+    return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
+
+
+def build_decoder(side, n_cell_types, filters, kernel_size, strides, latent_dim) -> keras.Model:
+    z = keras.Input(shape=(latent_dim,), name="z")
+    labels = keras.Input(shape=(n_cell_types,), name="cell_type")
+    reduced = side // strides**2
+    x = layers.Concatenate()([z, labels])
+    x = layers.Dense(reduced * reduced * filters * 2, activation="relu")(x)
+    x = layers.Reshape((reduced, reduced, filters * 2))(x)
+    x = layers.Conv2DTranspose(filters, kernel_size, strides=strides, padding="same", activation="relu")(x)
+    x = layers.Conv2DTranspose(filters // 2, kernel_size, strides=strides, padding="same", activation="relu")(x)
+    images = layers.Conv2DTranspose(1, kernel_size, padding="same", activation="sigmoid", name="decoded")(x)
+    return keras.Model([z, labels], images, name="decoder")
+
+
+@keras.saving.register_keras_serializable(package="cvaesim")
+class ConditionalConvVAE(keras.Model):
+    """Loss: squared error summed over the image's pixels (MSE x side^2) + beta x KL, per cell."""
+
+    def __init__(
+        self,
+        image_side: int,
+        n_cell_types: int,
+        filters: int = 16,
+        kernel_size: int = 3,
+        strides: int = 2,
+        dense_units: int = 16,
+        latent_dim: int = 2,
+        beta: float = 1.0,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if image_side % strides**2:
+            raise ValueError(f"image side {image_side} must be a multiple of strides^2 = {strides**2}")
+        self.hyperparameters = dict(
+            image_side=image_side, n_cell_types=n_cell_types, filters=filters, kernel_size=kernel_size,
+            strides=strides, dense_units=dense_units, latent_dim=latent_dim, beta=beta, seed=seed,
+        )
+        self.image_side = image_side
+        self.latent_dim = latent_dim
+        self.beta = beta
+        self.encoder = build_encoder(image_side, n_cell_types, filters, kernel_size, strides, dense_units, latent_dim)
+        self.decoder = build_decoder(image_side, n_cell_types, filters, kernel_size, strides, latent_dim)
+        self.sampling = Sampling(seed, name="z")
+        self.total_loss_tracker = keras.metrics.Mean(name="loss")
+        self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
+        self.built = True  # every weight exists once the functional encoder and decoder do
+
+    @property
+    def metrics(self):
+        return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.kl_loss_tracker]
+
+    def call(self, inputs, training=False):
+        images, labels = inputs
+        z_mean, z_log_var = self.encoder([images, labels], training=training)
+        return self.decoder([self.sampling([z_mean, z_log_var]), labels], training=training)
+
+    def compute_losses(self, images, labels, training=False):
+        z_mean, z_log_var = self.encoder([images, labels], training=training)
+        decoded = self.decoder([self.sampling([z_mean, z_log_var]), labels], training=training)
+        reconstruction = ops.mean(ops.sum(ops.square(images - decoded), axis=(1, 2, 3)))
+        kl = ops.mean(-0.5 * ops.sum(1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1))
+        return reconstruction + self.beta * kl, reconstruction, kl
+
+    def _track(self, total, reconstruction, kl):
+        self.total_loss_tracker.update_state(total)
+        self.reconstruction_loss_tracker.update_state(reconstruction)
+        self.kl_loss_tracker.update_state(kl)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def train_step(self, data):
+        (images, labels), _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            total, reconstruction, kl = self.compute_losses(images, labels, training=True)
+        gradients = tape.gradient(total, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        return self._track(total, reconstruction, kl)
+
+    def test_step(self, data):
+        (images, labels), _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self._track(*self.compute_losses(images, labels))
+
+    def get_config(self):
+        return {**super().get_config(), **self.hyperparameters}

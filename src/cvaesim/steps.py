@@ -1,0 +1,129 @@
+"""One function per workflow rule: read the rule's inputs, call the library, write its outputs.
+
+Scripts in ``scripts/`` only unpack ``snakemake`` and call these, so tests run the same code.
+Every output is written to a temporary file and renamed, so a failed step leaves none.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+
+from . import InputError
+from .download import fetch
+from .filtering import FilterThresholds, attach_labels, filter_cells_and_genes
+from .images import build_image_store, layout_table
+from .io import atomic_output, read_10x_tarball, read_annotation, read_h5ad_counts, write_h5ad
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("10x_tarball", "h5ad")
+
+
+def download(source: str, output: str, sha256: str | None = None) -> None:
+    fetch(source, output, sha256)
+
+
+def filter_dataset(
+    matrix: str,
+    output: str,
+    format: str,
+    label_column: str,
+    annotation: str | None = None,
+    barcode_column: str = "barcodes",
+    counts_layer: str | None = None,
+    thresholds: dict | None = None,
+) -> None:
+    """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']``."""
+    if format == "10x_tarball":
+        if annotation is None:
+            raise InputError(f"{matrix}: a 10x tarball needs an annotation file with the cell types")
+        labels = read_annotation(annotation, barcode_column, label_column)
+        adata = attach_labels(read_10x_tarball(matrix), labels, matrix, annotation)
+    elif format == "h5ad":
+        adata = read_h5ad_counts(matrix, label_column, counts_layer)
+    else:
+        raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
+    filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix)
+    write_h5ad(filtered, output)
+
+
+def reshape(filtered: str, store: str, layout: str, side: int | None, scaling: str,
+            test_fraction: float, seed: int, side_multiple: int = 4) -> None:
+    """The image store (scaled values, layout, split) and its layout as a TSV."""
+    images = build_image_store(ad.read_h5ad(filtered), side, scaling, test_fraction, seed, side_multiple)
+    counts = images.obs.groupby("cell_type", observed=False)["split"].value_counts().unstack()
+    log.info("image side %d, scaling %s; cells per split:\n%s", images.uns["image"]["side"], scaling, counts)
+    with atomic_output(layout) as temporary:
+        layout_table(images).to_csv(temporary, sep="\t", index=False)
+    write_h5ad(images, store)
+
+
+def train(store: str, model_path: str, history_tsv: str, history_plot: str, settings: dict, seed: int) -> None:
+    from .plots import plot_history
+    from .training import TrainingSettings, train as fit
+
+    model, history = fit(ad.read_h5ad(store), TrainingSettings(**settings), seed)
+    with atomic_output(model_path) as temporary:
+        model.save(temporary)
+    with atomic_output(history_tsv) as temporary:
+        history.to_csv(temporary, sep="\t", index=False)
+    with atomic_output(history_plot) as temporary:
+        plot_history(history, temporary)
+
+
+def load_model(path: str):
+    import keras
+
+    from . import model  # noqa: F401  registers the custom classes for deserialisation
+
+    return keras.models.load_model(path, compile=False)
+
+
+def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed: int,
+             batch_size: int, count_sampling: str) -> None:
+    """``cells_per_type`` cells of every cell type the model knows, as a sparse ``.h5ad``."""
+    from .simulation import simulate as generate
+
+    meta = ad.read_h5ad(store, backed="r")
+    cell_types = list(meta.obs["cell_type"].cat.categories)
+    simulated = generate(load_model(model_path), meta, dict.fromkeys(cell_types, cells_per_type), seed,
+                         batch_size, count_sampling)
+    meta.file.close()
+    write_h5ad(simulated, output)
+
+
+def original_table(simulated: str, output: str) -> None:
+    """The original's HDF5 table (pandas, key ``simulated``): gene columns and a ``cell_type`` column."""
+    from .simulation import to_original_table
+
+    with atomic_output(output) as temporary:
+        to_original_table(ad.read_h5ad(simulated)).to_hdf(temporary, key="simulated", format="fixed", complevel=5)
+
+
+def qc(real: str, simulated: str, outputs: dict, seed: int, max_real_cells: int, n_markers: int) -> None:
+    """QC metrics, violins, joint PCA/UMAP and markers of real versus simulated cells."""
+    from . import qc as scqc
+
+    combined = scqc.combine(ad.read_h5ad(real), ad.read_h5ad(simulated), max_real_cells, seed)
+    scqc.add_qc_metrics(combined)
+    normalised = scqc.embed(combined, seed)
+    markers = scqc.marker_table(normalised, n_markers)
+    tables = {
+        "summary": scqc.qc_summary(combined),
+        "markers": markers,
+        "marker_overlap": scqc.marker_overlap(markers),
+    }
+    for name, table in tables.items():
+        with atomic_output(outputs[name]) as temporary:
+            table.to_csv(temporary, sep="\t", index=False)
+    figures = {
+        "violins": lambda path: scqc.plot_violins(combined, path),
+        "pca": lambda path: scqc.plot_embedding(normalised, "pca", path),
+        "umap": lambda path: scqc.plot_embedding(normalised, "umap", path),
+        "marker_dotplot": lambda path: scqc.plot_markers(normalised, markers, path),
+    }
+    for name, draw in figures.items():
+        with atomic_output(outputs[name]) as temporary:
+            draw(temporary)
