@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = REPO / "resources" / "embedded"
+EMBEDDED_TARBALL = EMBEDDED / "pbmc68k_reduced_filtered_gene_bc_matrices.tar.gz"
+EMBEDDED_ANNOTATION = EMBEDDED / "pbmc68k_reduced_barcodes_annotation.tsv"
+EMBEDDED_H5AD = EMBEDDED / "pbmc68k_reduced_counts.h5ad"
+
+# PBMC68k's awkward cell-type names, plus worse ones users bring.
+AWKWARD_TYPES = [
+    "CD8+/CD45RA+ Naive Cytotoxic",
+    "CD4+/CD45RA+/CD25- Naive T",
+    "B cell (memory) #2",
+    "Zelltyp ß/γ *mixed* 'quoted'",
+]
+
+
+def random_counts(n_cells: int, n_genes: int, cell_types: list[str], seed: int = 0) -> ad.AnnData:
+    """Sparse negative-binomial counts with a per-type mean profile: honest synthetic cells."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(cell_types, size=n_cells)
+    profiles = {name: rng.gamma(0.3, 2.0, size=n_genes) for name in cell_types}
+    means = np.stack([profiles[name] for name in labels])
+    counts = rng.negative_binomial(2, 2 / (2 + means)).astype(np.int32)
+    return ad.AnnData(
+        X=sp.csr_matrix(counts),
+        obs=pd.DataFrame({"cell_type": labels}, index=[f"CELL{i:05d}-1" for i in range(n_cells)]),
+        var=pd.DataFrame(index=[f"GENE{j}" for j in range(n_genes)]),
+    )
+
+
+def add_member(archive: tarfile.TarFile, name: str, payload: bytes, kind: bytes = tarfile.REGTYPE) -> None:
+    member = tarfile.TarInfo(name)
+    member.size = len(payload)
+    member.type = kind
+    archive.addfile(member, io.BytesIO(payload))
+
+
+def write_tarball(path: Path, adata: ad.AnnData, folder: str = "filtered_matrices_mex/hg19", v3: bool = False,
+                  extra: dict[str, bytes] | None = None) -> Path:
+    """A 10x tarball in the v2 (genes.tsv) or v3 (gzipped features.tsv.gz) layout."""
+    coo = sp.coo_matrix(adata.X.T)
+    mtx = "%%MatrixMarket matrix coordinate integer general\n%\n" + f"{coo.shape[0]} {coo.shape[1]} {coo.nnz}\n"
+    mtx += "".join(f"{g + 1} {c + 1} {v}\n" for g, c, v in zip(coo.row, coo.col, coo.data))
+    genes = "".join(f"ENSG{j:011d}\t{name}\tGene Expression\n" for j, name in enumerate(adata.var_names))
+    barcodes = "".join(f"{name}\n" for name in adata.obs_names)
+    files = {"matrix.mtx": mtx, "genes.tsv": genes, "barcodes.tsv": barcodes}
+    if v3:
+        files = {"matrix.mtx.gz": mtx, "features.tsv.gz": genes, "barcodes.tsv.gz": barcodes}
+    with tarfile.open(path, "w:gz") as archive:
+        for name, text in files.items():
+            payload = gzip.compress(text.encode()) if name.endswith(".gz") else text.encode()
+            add_member(archive, f"{folder}/{name}", payload)
+        for name, payload in (extra or {}).items():
+            add_member(archive, name, payload)
+    return path
+
+
+def write_annotation(path: Path, adata: ad.AnnData) -> Path:
+    table = pd.DataFrame({"TSNE.1": 0.0, "TSNE.2": 0.0, "barcodes": adata.obs_names,
+                          "celltype": adata.obs["cell_type"].astype(str).to_numpy()})
+    table.to_csv(path, sep="\t", index=False)
+    return path
+
+
+@pytest.fixture
+def small_cells() -> ad.AnnData:
+    return random_counts(120, 50, AWKWARD_TYPES)

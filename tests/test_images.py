@@ -1,0 +1,72 @@
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cvaesim import InputError
+from cvaesim.images import (build_image_store, fit_scale, from_images, image_side, scale_counts,
+                            stratified_split, to_images, unscale)
+
+
+@pytest.mark.parametrize(("n_genes", "side"), [(765, 28), (20387, 144), (16, 4), (17, 8), (784, 28), (785, 32)])
+def test_image_side_is_smallest_multiple_of_four_that_holds_the_genes(n_genes, side):
+    assert image_side(n_genes) == side
+
+
+def test_configured_side_is_checked():
+    assert image_side(765, 32) == 32
+    with pytest.raises(InputError, match="side 24 cannot be used.*765 genes.*smallest is 28"):
+        image_side(765, 24)
+    with pytest.raises(InputError, match="multiple of 4"):
+        image_side(765, 30)
+
+
+@pytest.mark.parametrize("method", ["global_max", "log1p_gene_max"])
+def test_scaling_maps_to_unit_interval_and_inverts_exactly(small_cells, method):
+    counts = small_cells.X
+    scale = fit_scale(counts, method)
+    scaled = scale_counts(counts, scale, method)
+    assert scaled.nnz == counts.nnz  # zeros stay zeros: sparse
+    assert scaled.data.min() > 0 and scaled.data.max() <= 1
+    recovered = unscale(scaled.toarray().astype(np.float64), scale, method)
+    assert np.allclose(recovered, counts.toarray(), rtol=1e-5, atol=1e-4)
+    assert np.array_equal(np.rint(recovered), counts.toarray())
+
+
+def test_split_reproduces_the_original_sizes_and_is_stratified():
+    rng = np.random.default_rng(1)
+    proportions = rng.dirichlet(np.ones(11))
+    labels = rng.choice([f"type {i}" for i in range(11)], size=68579, p=proportions)
+    is_test = stratified_split(labels, 0.4, seed=0)
+    assert is_test.sum() == 27432 and (~is_test).sum() == 41147
+    for name in np.unique(labels):
+        members = labels == name
+        assert abs(is_test[members].mean() - 0.4) < 1.0 / members.sum() + 1e-9
+    assert np.array_equal(is_test, stratified_split(labels, 0.4, seed=0))
+    assert not np.array_equal(is_test, stratified_split(labels, 0.4, seed=1))
+
+
+def test_a_singleton_type_stays_in_training():
+    labels = np.array(["rare"] + ["common"] * 9)
+    is_test = stratified_split(labels, 0.4, seed=0)
+    assert not is_test[0] and is_test.sum() == 4
+
+
+def test_images_round_trip_and_padding(small_cells):
+    side = image_side(small_cells.n_vars)
+    pixel = np.arange(small_cells.n_vars)
+    images = to_images(small_cells.X[:5], pixel, side)
+    assert images.shape == (5, side, side, 1) and images.dtype == np.float32
+    assert np.array_equal(from_images(images, pixel), small_cells.X[:5].toarray())
+    assert not images.reshape(5, -1)[:, small_cells.n_vars:].any()
+
+
+def test_store_records_layout_scaling_and_split(small_cells):
+    small_cells.obs["cell_type"] = pd.Categorical(small_cells.obs["cell_type"])
+    store = build_image_store(small_cells, None, "log1p_gene_max", 0.4, seed=3)
+    assert store.uns["image"]["side"] == 8
+    assert sp.issparse(store.X) and store.X.dtype == np.float32
+    assert set(store.obs["split"]) == {"train", "test"}
+    assert store.obs["split"].eq("test").sum() == 48
+    training = small_cells.X[store.obs["split"].eq("train").to_numpy()]
+    assert np.allclose(store.var["scale"], np.log1p(np.maximum(training.max(axis=0).toarray().ravel(), 1)))

@@ -1,0 +1,129 @@
+import tarfile
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cvaesim import InputError
+from cvaesim.io import atomic_output, read_10x_tarball, read_annotation, read_h5ad_counts
+
+from conftest import EMBEDDED_ANNOTATION, EMBEDDED_H5AD, EMBEDDED_TARBALL, add_member, write_tarball
+
+
+def test_embedded_tarball_holds_the_bundled_pbmc_counts():
+    adata = read_10x_tarball(EMBEDDED_TARBALL)
+    assert adata.shape == (700, 765)
+    assert adata.X.dtype == np.int32 and adata.X.min() >= 0
+    # Same cells and counts as the .h5ad written from the same recovery.
+    h5ad = ad.read_h5ad(EMBEDDED_H5AD)
+    assert list(adata.obs_names) == list(h5ad.obs_names)
+    assert (adata.X != sp.csr_matrix(h5ad.X)).nnz == 0
+    assert "CD4+/CD45RA+/CD25- Naive T" in set(read_annotation(EMBEDDED_ANNOTATION, "barcodes", "celltype"))
+
+
+@pytest.mark.parametrize("v3", [False, True])
+def test_reads_v2_and_v3_layouts(tmp_path, small_cells, v3):
+    path = write_tarball(tmp_path / "m.tar.gz", small_cells, v3=v3)
+    adata = read_10x_tarball(path)
+    assert list(adata.var_names) == list(small_cells.var_names)
+    assert adata.var["gene_ids"].iloc[0] == "ENSG00000000000"
+    assert list(adata.obs_names) == list(small_cells.obs_names)
+    assert np.array_equal(adata.X.toarray(), small_cells.X.toarray())
+
+
+def test_truncated_tarball_is_a_clear_error(tmp_path, small_cells):
+    whole = write_tarball(tmp_path / "m.tar.gz", small_cells).read_bytes()
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match="truncated.tar.gz.*(truncated|corrupt|complete)"):
+        read_10x_tarball(truncated)
+
+
+def test_non_gzip_file_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "page.tar.gz"
+    bogus.write_text("<html>Access denied</html>")
+    with pytest.raises(InputError, match="page.tar.gz: not a readable tar archive"):
+        read_10x_tarball(bogus)
+
+
+def test_member_outside_the_folder_is_refused(tmp_path, small_cells):
+    path = write_tarball(tmp_path / "evil.tar.gz", small_cells, extra={"../x": b"boom"})
+    with pytest.raises(InputError, match=r"evil.tar.gz: refusing archive member '\.\./x'"):
+        read_10x_tarball(path)
+    assert not (tmp_path.parent / "x").exists()
+
+
+def test_links_are_refused(tmp_path, small_cells):
+    path = tmp_path / "link.tar.gz"
+    write_tarball(path, small_cells)
+    with tarfile.open(tmp_path / "link2.tar.gz", "w:gz") as archive, tarfile.open(path) as source:
+        for member in source:
+            archive.addfile(member, source.extractfile(member))
+        link = tarfile.TarInfo("filtered_matrices_mex/hg19/passwd")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+    with pytest.raises(InputError, match="links are not allowed"):
+        read_10x_tarball(tmp_path / "link2.tar.gz")
+
+
+def test_missing_matrix_and_inconsistent_sizes(tmp_path, small_cells):
+    empty = tmp_path / "empty.tar.gz"
+    with tarfile.open(empty, "w:gz") as archive:
+        add_member(archive, "readme.txt", b"hi")
+    with pytest.raises(InputError, match="expected one folder holding matrix.mtx"):
+        read_10x_tarball(empty)
+    extra_barcode = small_cells[:10].copy()
+    path = write_tarball(tmp_path / "m.tar.gz", extra_barcode)
+    with tarfile.open(path) as source:
+        members = {m.name: source.extractfile(m).read() for m in source}
+    members["filtered_matrices_mex/hg19/barcodes.tsv"] += b"EXTRA-1\n"
+    broken = tmp_path / "broken.tar.gz"
+    with tarfile.open(broken, "w:gz") as archive:
+        for name, payload in members.items():
+            add_member(archive, name, payload)
+    with pytest.raises(InputError, match="11 barcodes"):
+        read_10x_tarball(broken)
+
+
+def test_annotation_errors_name_the_file_and_columns(tmp_path):
+    path = tmp_path / "annotation.tsv"
+    path.write_text("barcodes\tlabel\nA-1\tT\n")
+    with pytest.raises(InputError, match=r"annotation.tsv: no column 'celltype'; the columns are 'barcodes', 'label'"):
+        read_annotation(path, "barcodes", "celltype")
+    path.write_text("barcodes\tcelltype\nA-1\tT\nA-1\tB\n")
+    with pytest.raises(InputError, match="appear more than once.*'A-1'"):
+        read_annotation(path, "barcodes", "celltype")
+    csv = tmp_path / "annotation.csv"
+    csv.write_text("barcodes,celltype\nA-1,T cell\nB-1,\n")
+    labels = read_annotation(csv, "barcodes", "celltype")
+    assert labels["A-1"] == "T cell" and pd.isna(labels["B-1"])
+
+
+def test_h5ad_must_hold_counts(tmp_path, small_cells):
+    logged = small_cells.copy()
+    logged.X = sp.csr_matrix(np.log1p(small_cells.X.toarray()))
+    logged.layers["counts"] = small_cells.X.copy()
+    path = tmp_path / "logged.h5ad"
+    logged.write_h5ad(path)
+    with pytest.raises(InputError, match="logged.h5ad: the count matrix holds non-integer values"):
+        read_h5ad_counts(path, "cell_type", None)
+    adata = read_h5ad_counts(path, "cell_type", "counts")
+    assert adata.X.dtype == np.int32 and adata.shape == small_cells.shape
+    with pytest.raises(InputError, match="logged.h5ad: obs has no label column 'celltype'"):
+        read_h5ad_counts(path, "celltype", "counts")
+    with pytest.raises(InputError, match="no layer 'spliced'; its layers are 'counts'"):
+        read_h5ad_counts(path, "cell_type", "spliced")
+
+
+def test_atomic_output_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.h5ad"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output(target) as temporary:
+        temporary.write_text("whole")
+    assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1

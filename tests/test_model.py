@@ -1,0 +1,74 @@
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from cvaesim.images import build_image_store
+from cvaesim.model import ConditionalConvVAE
+from cvaesim.steps import load_model
+from cvaesim.training import TrainingSettings, batches_for, train
+
+
+@pytest.fixture
+def store(small_cells):
+    small_cells.obs["cell_type"] = pd.Categorical(small_cells.obs["cell_type"])
+    return build_image_store(small_cells, None, "log1p_gene_max", 0.4, seed=0)
+
+
+def test_original_architecture_has_the_original_parameter_count():
+    model = ConditionalConvVAE(image_side=144, n_cell_types=11)
+    assert model.encoder.count_params() == 917_412
+    assert model.decoder.count_params() == 586_465
+    assert model.count_params() == 1_503_877
+    assert model.decoder.output_shape == (None, 144, 144, 1)
+
+
+def test_side_must_suit_the_strides():
+    with pytest.raises(ValueError, match="multiple of strides"):
+        ConditionalConvVAE(image_side=30, n_cell_types=3)
+
+
+def test_batches_are_dense_only_per_batch(store):
+    batches = batches_for(store, "train", batch_size=16, seed=0)
+    (images, labels), = batches[0]
+    assert images.shape == (16, 8, 8, 1) and labels.shape == (16, 4)
+    assert labels.sum(axis=1).tolist() == [1.0] * 16
+    assert len(batches) == int(np.ceil(72 / 16))
+    first_epoch = batches.order.copy()
+    batches.on_epoch_end()
+    assert sorted(batches.order) == sorted(first_epoch) and not np.array_equal(batches.order, first_epoch)
+
+
+def test_training_is_seeded_and_the_saved_model_reloads(store, tmp_path):
+    settings = TrainingSettings(epochs=3, batch_size=16, latent_dim=3, filters=4)
+    model, history = train(store, settings, seed=7)
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert {"loss", "reconstruction_loss", "kl_loss", "val_loss"} <= set(history.columns)
+    assert np.isfinite(history.to_numpy()).all()
+    again, history_again = train(store, settings, seed=7)
+    for left, right in zip(model.get_weights(), again.get_weights()):
+        assert np.array_equal(left, right)
+    path = tmp_path / "cvae.keras"
+    model.save(path)
+    reloaded = load_model(str(path))
+    assert reloaded.get_config()["latent_dim"] == 3
+    z = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    labels = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0]]
+    assert np.array_equal(model.decoder.predict_on_batch([z, labels]), reloaded.decoder.predict_on_batch([z, labels]))
+    different, _ = train(store, settings, seed=8)
+    assert not np.array_equal(model.get_weights()[0], different.get_weights()[0])
+
+
+def test_loss_is_summed_squared_error_plus_kl():
+    model = ConditionalConvVAE(image_side=4, n_cell_types=2, filters=2, latent_dim=2, beta=0.5, seed=0)
+    images = np.random.default_rng(0).random((3, 4, 4, 1)).astype(np.float32)
+    labels = np.eye(2, dtype=np.float32)[[0, 1, 1]]
+    total, reconstruction, kl = (
+        float(value) for value in model.compute_losses(keras.ops.convert_to_tensor(images),
+                                                       keras.ops.convert_to_tensor(labels))
+    )
+    assert total == pytest.approx(reconstruction + 0.5 * kl, rel=1e-5)
+    assert kl >= 0
+    z_mean, z_log_var = (np.asarray(value) for value in model.encoder.predict_on_batch([images, labels]))
+    expected_kl = (-0.5 * (1 + z_log_var - z_mean**2 - np.exp(z_log_var)).sum(axis=1)).mean()
+    assert kl == pytest.approx(expected_kl, rel=1e-4)

@@ -1,0 +1,75 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from cvaesim.images import build_image_store
+from cvaesim.model import ConditionalConvVAE
+from cvaesim.simulation import expected_to_counts, simulate, to_original_table
+
+from conftest import AWKWARD_TYPES
+
+
+@pytest.fixture
+def store(small_cells):
+    small_cells.obs["cell_type"] = pd.Categorical(small_cells.obs["cell_type"])
+    return build_image_store(small_cells, None, "log1p_gene_max", 0.4, seed=0)
+
+
+class CountingDecoder:
+    """Wraps a decoder to count how often it is called."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.calls = 0
+
+    def predict_on_batch(self, inputs):
+        self.calls += 1
+        return self.decoder.predict_on_batch(inputs)
+
+
+def test_cells_are_generated_in_batches_with_names_and_integer_counts(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0)
+    model.decoder = CountingDecoder(model.decoder)
+    wanted = {AWKWARD_TYPES[0]: 250, AWKWARD_TYPES[3]: 7}
+    simulated = simulate(model, store, wanted, seed=1, batch_size=100)
+    assert model.decoder.calls == 3 + 1  # ceil(250 / 100) + ceil(7 / 100), never one per cell
+    assert simulated.shape == (257, store.n_vars)
+    assert list(simulated.var_names) == list(store.var_names)
+    assert simulated.obs["cell_type"].value_counts()[AWKWARD_TYPES[0]] == 250
+    assert list(simulated.obs["cell_type"].cat.categories) == list(store.obs["cell_type"].cat.categories)
+    assert simulated.X.dtype == np.int32 and simulated.X.min() >= 0
+    assert simulated.obs_names.is_unique
+
+
+def test_simulation_is_seeded(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0)
+    wanted = dict.fromkeys(AWKWARD_TYPES, 20)
+    first = simulate(model, store, wanted, seed=5)
+    assert (first.X != simulate(model, store, wanted, seed=5).X).nnz == 0
+    assert (first.X != simulate(model, store, wanted, seed=6).X).nnz > 0
+
+
+def test_unknown_type_is_refused(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0)
+    with pytest.raises(ValueError, match="unknown cell types \\['NK'\\]"):
+        simulate(model, store, {"NK": 3}, seed=0)
+
+
+def test_count_sampling_is_integer_and_centred_on_the_expectation():
+    rng = np.random.default_rng(0)
+    expected = np.full((2000, 3), [0.2, 3.0, 40.0])
+    drawn = expected_to_counts(expected, "poisson", rng)
+    assert drawn.dtype == np.int32
+    assert np.allclose(drawn.mean(axis=0), [0.2, 3.0, 40.0], rtol=0.05)
+    assert expected_to_counts(np.array([[0.4, 0.6, 2.5, -1e-6]]), "round", rng).tolist() == [[0, 1, 2, 0]]
+
+
+def test_original_table_layout(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0)
+    simulated = simulate(model, store, {AWKWARD_TYPES[1]: 3}, seed=0)
+    table = to_original_table(simulated)
+    assert list(table.columns) == [*simulated.var_names, "cell_type"]
+    assert (table["cell_type"] == AWKWARD_TYPES[1]).all()
+    assert np.array_equal(table.iloc[:, :-1].to_numpy(), simulated.X.toarray())
+    assert isinstance(simulated, ad.AnnData)
