@@ -1,16 +1,9 @@
-import os
 import re
 from pathlib import Path
 
 from snakemake.utils import validate
 
-
 validate(config, schema="../config/schemas/config.schema.yaml")
-
-# Scripts import the workflow's own package from src/, whatever environment runs them.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    filter(None, [str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH")])
-)
 
 DOWNLOAD_NAMES = {
     "10x_tarball": {"matrix": "matrix.tar.gz", "annotation": "annotation.tsv"},
@@ -42,7 +35,9 @@ def downloaded(name, role):
 def source_entry(wildcards):
     roles = {
         filename: role
-        for role, filename in DOWNLOAD_NAMES[dataset(wildcards.dataset)["format"]].items()
+        for role, filename in DOWNLOAD_NAMES[
+            dataset(wildcards.dataset)["format"]
+        ].items()
     }
     if wildcards.filename not in roles:
         raise ValueError(
@@ -64,7 +59,9 @@ def check_local_sources(names):
             if "://" in source or Path(downloaded(name, role)).exists():
                 continue
             if not Path(source).is_file():
-                raise ValueError(f"config: dataset {name}: {role} source {source} does not exist")
+                raise ValueError(
+                    f"config: dataset {name}: {role} source {source} does not exist"
+                )
 
 
 def filter_inputs(wildcards):

@@ -7,11 +7,11 @@ rule download:
         "resources/datasets/{dataset}/{filename}",
     log:
         "logs/{dataset}/download_{filename}.log",
+    conda:
+        "../envs/scanpy.yaml"
     params:
         source=lambda wildcards: source_entry(wildcards)["source"],
         sha256=lambda wildcards: source_entry(wildcards).get("sha256"),
-    conda:
-        "../envs/scanpy.yaml"
     script:
         "../scripts/download.py"
 
@@ -25,6 +25,10 @@ rule filter:
         "logs/{dataset}/filter.log",
     benchmark:
         "benchmarks/{dataset}/filter.tsv"
+    conda:
+        "../envs/scanpy.yaml"
+    resources:
+        mem_mb=4000,
     params:
         format=lambda wildcards: dataset(wildcards.dataset)["format"],
         label_column=lambda wildcards: dataset(wildcards.dataset)["label_column"],
@@ -33,9 +37,5 @@ rule filter:
         ),
         counts_layer=lambda wildcards: dataset(wildcards.dataset).get("counts_layer"),
         thresholds=config["filter"],
-    resources:
-        mem_mb=4000,
-    conda:
-        "../envs/scanpy.yaml"
     script:
         "../scripts/filter.py"

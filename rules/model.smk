@@ -8,16 +8,16 @@ rule reshape:
         "logs/{dataset}/reshape.log",
     benchmark:
         "benchmarks/{dataset}/reshape.tsv"
+    conda:
+        "../envs/scanpy.yaml"
+    resources:
+        mem_mb=4000,
     params:
         side=config["image"]["side"],
         side_multiple=config["train"]["strides"] ** 2,
         scaling=config["image"]["scaling"],
         test_fraction=config["image"]["test_fraction"],
         seed=config["seed"],
-    resources:
-        mem_mb=4000,
-    conda:
-        "../envs/scanpy.yaml"
     script:
         "../scripts/reshape.py"
 
@@ -38,16 +38,16 @@ rule train:
         "logs/{dataset}/train.log",
     benchmark:
         "benchmarks/{dataset}/train.tsv"
-    params:
-        settings=config["train"],
-        seed=config["seed"],
+    conda:
+        "../envs/tensorflow.yaml"
     threads: 4
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=240,
-    conda:
-        "../envs/tensorflow.yaml"
+    params:
+        settings=config["train"],
+        seed=config["seed"],
     script:
         "../scripts/train.py"
 
@@ -62,16 +62,17 @@ rule simulate:
         "logs/{dataset}/simulate.log",
     benchmark:
         "benchmarks/{dataset}/simulate.tsv"
+    conda:
+        "../envs/tensorflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
     params:
         cells_per_type=config["simulate"]["cells_per_type"],
         batch_size=config["simulate"]["batch_size"],
         count_sampling=config["simulate"]["count_sampling"],
+        library_sizes=config["simulate"]["library_sizes"],
         seed=config["seed"],
-    threads: 2
-    resources:
-        mem_mb=4000,
-    conda:
-        "../envs/tensorflow.yaml"
     script:
         "../scripts/simulate.py"
 
@@ -83,9 +84,9 @@ rule original_table:
         "results/{dataset}/simulated/simulated_table.h5",
     log:
         "logs/{dataset}/original_table.log",
-    resources:
-        mem_mb=4000,
     conda:
         "../envs/scanpy.yaml"
+    resources:
+        mem_mb=4000,
     script:
         "../scripts/original_table.py"

@@ -44,14 +44,14 @@ rule qc:
         "logs/{dataset}/qc.log",
     benchmark:
         "benchmarks/{dataset}/qc.tsv"
+    conda:
+        "../envs/scanpy.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
     params:
         seed=config["seed"],
         max_real_cells=config["qc"]["max_real_cells"],
         n_markers=config["qc"]["n_markers"],
-    threads: 2
-    resources:
-        mem_mb=8000,
-    conda:
-        "../envs/scanpy.yaml"
     script:
         "../scripts/qc.py"

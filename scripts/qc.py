@@ -1,3 +1,4 @@
+import use_workflow_package  # noqa: F401  (first: puts the workflow's src/ on sys.path)
 from cvaesim.logs import log_to_file
 from cvaesim.steps import qc
 

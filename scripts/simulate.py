@@ -1,3 +1,4 @@
+import use_workflow_package  # noqa: F401  (first: puts the workflow's src/ on sys.path)
 from cvaesim.logs import log_to_file
 from cvaesim.steps import simulate
 
@@ -10,4 +11,5 @@ simulate(
     seed=snakemake.params.seed,
     batch_size=snakemake.params.batch_size,
     count_sampling=snakemake.params.count_sampling,
+    library_sizes=snakemake.params.library_sizes,
 )

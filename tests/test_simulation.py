@@ -5,7 +5,7 @@ import pytest
 
 from cvaesim.images import build_image_store
 from cvaesim.model import ConditionalConvVAE
-from cvaesim.simulation import expected_to_counts, simulate, to_original_table
+from cvaesim.simulation import expected_to_counts, rescale_libraries, simulate, to_original_table
 
 from conftest import AWKWARD_TYPES
 
@@ -73,3 +73,22 @@ def test_original_table_layout(store):
     assert (table["cell_type"] == AWKWARD_TYPES[1]).all()
     assert np.array_equal(table.iloc[:, :-1].to_numpy(), simulated.X.toarray())
     assert isinstance(simulated, ad.AnnData)
+
+
+def test_resampled_libraries_come_from_training_cells_of_the_type(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0)
+    wanted = {AWKWARD_TYPES[2]: 200}
+    simulated = simulate(model, store, wanted, seed=0, count_sampling="round")
+    of_type = (store.obs["cell_type"] == AWKWARD_TYPES[2]) & (store.obs["split"] == "train")
+    real = store.obs["total_counts"][of_type].to_numpy()
+    totals = np.asarray(simulated.X.sum(axis=1)).ravel()
+    # Rounding each gene moves a total by at most half the number of genes.
+    assert (totals >= real.min() - store.n_vars / 2).all() and (totals <= real.max() + store.n_vars / 2).all()
+    decoded = simulate(model, store, wanted, seed=0, count_sampling="round", library_sizes="decoded")
+    assert (decoded.X != simulated.X).nnz > 0
+
+
+def test_rescale_libraries_keeps_proportions():
+    expected = np.array([[1.0, 3.0], [0.0, 0.0]])
+    rescaled = rescale_libraries(expected, np.array([100, 50]))
+    assert rescaled.tolist() == [[25.0, 75.0], [0.0, 0.0]]

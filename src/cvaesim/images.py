@@ -3,7 +3,7 @@
 The image store is an AnnData whose X holds the scaled values (sparse, float32), with
 ``var['pixel']`` (where each gene sits in the flattened side x side image),
 ``var['scale']`` (the scaling's saved parameters, per gene), ``uns['image']`` (side and
-scaling method) and ``obs['split']`` (train or test). Batches are densified one at a time.
+scaling method), ``obs['split']`` (train or test) and ``obs['total_counts']`` (library size). Batches are densified one at a time.
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ def build_image_store(
         {
             "cell_type": filtered.obs["cell_type"].to_numpy(),
             "split": pd.Categorical(np.where(is_test, "test", "train"), categories=["train", "test"]),
+            # Library sizes, for simulations that draw them from real cells of the type.
+            "total_counts": np.asarray(counts.sum(axis=1)).ravel(),
         },
         index=filtered.obs_names,
     )

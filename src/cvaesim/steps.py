@@ -82,14 +82,14 @@ def load_model(path: str):
 
 
 def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed: int,
-             batch_size: int, count_sampling: str) -> None:
+             batch_size: int, count_sampling: str, library_sizes: str) -> None:
     """``cells_per_type`` cells of every cell type the model knows, as a sparse ``.h5ad``."""
     from .simulation import simulate as generate
 
     meta = ad.read_h5ad(store, backed="r")
     cell_types = list(meta.obs["cell_type"].cat.categories)
     simulated = generate(load_model(model_path), meta, dict.fromkeys(cell_types, cells_per_type), seed,
-                         batch_size, count_sampling)
+                         batch_size, count_sampling, library_sizes)
     meta.file.close()
     write_h5ad(simulated, output)
 

@@ -1,0 +1,200 @@
+"""The whole workflow, run as a user runs it, on the embedded dataset and on awkward inputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import AWKWARD_TYPES, REPO, random_counts, write_annotation, write_tarball
+
+pytestmark = pytest.mark.workflow
+
+EPOCHS = 30
+CELLS_PER_TYPE = 60
+LEFT_OUT = {".git", ".venv", "results", "logs", "benchmarks", ".snakemake", ".pytest_cache", "__pycache__",
+            "datasets", "report.html"}
+
+
+def snakemake(workdir: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", *arguments],
+        cwd=workdir, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(arguments)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(workdir: Path, *arguments: str) -> dict[str, int]:
+    """The job counts a dry run lists."""
+    output = snakemake(workdir, "--dry-run", "--quiet", "rules", *arguments).stdout
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]
+    jobs = dict(line.split() for line in table)
+    jobs.pop("total")
+    return {rule: int(count) for rule, count in jobs.items()}
+
+
+def write_config(path: Path, settings: dict) -> str:
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A copy of the repository, as a fresh clone has it, with a quick test configuration."""
+    root = tmp_path_factory.mktemp("workflow") / "repo"
+    shutil.copytree(REPO, root, ignore=lambda folder, names: [name for name in names if name in LEFT_OUT])
+    quick = {"train": {"epochs": EPOCHS}, "simulate": {"cells_per_type": CELLS_PER_TYPE},
+             "qc": {"max_real_cells": 400}}
+    write_config(root / "quick.yaml", quick)
+    snakemake(root, "--configfile", "config/config.yaml", "quick.yaml")
+    return root
+
+
+def test_embedded_run_outputs_are_checked(workdir):
+    results = workdir / "results" / "pbmc68k_reduced"
+    real = ad.read_h5ad(results / "filtered.h5ad")
+    assert real.shape == (700, 765)
+    assert real.X.dtype == np.int32
+    simulated = ad.read_h5ad(results / "simulated" / "simulated.h5ad")
+    cell_types = list(real.obs["cell_type"].cat.categories)
+    assert len(cell_types) == 10 and "CD8+/CD45RA+ Naive Cytotoxic" in cell_types
+    assert simulated.shape == (10 * CELLS_PER_TYPE, 765)
+    assert list(simulated.var_names) == list(real.var_names)
+    assert simulated.obs["cell_type"].value_counts().to_dict() == dict.fromkeys(cell_types, CELLS_PER_TYPE)
+    counts = simulated.X
+    assert counts.dtype == np.int32 and counts.min() >= 0
+    real_libraries = np.asarray(real.X.sum(axis=1)).ravel()
+    simulated_libraries = np.asarray(counts.sum(axis=1)).ravel()
+    low, high = np.percentile(simulated_libraries, [5, 95])
+    assert real_libraries.min() <= low and high <= real_libraries.max(), (low, high)
+    for cell_type in cell_types:
+        median = np.median(simulated_libraries[(simulated.obs["cell_type"] == cell_type).to_numpy()])
+        assert real_libraries.min() <= median <= real_libraries.max(), cell_type
+
+    table = pd.read_hdf(results / "simulated" / "simulated_table.h5", "simulated")
+    assert list(table.columns) == [*real.var_names, "cell_type"]
+    assert np.array_equal(table.iloc[:, :-1].to_numpy(), counts.toarray())
+
+    history = pd.read_csv(results / "model" / "history.tsv", sep="\t")
+    assert list(history["epoch"]) == list(range(1, EPOCHS + 1))
+    assert "training on CPU" in (workdir / "logs" / "pbmc68k_reduced" / "train.log").read_text()
+    summary = pd.read_csv(results / "qc" / "summary.tsv", sep="\t")
+    assert set(summary["source"]) == {"real", "simulated"} and set(summary["cell_type"]) == set(cell_types)
+    for figure in ("violins", "pca", "umap", "marker_dotplot"):
+        assert (results / "qc" / f"{figure}.png").stat().st_size > 10_000
+
+
+def test_saved_model_reloads_and_resimulates_identically(workdir):
+    from cvaesim.simulation import simulate
+    from cvaesim.steps import load_model
+
+    results = workdir / "results" / "pbmc68k_reduced"
+    store = ad.read_h5ad(results / "images" / "images.h5ad", backed="r")
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    cell_types = list(store.obs["cell_type"].cat.categories)
+    again = simulate(load_model(str(results / "model" / "cvae.keras")), store,
+                     dict.fromkeys(cell_types, CELLS_PER_TYPE), config["seed"],
+                     config["simulate"]["batch_size"], config["simulate"]["count_sampling"],
+                     config["simulate"]["library_sizes"])
+    saved = ad.read_h5ad(results / "simulated" / "simulated.h5ad")
+    assert (again.X != saved.X).nnz == 0
+
+
+def test_only_what_changed_reruns(workdir):
+    base = ["--configfile", "config/config.yaml", "quick.yaml"]
+    assert planned_jobs(workdir, *base) == {}
+    more_cells = write_config(workdir / "more_cells.yaml", {"simulate": {"cells_per_type": CELLS_PER_TYPE + 1}})
+    assert planned_jobs(workdir, *base, more_cells) == {"simulate": 1, "original_table": 1, "qc": 1, "all": 1}
+    stricter = write_config(workdir / "stricter.yaml", {"filter": {"min_cells_per_gene": 5}})
+    assert planned_jobs(workdir, *base, stricter) == {
+        "filter": 1, "reshape": 1, "train": 1, "simulate": 1, "original_table": 1, "qc": 1, "all": 1}
+
+
+def test_other_datasets_from_config_alone_in_their_own_folders(workdir):
+    """The same cells as .h5ad with Louvain labels, and a 10x dataset with awkward names via file://."""
+    awkward_cells = random_counts(300, 120, AWKWARD_TYPES, seed=4)
+    write_tarball(workdir / "awkward.tar.gz", awkward_cells, v3=True)
+    write_annotation(workdir / "awkward.tsv", awkward_cells)
+    first_run = {path: path.stat().st_mtime for path in (workdir / "results" / "pbmc68k_reduced").rglob("*")}
+    overlay = write_config(workdir / "others.yaml", {
+        "dataset": ["pbmc68k_reduced_louvain", "awkward"],
+        "datasets": {"awkward": {
+            "format": "10x_tarball",
+            "matrix": {"source": (workdir / "awkward.tar.gz").as_uri()},
+            "annotation": {"source": "awkward.tsv"},
+            "label_column": "celltype",
+        }},
+    })
+    snakemake(workdir, "--configfile", "config/config.yaml", "quick.yaml", overlay)
+
+    louvain = ad.read_h5ad(workdir / "results" / "pbmc68k_reduced_louvain" / "simulated" / "simulated.h5ad")
+    assert louvain.shape == (11 * CELLS_PER_TYPE, 765)
+    assert set(louvain.obs["cell_type"]) == {str(i) for i in range(11)}
+    awkward = ad.read_h5ad(workdir / "results" / "awkward" / "simulated" / "simulated.h5ad")
+    assert set(awkward.obs["cell_type"]) == set(AWKWARD_TYPES)
+    assert awkward.obs["cell_type"].value_counts().eq(CELLS_PER_TYPE).all()
+    assert list(awkward.var_names) == list(awkward_cells.var_names)
+    summary = pd.read_csv(workdir / "results" / "awkward" / "qc" / "summary.tsv", sep="\t")
+    assert set(summary["cell_type"]) == set(AWKWARD_TYPES)
+    # The first dataset's results were neither rerun nor touched.
+    assert {path: path.stat().st_mtime for path in first_run} == first_run
+    assert sorted(p.name for p in (workdir / "results").iterdir()) == [
+        "awkward", "pbmc68k_reduced", "pbmc68k_reduced_louvain"]
+
+
+def test_missing_local_source_fails_before_any_job(workdir):
+    overlay = write_config(workdir / "missing.yaml", {
+        "dataset": "absent",
+        "datasets": {"absent": {"format": "h5ad", "matrix": {"source": "nowhere/cells.h5ad"}, "label_column": "x"}},
+    })
+    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay, check=False)
+    assert result.returncode != 0
+    assert "dataset absent: matrix source nowhere/cells.h5ad does not exist" in result.stdout + result.stderr
+
+
+def test_invalid_config_is_refused_with_the_key(workdir):
+    overlay = write_config(workdir / "invalid.yaml", {"simulate": {"count_sampling": "gaussian"}})
+    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay, check=False)
+    assert result.returncode != 0
+    assert "gaussian" in result.stdout + result.stderr
+
+
+def test_broken_annotation_fails_clearly_and_leaves_no_output(workdir):
+    cells = random_counts(40, 30, ["T", "B"], seed=2)
+    write_tarball(workdir / "unmatched.tar.gz", cells)
+    cells.obs_names = [name.replace("-1", "-9") for name in cells.obs_names]
+    write_annotation(workdir / "unmatched.tsv", cells)
+    overlay = write_config(workdir / "unmatched.yaml", {
+        "dataset": "unmatched",
+        "datasets": {"unmatched": {"format": "10x_tarball", "matrix": {"source": "unmatched.tar.gz"},
+                                   "annotation": {"source": "unmatched.tsv"}, "label_column": "celltype"}},
+    })
+    result = snakemake(workdir, "--configfile", "config/config.yaml", "quick.yaml", overlay, check=False)
+    assert result.returncode != 0
+    assert "none of its 40 labelled barcodes is in" in result.stdout + result.stderr
+    assert not (workdir / "results" / "unmatched" / "filtered.h5ad").exists()
+    assert not list((workdir / "results" / "unmatched").glob("*.h5ad"))
+
+
+def test_lint_format_and_report(workdir):
+    lint = snakemake(workdir, "--lint", check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "Lints for" not in lint.stdout + lint.stderr
+    snakefmt = shutil.which("snakefmt", path=str(Path(sys.executable).parent))
+    formatting = subprocess.run([snakefmt, "--check", "."], cwd=workdir, capture_output=True, text=True)
+    assert formatting.returncode == 0, formatting.stderr
+    snakemake(workdir, "--configfile", "config/config.yaml", "quick.yaml", "--report", "report.html")
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert "umap.png" in html and "history.png" in html
