@@ -7,6 +7,8 @@ rule download:
         "resources/datasets/{dataset}/{filename}",
     log:
         "logs/{dataset}/download_{filename}.log",
+    benchmark:
+        "benchmarks/{dataset}/download_{filename}.tsv"
     conda:
         "../envs/scanpy.yaml"
     params:

@@ -48,12 +48,13 @@ def fit_scale(counts: sp.csr_matrix, method: str) -> np.ndarray:
 
 def scale_counts(counts: sp.csr_matrix, scale: np.ndarray, method: str) -> sp.csr_matrix:
     """Counts to [0, 1], keeping zeros zero (so the matrix stays sparse)."""
-    values = counts.astype(np.float64)
+    # In place on one float32 copy of the nonzero values: PBMC68k has 55 million of them.
+    values = sp.csr_matrix(counts, dtype=np.float32, copy=True)
     if method == "log1p_gene_max":
-        values.data = np.log1p(values.data)
-    values = sp.csr_matrix(values.multiply(1.0 / scale[np.newaxis, :]))
-    values.data = np.clip(values.data, 0.0, 1.0)  # test cells may exceed the training cells' maximum
-    return values.astype(np.float32)
+        np.log1p(values.data, out=values.data)
+    values.data /= scale.astype(np.float32)[values.indices]
+    np.clip(values.data, 0.0, 1.0, out=values.data)  # test cells may exceed the training cells' maximum
+    return values
 
 
 def unscale(values: np.ndarray, scale: np.ndarray, method: str) -> np.ndarray:
