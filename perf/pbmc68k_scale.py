@@ -72,7 +72,10 @@ def generate(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     for name in CELL_TYPES:
         weights = shared * rng.lognormal(0.0, 1.0, size=N_DETECTABLE)
         profiles[name] = np.cumsum(weights / weights.sum())
-    libraries = np.clip(rng.lognormal(np.log(1300), 0.45, size=n_cells), 300, 20_000).astype(np.int64)
+    libraries = np.clip(rng.lognormal(np.log(1000), 0.45, size=n_cells), 300, 20_000).astype(np.int64)
+    # Every detectable gene is detected at least once (one count in a random cell), so the
+    # filter keeps exactly PBMC68k's 20,387 genes.
+    guaranteed_in = rng.integers(n_cells, size=N_DETECTABLE)
 
     matrix_path = folder / "matrix.mtx"
     started = time.perf_counter()
@@ -88,6 +91,8 @@ def generate(folder: Path, seed: int = 0) -> tuple[Path, Path]:
                 draws = np.searchsorted(profiles[name], rng.random(libraries[of_type].sum()))
                 draws = np.minimum(draws, N_DETECTABLE - 1)
                 keys.append(np.repeat(of_type, libraries[of_type]) * N_GENES + detectable[draws])
+            guaranteed = np.flatnonzero((guaranteed_in >= cells[0]) & (guaranteed_in <= cells[-1]))
+            keys.append(guaranteed_in[guaranteed] * N_GENES + detectable[guaranteed])
             unique, counts = np.unique(np.concatenate(keys), return_counts=True)
             block = pd.DataFrame({"gene": unique % N_GENES + 1, "cell": unique // N_GENES + 1, "count": counts})
             block.to_csv(out, sep=" ", header=False, index=False)

@@ -1,3 +1,5 @@
+import json
+
 import keras
 import numpy as np
 import pandas as pd
@@ -35,8 +37,12 @@ def test_batches_are_dense_only_per_batch(store):
     assert labels.sum(axis=1).tolist() == [1.0] * 16
     assert len(batches) == int(np.ceil(72 / 16))
     first_epoch = batches.order.copy()
+    assert sorted(first_epoch) == list(np.flatnonzero(store.obs["split"] == "train"))
     batches.on_epoch_end()
     assert sorted(batches.order) == sorted(first_epoch) and not np.array_equal(batches.order, first_epoch)
+    test_batches = batches_for(store, "test", batch_size=100, seed=None)
+    (images, labels), = test_batches[0]
+    assert images.shape[0] == 48 and list(test_batches.order) == list(np.flatnonzero(store.obs["split"] == "test"))
 
 
 def test_training_is_seeded_and_the_saved_model_reloads(store, tmp_path):
@@ -73,3 +79,40 @@ def test_loss_is_summed_squared_error_plus_kl():
     z_mean, z_log_var = (np.asarray(value) for value in model.encoder.predict_on_batch([images, labels]))
     expected_kl = (-0.5 * (1 + z_log_var - z_mean**2 - np.exp(z_log_var)).sum(axis=1)).mean()
     assert kl == pytest.approx(expected_kl, rel=1e-3, abs=1e-6)
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stops training after ``epochs`` epochs, as a cluster time limit would."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs:
+            raise KeyboardInterrupt("time limit")
+
+
+def test_an_interrupted_training_resumes_from_its_last_epoch(store, tmp_path):
+    settings = TrainingSettings(epochs=4, batch_size=16, filters=4)
+    uninterrupted, full_history = train(store, settings, seed=3)
+    checkpoint = tmp_path / "checkpoint"
+    with pytest.raises(KeyboardInterrupt):
+        train(store, settings, seed=3, checkpoint=checkpoint, fingerprint="run", callbacks=(Interrupt(2),))
+    assert json.loads((checkpoint / "state.json").read_text())["epoch"] == 2
+    resumed, history = train(store, settings, seed=3, checkpoint=checkpoint, fingerprint="run")
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert not checkpoint.exists()
+    # Weights, optimizer state, sampler state and batch order all resumed: the same model.
+    for left, right in zip(uninterrupted.get_weights(), resumed.get_weights()):
+        assert np.allclose(left, right, atol=1e-6)
+    assert np.allclose(history["loss"], full_history["loss"], rtol=1e-5)
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(store, tmp_path):
+    settings = TrainingSettings(epochs=2, batch_size=16, filters=4)
+    checkpoint = tmp_path / "checkpoint"
+    with pytest.raises(KeyboardInterrupt):
+        train(store, settings, seed=3, checkpoint=checkpoint, fingerprint="old", callbacks=(Interrupt(1),))
+    _, history = train(store, settings, seed=3, checkpoint=checkpoint, fingerprint="new")
+    assert list(history["epoch"]) == [1, 2]

@@ -5,7 +5,8 @@ import pytest
 
 from cvaesim.images import build_image_store
 from cvaesim.model import ConditionalConvVAE
-from cvaesim.simulation import expected_to_counts, rescale_libraries, simulate, to_original_table
+from cvaesim.simulation import expected_to_counts, rescale_libraries, simulate
+from cvaesim.writers import original_table
 
 from conftest import AWKWARD_TYPES
 
@@ -68,7 +69,7 @@ def test_count_sampling_is_integer_and_centred_on_the_expectation():
 def test_original_table_layout(store):
     model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0)
     simulated = simulate(model, store, {AWKWARD_TYPES[1]: 3}, seed=0)
-    table = to_original_table(simulated)
+    table = original_table(simulated)
     assert list(table.columns) == [*simulated.var_names, "cell_type"]
     assert (table["cell_type"] == AWKWARD_TYPES[1]).all()
     assert np.array_equal(table.iloc[:, :-1].to_numpy(), simulated.X.toarray())

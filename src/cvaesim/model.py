@@ -37,8 +37,9 @@ def build_encoder(side, n_cell_types, filters, kernel_size, strides, dense_units
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", activation="relu")(x)
     x = layers.Conv2D(filters * 2, kernel_size, strides=strides, padding="same", activation="relu")(x)
     x = layers.Dense(dense_units, activation="relu")(layers.Flatten()(x))
-    z_mean = layers.Dense(latent_dim, name="z_mean")(x)
-    z_log_var = layers.Dense(latent_dim, name="z_log_var")(x)
+    # float32 outputs, so that losses stay float32 under mixed precision.
+    z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(x)
+    z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(x)
     return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
 
 
@@ -51,7 +52,8 @@ def build_decoder(side, n_cell_types, filters, kernel_size, strides, latent_dim)
     x = layers.Reshape((reduced, reduced, filters * 2))(x)
     x = layers.Conv2DTranspose(filters, kernel_size, strides=strides, padding="same", activation="relu")(x)
     x = layers.Conv2DTranspose(filters // 2, kernel_size, strides=strides, padding="same", activation="relu")(x)
-    images = layers.Conv2DTranspose(1, kernel_size, padding="same", activation="sigmoid", name="decoded")(x)
+    images = layers.Conv2DTranspose(1, kernel_size, padding="same", activation="sigmoid", name="decoded",
+                                    dtype="float32")(x)
     return keras.Model([z, labels], images, name="decoder")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import anndata as ad
 import numpy as np
@@ -33,6 +34,81 @@ def rescale_libraries(expected: np.ndarray, libraries: np.ndarray) -> np.ndarray
     return np.divide(expected * libraries[:, np.newaxis], totals, out=np.zeros_like(expected), where=totals > 0)
 
 
+class Simulator:
+    """Generates cells of chosen types from a trained model, one decoder call per batch.
+
+    ``store_meta`` is the image store (its X is not read): cell-type order, gene layout,
+    the scaling whose inverse turns decoded pixels into expected counts, and the training
+    cells' library sizes. z is drawn from the prior N(0, I). With
+    ``library_sizes='resampled'`` each cell's expected counts are rescaled to the library
+    size of a random training cell of its type; ``'decoded'`` keeps the decoder's own total.
+    """
+
+    def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 1024,
+                 count_sampling: str = "poisson", library_sizes: str = "resampled"):
+        if count_sampling not in COUNT_SAMPLING:
+            raise ValueError(f"unknown count sampling {count_sampling!r}; choose one of {COUNT_SAMPLING}")
+        if library_sizes not in LIBRARY_SIZES:
+            raise ValueError(f"unknown library sizes {library_sizes!r}; choose one of {LIBRARY_SIZES}")
+        self.model = model
+        self.batch_size = batch_size
+        self.count_sampling = count_sampling
+        self.library_sizes = library_sizes
+        self.cell_types = list(store_meta.obs["cell_type"].cat.categories)
+        self.pixel = store_meta.var["pixel"].to_numpy()
+        self.scale = store_meta.var["scale"].to_numpy()
+        self.scaling = store_meta.uns["image"]["scaling"]
+        self.var = store_meta.var.drop(columns=["pixel", "scale"])
+        training = store_meta.obs[store_meta.obs["split"] == "train"]
+        self.training_libraries = {
+            name: group["total_counts"].to_numpy() for name, group in training.groupby("cell_type", observed=True)
+        }
+
+    def check(self, cells_per_type: dict[str, int]) -> None:
+        unknown = sorted(set(cells_per_type) - set(self.cell_types))
+        if unknown:
+            raise ValueError(f"unknown cell types {unknown}; the model knows {self.cell_types}")
+
+    def batches(self, cells_per_type: dict[str, int], seed: int) -> Iterator[tuple[sp.csr_matrix, str]]:
+        """Yield (integer counts of up to ``batch_size`` cells, their cell type), seeded."""
+        self.check(cells_per_type)
+        rng = np.random.default_rng(seed)
+        identity = np.eye(len(self.cell_types), dtype=np.float32)
+        for cell_type, n_cells in cells_per_type.items():
+            label = identity[self.cell_types.index(cell_type)]
+            for start in range(0, n_cells, self.batch_size):
+                n = min(self.batch_size, n_cells - start)
+                z = rng.standard_normal((n, self.model.latent_dim)).astype(np.float32)
+                decoded = self.model.decoder.predict_on_batch([z, np.broadcast_to(label, (n, label.size))])
+                expected = unscale(from_images(np.asarray(decoded), self.pixel).astype(np.float64),
+                                   self.scale, self.scaling)
+                if self.library_sizes == "resampled":
+                    expected = rescale_libraries(expected, rng.choice(self.training_libraries[cell_type], size=n))
+                yield sp.csr_matrix(expected_to_counts(expected, self.count_sampling, rng)), cell_type
+            log.info("simulated %d cells of %s", n_cells, cell_type)
+
+    def to_anndata(self, cells_per_type: dict[str, int], seed: int) -> ad.AnnData:
+        """All requested cells in memory; for many cells, write :meth:`batches` as they come."""
+        blocks, labels = [], []
+        for counts, cell_type in self.batches(cells_per_type, seed):
+            blocks.append(counts)
+            labels.extend([cell_type] * counts.shape[0])
+        counts = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.pixel)), dtype=np.int32)
+        obs = pd.DataFrame({"cell_type": pd.Categorical(labels, categories=self.cell_types)},
+                           index=cell_names(len(labels)))
+        simulated = ad.AnnData(X=counts, obs=obs, var=self.var)
+        simulated.uns["simulation"] = self.settings(seed)
+        return simulated
+
+    def settings(self, seed: int) -> dict:
+        return {"seed": seed, "count_sampling": self.count_sampling, "library_sizes": self.library_sizes,
+                "latent": "prior"}
+
+
+def cell_names(n_cells: int, start: int = 0) -> list[str]:
+    return [f"simulated_{i}" for i in range(start, start + n_cells)]
+
+
 def simulate(
     model: ConditionalConvVAE,
     store_meta: ad.AnnData,
@@ -42,55 +118,5 @@ def simulate(
     count_sampling: str = "poisson",
     library_sizes: str = "resampled",
 ) -> ad.AnnData:
-    """Draw z ~ N(0, I) for each requested cell, decode with its type, map back to counts.
-
-    ``store_meta`` is the image store (its X is not read): cell-type order, gene layout,
-    the scaling whose inverse turns decoded pixels into expected counts, and the training
-    cells' library sizes. With ``library_sizes='resampled'`` each cell's expected counts are
-    rescaled to the library size of a random training cell of its type; ``'decoded'`` keeps
-    the decoder's own total.
-    """
-    if library_sizes not in LIBRARY_SIZES:
-        raise ValueError(f"unknown library sizes {library_sizes!r}; choose one of {LIBRARY_SIZES}")
-    cell_types = list(store_meta.obs["cell_type"].cat.categories)
-    unknown = sorted(set(cells_per_type) - set(cell_types))
-    if unknown:
-        raise ValueError(f"unknown cell types {unknown}; the model knows {cell_types}")
-    pixel = store_meta.var["pixel"].to_numpy()
-    scale = store_meta.var["scale"].to_numpy()
-    scaling = store_meta.uns["image"]["scaling"]
-    training = (store_meta.obs["split"] == "train").to_numpy()
-    rng = np.random.default_rng(seed)
-    identity = np.eye(len(cell_types), dtype=np.float32)
-    blocks, labels = [], []
-    for cell_type, n_cells in cells_per_type.items():
-        code = cell_types.index(cell_type)
-        type_libraries = store_meta.obs["total_counts"].to_numpy()[
-            training & (store_meta.obs["cell_type"] == cell_type).to_numpy()]
-        for start in range(0, n_cells, batch_size):
-            n = min(batch_size, n_cells - start)
-            z = rng.standard_normal((n, model.latent_dim)).astype(np.float32)
-            decoded = model.decoder.predict_on_batch([z, np.repeat(identity[code:code + 1], n, axis=0)])
-            expected = unscale(from_images(decoded, pixel).astype(np.float64), scale, scaling)
-            if library_sizes == "resampled":
-                expected = rescale_libraries(expected, rng.choice(type_libraries, size=n))
-            blocks.append(sp.csr_matrix(expected_to_counts(expected, count_sampling, rng)))
-            labels.extend([cell_type] * n)
-        log.info("simulated %d cells of %s", n_cells, cell_type)
-    counts = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(pixel)), dtype=np.int32)
-    obs = pd.DataFrame(
-        {"cell_type": pd.Categorical(labels, categories=cell_types)},
-        index=pd.Index([f"simulated_{i}" for i in range(len(labels))]),
-    )
-    var = store_meta.var.drop(columns=["pixel", "scale"])
-    simulated = ad.AnnData(X=counts, obs=obs, var=var)
-    simulated.uns["simulation"] = {"seed": seed, "count_sampling": count_sampling,
-                                   "library_sizes": library_sizes, "latent": "prior"}
-    return simulated
-
-
-def to_original_table(simulated: ad.AnnData) -> pd.DataFrame:
-    """The original's layout: one row per cell, one column per gene, then a label column."""
-    table = pd.DataFrame(simulated.X.toarray(), columns=simulated.var_names, index=simulated.obs_names)
-    table["cell_type"] = simulated.obs["cell_type"].astype(str).to_numpy()
-    return table
+    """All requested cells in memory, as one AnnData (see :class:`Simulator`)."""
+    return Simulator(model, store_meta, batch_size, count_sampling, library_sizes).to_anndata(cells_per_type, seed)

@@ -6,12 +6,15 @@ Every output is written to a temporary file and renamed, so a failed step leaves
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from pathlib import Path
 
 import anndata as ad
 
 from . import InputError
-from .download import fetch
+from .download import fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from .images import build_image_store, layout_table
 from .io import atomic_output, read_10x_tarball, read_annotation, read_h5ad_counts, write_h5ad
@@ -61,10 +64,18 @@ def reshape(filtered: str, store: str, layout: str, side: int | None, scaling: s
 
 
 def train(store: str, model_path: str, history_tsv: str, history_plot: str, settings: dict, seed: int) -> None:
+    """Checkpoints go to ``<model folder>/checkpoint/`` each epoch; a rerun after a kill resumes there."""
     from .plots import plot_history
     from .training import TrainingSettings, train as fit
 
-    model, history = fit(ad.read_h5ad(store), TrainingSettings(**settings), seed)
+    # The run is identified by what determines it: settings (less the epoch count, so that
+    # raising it continues training), seed and the store's content.
+    identity = {key: value for key, value in settings.items() if key != "epochs"}
+    fingerprint = hashlib.sha256(
+        json.dumps([identity, seed, sha256_of(Path(store))], sort_keys=True).encode()
+    ).hexdigest()
+    model, history = fit(ad.read_h5ad(store), TrainingSettings(**settings), seed,
+                         checkpoint=Path(model_path).parent / "checkpoint", fingerprint=fingerprint)
     with atomic_output(model_path) as temporary:
         model.save(temporary)
     with atomic_output(history_tsv) as temporary:
@@ -84,46 +95,18 @@ def load_model(path: str):
 def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed: int,
              batch_size: int, count_sampling: str, library_sizes: str) -> None:
     """``cells_per_type`` cells of every cell type the model knows, as a sparse ``.h5ad``."""
-    from .simulation import simulate as generate
+    from .simulation import Simulator
+    from .writers import write_h5ad as write_stream
 
     meta = ad.read_h5ad(store, backed="r")
-    cell_types = list(meta.obs["cell_type"].cat.categories)
-    simulated = generate(load_model(model_path), meta, dict.fromkeys(cell_types, cells_per_type), seed,
-                         batch_size, count_sampling, library_sizes)
+    simulator = Simulator(load_model(model_path), meta, batch_size, count_sampling, library_sizes)
     meta.file.close()
-    write_h5ad(simulated, output)
+    plan = dict.fromkeys(simulator.cell_types, cells_per_type)
+    write_stream(simulator.batches(plan, seed), simulator.var, simulator.cell_types, simulator.settings(seed), output)
 
 
 def original_table(simulated: str, output: str) -> None:
     """The original's HDF5 table (pandas, key ``simulated``): gene columns and a ``cell_type`` column."""
-    from .simulation import to_original_table
+    from .writers import write_table
 
-    with atomic_output(output) as temporary:
-        to_original_table(ad.read_h5ad(simulated)).to_hdf(temporary, key="simulated", format="fixed", complevel=5)
-
-
-def qc(real: str, simulated: str, outputs: dict, seed: int, max_real_cells: int, n_markers: int) -> None:
-    """QC metrics, violins, joint PCA/UMAP and markers of real versus simulated cells."""
-    from . import qc as scqc
-
-    combined = scqc.combine(ad.read_h5ad(real), ad.read_h5ad(simulated), max_real_cells, seed)
-    scqc.add_qc_metrics(combined)
-    normalised = scqc.embed(combined, seed)
-    markers = scqc.marker_table(normalised, n_markers)
-    tables = {
-        "summary": scqc.qc_summary(combined),
-        "markers": markers,
-        "marker_overlap": scqc.marker_overlap(markers),
-    }
-    for name, table in tables.items():
-        with atomic_output(outputs[name]) as temporary:
-            table.to_csv(temporary, sep="\t", index=False)
-    figures = {
-        "violins": lambda path: scqc.plot_violins(combined, path),
-        "pca": lambda path: scqc.plot_embedding(normalised, "pca", path),
-        "umap": lambda path: scqc.plot_embedding(normalised, "umap", path),
-        "marker_dotplot": lambda path: scqc.plot_markers(normalised, markers, path),
-    }
-    for name, draw in figures.items():
-        with atomic_output(outputs[name]) as temporary:
-            draw(temporary)
+    write_table(ad.read_h5ad(simulated), output)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import anndata as ad
 import keras
@@ -14,6 +17,7 @@ import scipy.sparse as sp
 import tensorflow as tf
 
 from .images import to_images
+from .io import atomic_output
 from .model import ConditionalConvVAE
 
 log = logging.getLogger(__name__)
@@ -33,15 +37,20 @@ class TrainingSettings:
     dense_units: int = 16
     latent_dim: int = 2
     beta: float = 1.0
+    mixed_precision: bool = False
 
 
 class ImageBatches(keras.utils.PyDataset):
-    """Batches of (images, one-hot cell types), densified from sparse rows one batch at a time."""
+    """Batches of (images, one-hot cell types), densified from sparse rows one batch at a time.
 
-    def __init__(self, values: sp.csr_matrix, codes: np.ndarray, n_cell_types: int, pixel: np.ndarray,
-                 side: int, batch_size: int, seed: int | None = None, **kwargs):
+    ``rows`` selects the cells (a split) from ``values`` without copying the matrix.
+    """
+
+    def __init__(self, values: sp.csr_matrix, rows: np.ndarray, codes: np.ndarray, n_cell_types: int,
+                 pixel: np.ndarray, side: int, batch_size: int, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.values = values
+        self.rows = rows
         self.codes = codes
         self.n_cell_types = n_cell_types
         self.pixel = pixel
@@ -53,11 +62,11 @@ class ImageBatches(keras.utils.PyDataset):
 
     def _order(self) -> np.ndarray:
         if self.seed is None:
-            return np.arange(self.values.shape[0])
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.values.shape[0])
+            return self.rows
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.rows)
 
     def __len__(self) -> int:
-        return math.ceil(self.values.shape[0] / self.batch_size)
+        return math.ceil(len(self.rows) / self.batch_size)
 
     def __getitem__(self, index: int):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
@@ -66,7 +75,11 @@ class ImageBatches(keras.utils.PyDataset):
         return (images, labels),
 
     def on_epoch_end(self):
-        self.epoch += 1
+        self.start_at_epoch(self.epoch + 1)
+
+    def start_at_epoch(self, epoch: int) -> None:
+        """The batch order of an epoch depends on the seed and the epoch only, so a resumed run repeats it."""
+        self.epoch = epoch
         self.order = self._order()
 
 
@@ -79,10 +92,10 @@ def describe_devices() -> str:
 
 def batches_for(store: ad.AnnData, split: str, batch_size: int, seed: int | None) -> ImageBatches:
     """Batches of one split of an image store; ``seed`` None keeps the cells in order."""
-    cells = (store.obs["split"] == split).to_numpy()
     return ImageBatches(
-        values=sp.csr_matrix(store.X)[cells],
-        codes=store.obs["cell_type"].cat.codes.to_numpy()[cells],
+        values=sp.csr_matrix(store.X),  # shares the arrays of a CSR X: no copy
+        rows=np.flatnonzero((store.obs["split"] == split).to_numpy()),
+        codes=store.obs["cell_type"].cat.codes.to_numpy(),
         n_cell_types=store.obs["cell_type"].cat.categories.size,
         pixel=store.var["pixel"].to_numpy(),
         side=int(store.uns["image"]["side"]),
@@ -96,11 +109,79 @@ def make_optimizer(settings: TrainingSettings) -> keras.optimizers.Optimizer:
     return optimizers[settings.optimizer](learning_rate=settings.learning_rate)
 
 
-def train(store: ad.AnnData, settings: TrainingSettings, seed: int) -> tuple[ConditionalConvVAE, pd.DataFrame]:
-    """Fit on the store's training cells, validating on its test cells each epoch."""
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch: every variable (weights, optimizer slots, sampler state) and the history.
+
+    A training job killed mid-way (a cluster time limit, say) resumes from the last complete
+    epoch when rerun with the same store, settings and seed; a different fingerprint starts over.
+    Without a folder it only records the history.
+    """
+
+    def __init__(self, folder: Path | None, fingerprint: str):
+        super().__init__()
+        self.folder = Path(folder) if folder is not None else None
+        self.fingerprint = fingerprint
+        self.rows: list[dict] = []
+
+    def _checkpoint(self) -> tf.train.Checkpoint:
+        # The sampler's seed state is named explicitly: it is not a layer weight.
+        return tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer,
+                                   sampler=self.model.sampling.seed_generator.state)
+
+    def resume(self, model: keras.Model) -> int:
+        """Load the last checkpoint into ``model`` if it is this run's; returns the epochs done."""
+        state_path = self.folder / "state.json" if self.folder else None
+        if state_path is None or not state_path.exists():
+            return 0
+        state = json.loads(state_path.read_text())
+        if state["fingerprint"] != self.fingerprint:
+            log.info("%s belongs to other settings or data; starting over", self.folder)
+            return 0
+        self.set_model(model)
+        model.optimizer.build(model.trainable_variables)
+        self._checkpoint().read(str(self.folder / state["prefix"])).assert_existing_objects_matched()
+        self.rows = state["rows"]
+        log.info("resuming from the checkpoint after epoch %d in %s", state["epoch"], self.folder)
+        return state["epoch"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append({"epoch": epoch + 1, **{name: float(value) for name, value in (logs or {}).items()}})
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        prefix = f"epoch-{epoch + 1}"
+        self._checkpoint().write(str(self.folder / prefix))
+        state = {"fingerprint": self.fingerprint, "epoch": epoch + 1, "prefix": prefix, "rows": self.rows}
+        with atomic_output(self.folder / "state.json") as temporary:
+            temporary.write_text(json.dumps(state))
+        for old in self.folder.glob("epoch-*"):
+            if not old.name.startswith(prefix + "."):
+                old.unlink()
+
+    def finish(self) -> pd.DataFrame:
+        """The whole history; the checkpoints are no longer needed."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        return pd.DataFrame(self.rows)
+
+
+def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: Path | None = None,
+          fingerprint: str = "", callbacks: tuple = ()) -> tuple[ConditionalConvVAE, pd.DataFrame]:
+    """Fit on the store's training cells, validating on its test cells each epoch.
+
+    With ``checkpoint`` (a folder) every epoch is saved there and an interrupted run with the
+    same ``fingerprint`` resumes; the folder is removed when training completes.
+    """
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    log.info("training on %s", describe_devices())
+    devices = describe_devices()
+    log.info("training on %s", devices)
+    if settings.mixed_precision:
+        if devices.startswith("GPU"):
+            keras.mixed_precision.set_global_policy("mixed_float16")
+            log.info("mixed precision: float16 compute, float32 variables and losses")
+        else:
+            log.warning("mixed precision needs a GPU; training in float32")
     model = ConditionalConvVAE(
         image_side=int(store.uns["image"]["side"]),
         n_cell_types=store.obs["cell_type"].cat.categories.size,
@@ -111,13 +192,17 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int) -> tuple[Con
     training_batches = batches_for(store, "train", settings.batch_size, seed)
     test_batches = batches_for(store, "test", settings.batch_size, None)
     log.info("%d training and %d test cells, image side %d, %d parameters",
-             training_batches.values.shape[0], test_batches.values.shape[0], model.image_side, model.count_params())
-    history = model.fit(
+             len(training_batches.rows), len(test_batches.rows), model.image_side, model.count_params())
+    saver = EpochCheckpoint(checkpoint, fingerprint)
+    done = saver.resume(model)
+    training_batches.start_at_epoch(done)
+    model.fit(
         training_batches,
-        validation_data=test_batches if len(test_batches.codes) else None,
+        validation_data=test_batches if len(test_batches.rows) else None,
         epochs=settings.epochs,
+        initial_epoch=done,
+        shuffle=False,  # the batches shuffle themselves, by seed and epoch: Keras would use the global RNG
         verbose=2,
+        callbacks=[saver, *callbacks],
     )
-    table = pd.DataFrame(history.history)
-    table.insert(0, "epoch", np.arange(1, len(table) + 1))
-    return model, table
+    return model, saver.finish()

@@ -1,0 +1,165 @@
+"""Benchmark: the original's way against the workflow's, side by side, at PBMC68k size (side 144).
+
+Simulation: one ``predict`` call per cell (the original) against batched decoding, in cells
+per second including the Poisson draw and writing a sparse .h5ad.
+Training: the whole matrix densified as float64 and fed with batch 32 (the original)
+against the streaming batches, in cells per second and peak resident memory.
+
+Each measurement runs in its own process, so each peak memory is its own.
+
+    .venv/bin/python perf/speed.py [--train-cells 8192] [--simulated-cells 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIDE = 144
+N_GENES = 20_387
+N_TYPES = 11
+DETECTED_PER_CELL = 800
+
+
+def store(n_cells: int, seed: int = 0):
+    """An image store of PBMC68k's shape and sparsity, with random scaled values."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    indptr = np.arange(n_cells + 1) * DETECTED_PER_CELL
+    indices = np.concatenate([np.sort(rng.choice(N_GENES, DETECTED_PER_CELL, replace=False)) for _ in range(n_cells)])
+    values = sp.csr_matrix((rng.random(indptr[-1], dtype=np.float32), indices, indptr), shape=(n_cells, N_GENES))
+    types = [f"type {i}" for i in range(N_TYPES)]
+    obs = pd.DataFrame({"cell_type": pd.Categorical(rng.choice(types, n_cells), categories=types),
+                        "split": pd.Categorical(["train"] * n_cells, categories=["train", "test"]),
+                        "total_counts": rng.integers(500, 5000, n_cells)}, index=[str(i) for i in range(n_cells)])
+    var = pd.DataFrame({"pixel": np.arange(N_GENES), "scale": np.full(N_GENES, np.log1p(50.0))},
+                       index=[f"GENE{i}" for i in range(N_GENES)])
+    result = ad.AnnData(X=values, obs=obs, var=var)
+    result.uns["image"] = {"side": SIDE, "scaling": "log1p_gene_max"}
+    return result
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model():
+    from cvaesim.model import ConditionalConvVAE
+
+    return ConditionalConvVAE(image_side=SIDE, n_cell_types=N_TYPES, seed=0)
+
+
+def simulate_original(n_cells: int) -> dict:
+    """One predict call per cell, rounding with the original's constant, kept in memory as a dense table."""
+    decoder = model().decoder
+    rng = np.random.default_rng(0)
+    label = np.eye(N_TYPES, dtype=np.float32)[:1]
+    started = time.perf_counter()
+    rows = [np.floor(decoder.predict([rng.normal(1, 2, (1, 2)).astype(np.float32), label], verbose=0)
+                     .reshape(-1)[:N_GENES] * 260) for _ in range(n_cells)]
+    np.stack(rows)
+    return {"cells": n_cells, "seconds": time.perf_counter() - started}
+
+
+def simulate_workflow(n_cells: int) -> dict:
+    from cvaesim.simulation import Simulator
+    from cvaesim.writers import write_h5ad
+
+    meta = store(200)
+    simulator = Simulator(model(), meta, batch_size=1024)
+    plan = {name: n_cells // N_TYPES for name in simulator.cell_types}
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        written = write_h5ad(simulator.batches(plan, 0), simulator.var, simulator.cell_types, {}, Path(folder) / "s.h5ad")
+        seconds = time.perf_counter() - started
+    return {"cells": written, "seconds": seconds}
+
+
+def train_original(n_cells: int) -> dict:
+    import keras
+
+    data = store(n_cells)
+    started = time.perf_counter()
+    # The original: the whole matrix as a dense float64 array of images.
+    images = np.zeros((n_cells, SIDE * SIDE), dtype=np.float64)
+    images[:, :N_GENES] = data.X.toarray()
+    images = images.reshape(-1, SIDE, SIDE, 1)
+    labels = np.eye(N_TYPES)[data.obs["cell_type"].cat.codes.to_numpy()]
+    network = model()
+    network.compile(optimizer=keras.optimizers.RMSprop(1e-3))
+    network.fit(x=(images, labels), batch_size=32, epochs=1, verbose=0, shuffle=True)
+    return {"cells": n_cells, "seconds": time.perf_counter() - started}
+
+
+def train_workflow(n_cells: int) -> dict:
+    import keras
+
+    from cvaesim.training import batches_for
+
+    data = store(n_cells)
+    started = time.perf_counter()
+    network = model()
+    network.compile(optimizer=keras.optimizers.RMSprop(1e-3))
+    network.fit(batches_for(data, "train", 32, seed=0), epochs=1, verbose=0)
+    return {"cells": n_cells, "seconds": time.perf_counter() - started}
+
+
+MEASURES = {"simulate_original": simulate_original, "simulate_workflow": simulate_workflow,
+            "train_original": train_original, "train_workflow": train_workflow}
+
+
+def measure(name: str, n_cells: int) -> dict:
+    child = subprocess.run([sys.executable, __file__, "--measure", name, "--n", str(n_cells)],
+                           capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-cells", type=int, default=8192)
+    parser.add_argument("--simulated-cells", type=int, default=22_000)
+    parser.add_argument("--original-simulated-cells", type=int, default=200)
+    parser.add_argument("--measure", choices=list(MEASURES))
+    parser.add_argument("--n", type=int)
+    arguments = parser.parse_args()
+    if arguments.measure:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        result = MEASURES[arguments.measure](arguments.n)
+        print(json.dumps({**result, "peak_rss_mb": peak_mb()}))
+        return
+    import tensorflow as tf
+
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    runs = {
+        "simulate_original": measure("simulate_original", arguments.original_simulated_cells),
+        "simulate_workflow": measure("simulate_workflow", arguments.simulated_cells),
+        "train_original": measure("train_original", arguments.train_cells),
+        "train_workflow": measure("train_workflow", arguments.train_cells),
+    }
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}; side {SIDE}, {N_GENES} genes, "
+          f"{DETECTED_PER_CELL} detected genes per cell")
+    print(f"{'measure':<20}{'cells':>8}{'seconds':>10}{'cells/s':>12}{'peak RSS MB':>14}")
+    for name, run in runs.items():
+        print(f"{name:<20}{run['cells']:>8}{run['seconds']:>10.1f}{run['cells'] / run['seconds']:>12.1f}"
+              f"{run['peak_rss_mb']:>14.0f}")
+    speed = {name: run["cells"] / run["seconds"] for name, run in runs.items()}
+    print(f"simulation speed-up: {speed['simulate_workflow'] / speed['simulate_original']:.0f}x; "
+          f"training speed ratio: {speed['train_workflow'] / speed['train_original']:.2f}x; "
+          f"training memory ratio: {runs['train_original']['peak_rss_mb'] / runs['train_workflow']['peak_rss_mb']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Command line: simulate cells on demand from a trained model.
+
+    cvaesim simulate --model results/pbmc68k/model/cvae.keras \\
+        --store results/pbmc68k/images/images.h5ad --cells 1000000 --output cells.h5ad
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+from . import InputError
+
+log = logging.getLogger("cvaesim")
+
+
+def plan_cells(cell_types: list[str], real_counts: dict[str, int], per_type: int | None, total: int | None,
+               chosen: list[str]) -> dict[str, int]:
+    """How many cells of each type: explicit ``NAME=N``, N per type, or a total split as in the real data."""
+    if chosen:
+        plan = {}
+        for item in chosen:
+            name, _, number = item.rpartition("=")
+            if not name or not number.isdigit():
+                raise InputError(f"--cell-type {item!r}: expected NAME=NUMBER, e.g. 'CD14+ Monocyte=500'")
+            plan[name] = plan.get(name, 0) + int(number)
+        unknown = sorted(set(plan) - set(cell_types))
+        if unknown:
+            raise InputError(f"unknown cell types {unknown}; the model knows {cell_types}")
+        return plan
+    if total is not None:
+        # Largest remainders, so the parts add up to the total.
+        real_total = sum(real_counts.values())
+        quotas = {name: total * real_counts.get(name, 0) / real_total for name in cell_types}
+        plan = {name: math.floor(quota) for name, quota in quotas.items()}
+        by_remainder = sorted(cell_types, key=lambda name: plan[name] - quotas[name])
+        for name in by_remainder[: total - sum(plan.values())]:
+            plan[name] += 1
+        return {name: n for name, n in plan.items() if n}
+    return dict.fromkeys(cell_types, per_type)
+
+
+def simulate_command(arguments: argparse.Namespace) -> None:
+    from .simulation import Simulator
+    from .steps import load_model
+    from .writers import MAX_TABLE_ENTRIES, write_10x, write_h5ad, write_table
+
+    for path in (arguments.model, arguments.store):
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+    meta = ad.read_h5ad(arguments.store, backed="r")
+    simulator = Simulator(load_model(str(arguments.model)), meta, arguments.batch_size, arguments.count_sampling,
+                          arguments.library_sizes)
+    real_counts = meta.obs["cell_type"].value_counts().to_dict()
+    meta.file.close()
+    plan = plan_cells(simulator.cell_types, real_counts, arguments.cells_per_type, arguments.cells,
+                      arguments.cell_type)
+    simulator.check(plan)
+    output_format = arguments.format or {".h5ad": "h5ad", ".h5": "table"}.get(arguments.output.suffix, "10x")
+    n_cells = sum(plan.values())
+    if output_format == "table" and n_cells * len(simulator.var) > MAX_TABLE_ENTRIES:
+        raise InputError(f"{arguments.output}: {n_cells} cells x {len(simulator.var)} genes is too large for the "
+                         f"original's dense table (limit {MAX_TABLE_ENTRIES:,} entries); write .h5ad or 10x")
+    log.info("simulating %d cells (%s) to %s as %s", n_cells,
+             ", ".join(f"{name}: {n}" for name, n in plan.items()), arguments.output, output_format)
+    if output_format == "h5ad":
+        write_h5ad(simulator.batches(plan, arguments.seed), simulator.var, simulator.cell_types,
+                   simulator.settings(arguments.seed), arguments.output)
+    elif output_format == "10x":
+        write_10x(simulator.batches(plan, arguments.seed), simulator.var, arguments.output)
+    else:
+        write_table(simulator.to_anndata(plan, arguments.seed), arguments.output)
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="cvaesim", description="Simulate single-cell counts with a conv-CVAE.")
+    commands = main.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("simulate", help="write simulated cells from a trained model")
+    command.add_argument("--model", type=Path, required=True, help="the trained model (cvae.keras)")
+    command.add_argument("--store", type=Path, required=True,
+                         help="the image store the model was trained on (images.h5ad): types, genes, scaling")
+    command.add_argument("--output", type=Path, required=True,
+                         help="an .h5ad file, an .h5 file (the original's table) or a folder (10x)")
+    command.add_argument("--format", choices=["h5ad", "10x", "table"], help="default: from the output's suffix")
+    which = command.add_mutually_exclusive_group()
+    which.add_argument("--cells-per-type", type=int, default=100, help="cells of every type (default 100)")
+    which.add_argument("--cells", type=int, help="a total, split by the real data's cell-type proportions")
+    which.add_argument("--cell-type", action="append", default=[], metavar="NAME=N",
+                       help="N cells of type NAME (repeatable)")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--batch-size", type=int, default=1024, help="cells per decoder call")
+    command.add_argument("--count-sampling", choices=["poisson", "round"], default="poisson")
+    command.add_argument("--library-sizes", choices=["resampled", "decoded"], default="resampled")
+    command.set_defaults(run=simulate_command)
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        arguments.run(arguments)
+    except (InputError, ValueError) as error:
+        print(f"cvaesim: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Write simulated cells as they are generated, so memory stays flat however many are asked for.
+
+Each writer takes an iterable of (integer counts CSR batch, cell type) and writes to a
+temporary path renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from collections.abc import Iterable
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .io import atomic_output
+from .simulation import cell_names
+
+Batches = Iterable[tuple[sp.csr_matrix, str]]
+FORMATS = ("h5ad", "10x", "table")
+# The original's table is dense: refuse what would not fit in about 1 GB.
+MAX_TABLE_ENTRIES = 250_000_000
+
+
+def write_h5ad(batches: Batches, var: pd.DataFrame, cell_types: list[str], uns: dict, path) -> int:
+    """Append each batch to the on-disk sparse X of an .h5ad; returns the number of cells."""
+    codes = []
+    with atomic_output(path) as temporary:
+        empty = ad.AnnData(X=sp.csr_matrix((0, len(var)), dtype=np.int32), var=var, uns={"simulation": uns})
+        empty.write_h5ad(temporary, compression="gzip")
+        with h5py.File(temporary, "r+") as handle:
+            matrix = ad.io.sparse_dataset(handle["X"])
+            for counts, cell_type in batches:
+                matrix.append(counts.astype(np.int32))
+                codes.append(np.full(counts.shape[0], cell_types.index(cell_type), dtype=np.int32))
+            codes = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int32)
+            obs = pd.DataFrame({"cell_type": pd.Categorical.from_codes(codes, categories=cell_types)},
+                               index=cell_names(len(codes)))
+            del handle["obs"]
+            ad.io.write_elem(handle, "obs", obs)
+    return len(codes)
+
+
+def write_10x(batches: Batches, var: pd.DataFrame, path) -> int:
+    """A 10x v3 matrix folder (matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz) plus cell_types.tsv."""
+    gene_ids = var["gene_ids"] if "gene_ids" in var else pd.Series(var.index, index=var.index)
+    with atomic_output(path) as folder:
+        folder.mkdir()
+        entries, n_cells, labels = 0, 0, []
+        body = folder / "entries.txt"
+        with open(body, "w") as out:
+            for counts, cell_type in batches:
+                coo = counts.tocoo()  # row-major: cell by cell, as 10x writes them
+                pd.DataFrame({"gene": coo.col + 1, "cell": coo.row + 1 + n_cells, "count": coo.data}).to_csv(
+                    out, sep=" ", header=False, index=False)
+                entries += coo.nnz
+                n_cells += counts.shape[0]
+                labels.extend([cell_type] * counts.shape[0])
+        with gzip.open(folder / "matrix.mtx.gz", "wt", compresslevel=4) as out, open(body) as source:
+            out.write("%%MatrixMarket matrix coordinate integer general\n")
+            out.write(f"{len(var)} {n_cells} {entries}\n")
+            shutil.copyfileobj(source, out)
+        body.unlink()
+        barcodes = cell_names(n_cells)
+        pd.DataFrame({"id": gene_ids.to_numpy(), "name": var.index, "type": "Gene Expression"}).to_csv(
+            folder / "features.tsv.gz", sep="\t", header=False, index=False)
+        pd.Series(barcodes).to_csv(folder / "barcodes.tsv.gz", header=False, index=False)
+        pd.DataFrame({"barcode": barcodes, "cell_type": labels}).to_csv(folder / "cell_types.tsv", sep="\t",
+                                                                        index=False)
+    return n_cells
+
+
+def original_table(simulated: ad.AnnData) -> pd.DataFrame:
+    """The original's layout: one row per cell, one column per gene, then a label column."""
+    table = pd.DataFrame(simulated.X.toarray(), columns=simulated.var_names, index=simulated.obs_names)
+    table["cell_type"] = simulated.obs["cell_type"].astype(str).to_numpy()
+    return table
+
+
+def write_table(simulated: ad.AnnData, path) -> None:
+    """The original's HDF5 table (pandas, key ``simulated``): dense, so for modest cell numbers only."""
+    if simulated.n_obs * simulated.n_vars > MAX_TABLE_ENTRIES:
+        raise ValueError(
+            f"{path}: {simulated.n_obs} cells x {simulated.n_vars} genes is too large for the original's dense "
+            f"table (limit {MAX_TABLE_ENTRIES:,} entries); write h5ad or 10x instead"
+        )
+    with atomic_output(path) as temporary:
+        original_table(simulated).to_hdf(temporary, key="simulated", format="fixed", complevel=5)

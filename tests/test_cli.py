@@ -1,0 +1,83 @@
+"""On-demand simulation from the command line, in every output format."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+
+from cvaesim.cli import main, plan_cells
+from cvaesim.images import build_image_store
+from cvaesim.model import ConditionalConvVAE
+from cvaesim.simulation import simulate
+from cvaesim.steps import load_model
+
+from conftest import AWKWARD_TYPES, random_counts
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    cells = random_counts(120, 50, AWKWARD_TYPES)
+    cells.obs["cell_type"] = pd.Categorical(cells.obs["cell_type"])
+    store = build_image_store(cells, None, "log1p_gene_max", 0.4, seed=0)
+    store.write_h5ad(folder / "images.h5ad")
+    ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0).save(folder / "cvae.keras")
+    return folder
+
+
+def run(trained, *arguments):
+    return main(["simulate", "--model", str(trained / "cvae.keras"), "--store", str(trained / "images.h5ad"),
+                 *arguments])
+
+
+def test_h5ad_is_written_batch_by_batch_and_matches_in_memory_simulation(trained, tmp_path):
+    output = tmp_path / "cells.h5ad"
+    assert run(trained, "--output", str(output), "--cells-per-type", "23", "--batch-size", "5", "--seed", "3") == 0
+    written = ad.read_h5ad(output)
+    assert written.shape == (4 * 23, 50)
+    assert written.obs["cell_type"].value_counts().eq(23).all()
+    store = ad.read_h5ad(trained / "images.h5ad", backed="r")
+    plan = dict.fromkeys(store.obs["cell_type"].cat.categories, 23)
+    expected = simulate(load_model(str(trained / "cvae.keras")), store, plan, seed=3, batch_size=5)
+    assert (written.X != expected.X).nnz == 0
+    assert list(written.obs_names) == list(expected.obs_names)
+    assert written.uns["simulation"]["seed"] == 3
+
+
+def test_10x_folder_reads_back_with_scanpy(trained, tmp_path):
+    output = tmp_path / "tenx"
+    assert run(trained, "--output", str(output), "--cell-type", f"{AWKWARD_TYPES[0]}=9",
+               "--cell-type", f"{AWKWARD_TYPES[3]}=4", "--batch-size", "4") == 0
+    read = sc.read_10x_mtx(output)
+    assert read.shape == (13, 50)
+    labels = pd.read_csv(output / "cell_types.tsv", sep="\t")
+    assert labels["cell_type"].value_counts().to_dict() == {AWKWARD_TYPES[0]: 9, AWKWARD_TYPES[3]: 4}
+    assert list(labels["barcode"]) == list(read.obs_names)
+    h5ad = tmp_path / "same.h5ad"
+    run(trained, "--output", str(h5ad), "--cell-type", f"{AWKWARD_TYPES[0]}=9", "--cell-type",
+        f"{AWKWARD_TYPES[3]}=4", "--batch-size", "4")
+    assert np.array_equal(read.X.toarray(), ad.read_h5ad(h5ad).X.toarray())
+
+
+def test_table_and_proportional_totals(trained, tmp_path):
+    output = tmp_path / "cells.h5"
+    assert run(trained, "--output", str(output), "--cells", "50") == 0
+    table = pd.read_hdf(output, "simulated")
+    assert len(table) == 50 and table.columns[-1] == "cell_type"
+    real = ad.read_h5ad(trained / "images.h5ad").obs["cell_type"].value_counts()
+    expected = plan_cells(list(real.index), real.to_dict(), None, 50, [])
+    assert table["cell_type"].value_counts().to_dict() == {k: v for k, v in expected.items() if v}
+    for name, n in expected.items():
+        assert abs(n - 50 * real[name] / real.sum()) < 1
+
+
+def test_bad_requests_are_clear_errors(trained, tmp_path, capsys):
+    assert run(trained, "--output", str(tmp_path / "x.h5ad"), "--cell-type", "NK cells=3") == 2
+    assert "unknown cell types ['NK cells']" in capsys.readouterr().err
+    assert run(trained, "--output", str(tmp_path / "x.h5ad"), "--cell-type", "no number") == 2
+    assert "expected NAME=NUMBER" in capsys.readouterr().err
+    assert main(["simulate", "--model", str(tmp_path / "absent.keras"), "--store", str(trained / "images.h5ad"),
+                 "--output", str(tmp_path / "x.h5ad")]) == 2
+    assert "absent.keras: no such file" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
