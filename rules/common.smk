@@ -79,6 +79,7 @@ def all_outputs():
         outputs += [
             f"results/{name}/simulated/simulated.h5ad",
             f"results/{name}/qc/summary.tsv",
+            f"results/{name}/evaluation/overall.tsv",
             f"results/{name}/model/history.png",
         ]
         if config["simulate"]["write_table"]:

@@ -55,3 +55,46 @@ rule qc:
         n_markers=config["qc"]["n_markers"],
     script:
         "../scripts/qc.py"
+
+
+rule evaluate:
+    input:
+        real="results/{dataset}/filtered.h5ad",
+        store="results/{dataset}/images/images.h5ad",
+        simulated="results/{dataset}/simulated/simulated.h5ad",
+    output:
+        overall=report(
+            "results/{dataset}/evaluation/overall.tsv",
+            caption="../report/overall.rst",
+            category="1. Realism",
+            subcategory="{dataset}",
+        ),
+        metrics="results/{dataset}/evaluation/metrics.tsv",
+        json="results/{dataset}/evaluation/metrics.json",
+        confusion="results/{dataset}/evaluation/confusion.tsv",
+        per_type=report(
+            "results/{dataset}/evaluation/per_type.png",
+            caption="../report/per_type.rst",
+            category="1. Realism",
+            subcategory="{dataset}",
+        ),
+        mean_variance=report(
+            "results/{dataset}/evaluation/mean_variance.png",
+            caption="../report/mean_variance.rst",
+            category="1. Realism",
+            subcategory="{dataset}",
+        ),
+    log:
+        "logs/{dataset}/evaluate.log",
+    benchmark:
+        "benchmarks/{dataset}/evaluate.tsv"
+    conda:
+        "../envs/scanpy.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+    params:
+        settings=config["evaluate"],
+        seed=config["seed"],
+    script:
+        "../scripts/evaluate.py"

@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "resources" / "embedded"
@@ -77,3 +82,55 @@ def write_annotation(path: Path, adata: ad.AnnData) -> Path:
 @pytest.fixture
 def small_cells() -> ad.AnnData:
     return random_counts(120, 50, AWKWARD_TYPES)
+
+
+# A quick configuration for end-to-end runs.
+EPOCHS = 30
+CELLS_PER_TYPE = 60
+LEFT_OUT = {".git", ".venv", "results", "logs", "benchmarks", ".snakemake", ".pytest_cache", "__pycache__",
+            "datasets", "report.html"}
+
+
+def copy_repository(destination: Path) -> Path:
+    """The repository as a fresh clone has it (no results, downloads or environments)."""
+    shutil.copytree(REPO, destination, ignore=lambda folder, names: [name for name in names if name in LEFT_OUT])
+    return destination
+
+
+def snakemake(workdir: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", *arguments],
+        cwd=workdir, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(arguments)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(workdir: Path, *arguments: str) -> dict[str, int]:
+    """The job counts a dry run lists."""
+    output = snakemake(workdir, "--dry-run", "--quiet", "rules", *arguments).stdout
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]
+    jobs = dict(line.split() for line in table)
+    jobs.pop("total")
+    return {rule: int(count) for rule, count in jobs.items()}
+
+
+def write_config(path: Path, settings: dict) -> str:
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+QUICK = {"train": {"epochs": EPOCHS}, "simulate": {"cells_per_type": CELLS_PER_TYPE}, "qc": {"max_real_cells": 400}}
+QUICK_RUN = ["--configfile", "config/config.yaml", "quick.yaml"]
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    """A copy of the repository where the embedded dataset ran locally with the quick configuration."""
+    root = copy_repository(tmp_path_factory.mktemp("workflow") / "repo")
+    write_config(root / "quick.yaml", QUICK)
+    snakemake(root, *QUICK_RUN)
+    return root

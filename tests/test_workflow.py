@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -14,52 +13,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import AWKWARD_TYPES, REPO, random_counts, write_annotation, write_tarball
+from conftest import (AWKWARD_TYPES, CELLS_PER_TYPE, EPOCHS, QUICK_RUN, planned_jobs, random_counts, snakemake,
+                      write_annotation, write_config, write_tarball)
 
 pytestmark = pytest.mark.workflow
-
-EPOCHS = 30
-CELLS_PER_TYPE = 60
-LEFT_OUT = {".git", ".venv", "results", "logs", "benchmarks", ".snakemake", ".pytest_cache", "__pycache__",
-            "datasets", "report.html"}
-
-
-def snakemake(workdir: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", *arguments],
-        cwd=workdir, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
-    )
-    if check and result.returncode != 0:
-        pytest.fail(f"snakemake {' '.join(arguments)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def planned_jobs(workdir: Path, *arguments: str) -> dict[str, int]:
-    """The job counts a dry run lists."""
-    output = snakemake(workdir, "--dry-run", "--quiet", "rules", *arguments).stdout
-    if "Nothing to be done" in output:
-        return {}
-    table = output.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]
-    jobs = dict(line.split() for line in table)
-    jobs.pop("total")
-    return {rule: int(count) for rule, count in jobs.items()}
-
-
-def write_config(path: Path, settings: dict) -> str:
-    path.write_text(yaml.safe_dump(settings))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A copy of the repository, as a fresh clone has it, with a quick test configuration."""
-    root = tmp_path_factory.mktemp("workflow") / "repo"
-    shutil.copytree(REPO, root, ignore=lambda folder, names: [name for name in names if name in LEFT_OUT])
-    quick = {"train": {"epochs": EPOCHS}, "simulate": {"cells_per_type": CELLS_PER_TYPE},
-             "qc": {"max_real_cells": 400}}
-    write_config(root / "quick.yaml", quick)
-    snakemake(root, "--configfile", "config/config.yaml", "quick.yaml")
-    return root
 
 
 def test_embedded_run_outputs_are_checked(workdir):
@@ -95,6 +52,13 @@ def test_embedded_run_outputs_are_checked(workdir):
     for figure in ("violins", "pca", "umap", "marker_dotplot"):
         assert (results / "qc" / f"{figure}.png").stat().st_size > 10_000
 
+    overall = pd.read_csv(results / "evaluation" / "overall.tsv", sep="\t", index_col="metric")
+    assert list(overall.columns) == ["cvae", "nb", "poisson", "real_vs_real"]
+    assert overall.loc[["rf_auc", "mmd", "fidelity_accuracy", "memorisation_ratio"]].notna().all().all()
+    assert 0.3 < overall.loc["rf_auc", "real_vs_real"] < 0.7
+    per_type = pd.read_csv(results / "evaluation" / "metrics.tsv", sep="\t")
+    assert set(per_type["cell_type"]) - {"overall"} <= set(cell_types)
+
 
 def test_saved_model_reloads_and_resimulates_identically(workdir):
     from cvaesim.simulation import simulate
@@ -113,13 +77,14 @@ def test_saved_model_reloads_and_resimulates_identically(workdir):
 
 
 def test_only_what_changed_reruns(workdir):
-    base = ["--configfile", "config/config.yaml", "quick.yaml"]
+    base = QUICK_RUN
     assert planned_jobs(workdir, *base) == {}
     more_cells = write_config(workdir / "more_cells.yaml", {"simulate": {"cells_per_type": CELLS_PER_TYPE + 1}})
-    assert planned_jobs(workdir, *base, more_cells) == {"simulate": 1, "original_table": 1, "qc": 1, "all": 1}
+    assert planned_jobs(workdir, *base, more_cells) == {
+        "simulate": 1, "original_table": 1, "qc": 1, "evaluate": 1, "all": 1}
     stricter = write_config(workdir / "stricter.yaml", {"filter": {"min_cells_per_gene": 5}})
     assert planned_jobs(workdir, *base, stricter) == {
-        "filter": 1, "reshape": 1, "train": 1, "simulate": 1, "original_table": 1, "qc": 1, "all": 1}
+        "filter": 1, "reshape": 1, "train": 1, "simulate": 1, "original_table": 1, "qc": 1, "evaluate": 1, "all": 1}
 
 
 def test_other_datasets_from_config_alone_in_their_own_folders(workdir):
@@ -137,7 +102,7 @@ def test_other_datasets_from_config_alone_in_their_own_folders(workdir):
             "label_column": "celltype",
         }},
     })
-    snakemake(workdir, "--configfile", "config/config.yaml", "quick.yaml", overlay)
+    snakemake(workdir, *QUICK_RUN, overlay)
 
     louvain = ad.read_h5ad(workdir / "results" / "pbmc68k_reduced_louvain" / "simulated" / "simulated.h5ad")
     assert louvain.shape == (11 * CELLS_PER_TYPE, 765)
@@ -181,7 +146,7 @@ def test_broken_annotation_fails_clearly_and_leaves_no_output(workdir):
         "datasets": {"unmatched": {"format": "10x_tarball", "matrix": {"source": "unmatched.tar.gz"},
                                    "annotation": {"source": "unmatched.tsv"}, "label_column": "celltype"}},
     })
-    result = snakemake(workdir, "--configfile", "config/config.yaml", "quick.yaml", overlay, check=False)
+    result = snakemake(workdir, *QUICK_RUN, overlay, check=False)
     assert result.returncode != 0
     assert "none of its 40 labelled barcodes is in" in result.stdout + result.stderr
     assert not (workdir / "results" / "unmatched" / "filtered.h5ad").exists()
@@ -195,6 +160,6 @@ def test_lint_format_and_report(workdir):
     snakefmt = shutil.which("snakefmt", path=str(Path(sys.executable).parent))
     formatting = subprocess.run([snakefmt, "--check", "."], cwd=workdir, capture_output=True, text=True)
     assert formatting.returncode == 0, formatting.stderr
-    snakemake(workdir, "--configfile", "config/config.yaml", "quick.yaml", "--report", "report.html")
+    snakemake(workdir, *QUICK_RUN, "--report", "report.html")
     html = (workdir / "report.html").read_text(errors="replace")
     assert "umap.png" in html and "history.png" in html

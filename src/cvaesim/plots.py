@@ -23,3 +23,40 @@ def plot_history(history: pd.DataFrame, path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def plot_per_type(metrics: pd.DataFrame, path, names: tuple[str, ...] = ("rf_auc", "mmd", "fidelity_accuracy",
+                                                                           "ks_library_size", "marker_correlation",
+                                                                           "memorisation_ratio")) -> None:
+    """One panel per metric: each cell type's value for the model, the baselines and the control."""
+    per_type = metrics[metrics["cell_type"] != "overall"]
+    figure, axes = plt.subplots(len(names), 1, figsize=(max(8, 0.9 * per_type["cell_type"].nunique()), 2.6 * len(names)),
+                                sharex=True)
+    for axis, name in zip(axes, names):
+        table = per_type[per_type["metric"] == name].pivot(index="cell_type", columns="source", values="value")
+        if not table.empty:
+            table.plot.bar(ax=axis, width=0.8, legend=axis is axes[0])
+        axis.set_ylabel(name.replace("_", " "))
+    axes[-1].tick_params(axis="x", labelrotation=60)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_mean_variance(gene_statistics: dict[str, tuple], path, real: str = "real test cells") -> None:
+    """Per-gene mean against variance of log2(CPM + 1): each simulator over the real test cells."""
+    real_mean, real_variance = gene_statistics[real]
+    simulators = {name: values for name, values in gene_statistics.items() if name != real}
+    figure, axes = plt.subplots(1, len(simulators), figsize=(4 * len(simulators), 3.8), sharex=True, sharey=True,
+                                squeeze=False)
+    axes = axes[0]
+    for axis, (name, (mean, variance)) in zip(axes, simulators.items()):
+        axis.scatter(real_mean, real_variance, s=3, alpha=0.4, label="real test cells")
+        axis.scatter(mean, variance, s=3, alpha=0.4, label=name)
+        axis.set_title(name)
+        axis.set_xlabel("mean log2(CPM + 1)")
+        axis.legend(markerscale=4, fontsize=8)
+    axes[0].set_ylabel("variance")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -110,3 +110,57 @@ def original_table(simulated: str, output: str) -> None:
     from .writers import write_table
 
     write_table(ad.read_h5ad(simulated), output)
+
+
+def qc(real: str, simulated: str, outputs: dict, seed: int, max_real_cells: int, n_markers: int) -> None:
+    """QC metrics, violins, joint PCA/UMAP and markers of real versus simulated cells."""
+    from . import qc as scqc
+
+    combined = scqc.combine(ad.read_h5ad(real), ad.read_h5ad(simulated), max_real_cells, seed)
+    scqc.add_qc_metrics(combined)
+    normalised = scqc.embed(combined, seed)
+    markers = scqc.marker_table(normalised, n_markers)
+    tables = {
+        "summary": scqc.qc_summary(combined),
+        "markers": markers,
+        "marker_overlap": scqc.marker_overlap(markers),
+    }
+    for name, table in tables.items():
+        with atomic_output(outputs[name]) as temporary:
+            table.to_csv(temporary, sep="\t", index=False)
+    figures = {
+        "violins": lambda path: scqc.plot_violins(combined, path),
+        "pca": lambda path: scqc.plot_embedding(normalised, "pca", path),
+        "umap": lambda path: scqc.plot_embedding(normalised, "umap", path),
+        "marker_dotplot": lambda path: scqc.plot_markers(normalised, markers, path),
+    }
+    for name, draw in figures.items():
+        with atomic_output(outputs[name]) as temporary:
+            draw(temporary)
+
+
+def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dict, seed: int) -> None:
+    """Realism metrics of the simulated cells against the held-out test cells, with baselines and control."""
+    from .evaluation import EvaluationSettings, evaluate as score, overall_table
+    from .plots import plot_mean_variance, plot_per_type
+
+    split = ad.read_h5ad(store, backed="r").obs["split"]
+    counts = ad.read_h5ad(real)
+    if not split.index.equals(counts.obs_names):
+        raise InputError(f"{store}: its cells are not those of {real}; rerun the reshape rule")
+    result = score(counts, (split == "test").to_numpy(), ad.read_h5ad(simulated),
+                   EvaluationSettings(**settings, seed=seed))
+    tables = {"metrics": result.metrics, "confusion": result.confusion,
+              "overall": overall_table(result.metrics).reset_index()}
+    for name, table in tables.items():
+        with atomic_output(outputs[name]) as temporary:
+            table.to_csv(temporary, sep="\t", index=False, float_format="%.6g")
+    with atomic_output(outputs["json"]) as temporary:
+        temporary.write_text(json.dumps({
+            "overall": overall_table(result.metrics).to_dict(),
+            "per_type": result.metrics.to_dict(orient="records"),
+        }, indent=1, default=float))
+    with atomic_output(outputs["per_type"]) as temporary:
+        plot_per_type(result.metrics, temporary)
+    with atomic_output(outputs["mean_variance"]) as temporary:
+        plot_mean_variance(result.gene_statistics, temporary)

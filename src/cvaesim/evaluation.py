@@ -1,0 +1,254 @@
+"""How realistic simulated cells are: the field's measures, per cell type and overall.
+
+Simulated cells are compared with the held-out real **test** cells (never the training
+cells) on log1p(CP10k) data projected on principal components fitted on those test cells.
+Every measure comes with its real-versus-real control (two random halves of the test
+cells), and two naive per-type baselines are scored beside the model: counts drawn
+independently per gene from a Poisson, or from a negative binomial fitted by moments,
+around the mean profile of the type's training cells, with library sizes resampled from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.stats import ks_2samp, pearsonr
+from sklearn.decomposition import PCA
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.metrics import confusion_matrix, roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+log = logging.getLogger(__name__)
+
+CONTROL = "real_vs_real"
+PROPERTIES = ["library_size", "detected_genes", "cell_fraction_zeros", "gene_mean_log2cpm", "gene_variance_log2cpm",
+              "gene_fraction_zeros"]
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    max_cells_per_type: int = 500  # per side, for the random forest and MMD
+    n_components: int = 30
+    n_trees: int = 100
+    n_markers: int = 20
+    min_cells: int = 10  # types with fewer real test cells get no per-type score
+    seed: int = 0
+
+
+def baseline(counts: sp.csr_matrix, labels: np.ndarray, plan: dict[str, int], kind: str, seed: int) -> ad.AnnData:
+    """Naive per-type simulator: independent genes around the type's mean profile, resampled libraries."""
+    rng = np.random.default_rng(seed)
+    blocks, names = [], []
+    for cell_type, n_cells in plan.items():
+        of_type = counts[labels == cell_type].astype(np.float64)
+        libraries = np.asarray(of_type.sum(axis=1)).ravel()
+        drawn_libraries = rng.choice(libraries, size=n_cells)
+        profile = np.asarray(of_type.sum(axis=0)).ravel() / max(libraries.sum(), 1)
+        mean = drawn_libraries[:, np.newaxis] * profile[np.newaxis, :]
+        if kind == "nb":
+            # Size r from the moments of the type's counts: var = mu + mu^2 / r; Poisson where var <= mu.
+            mu = np.asarray(of_type.mean(axis=0)).ravel()
+            variance = np.asarray(of_type.multiply(of_type).mean(axis=0)).ravel() - mu**2
+            excess = variance - mu
+            size = np.where(excess > 1e-12, mu**2 / np.maximum(excess, 1e-12), np.inf)
+            finite = np.isfinite(size) & (size > 0)
+            rates = mean.copy()
+            rates[:, finite] = rng.gamma(size[finite], mean[:, finite] / size[finite])
+            mean = rates
+        blocks.append(sp.csr_matrix(rng.poisson(mean).astype(np.int32)))
+        names.extend([cell_type] * n_cells)
+    return ad.AnnData(X=sp.vstack(blocks, format="csr"),
+                      obs=pd.DataFrame({"cell_type": names}, index=[f"{kind}_{i}" for i in range(len(names))]))
+
+
+def log_normalise(counts: sp.csr_matrix) -> sp.csr_matrix:
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    scaled = sp.csr_matrix(sp.diags(1e4 / np.maximum(totals, 1)) @ counts.astype(np.float64))
+    scaled.data = np.log1p(scaled.data)
+    return scaled
+
+
+def mmd(x: np.ndarray, y: np.ndarray, bandwidths: np.ndarray) -> float:
+    """Unbiased squared MMD with a sum of RBF kernels, one bandwidth set for every block."""
+    def kernel(a, b):
+        distances = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+        return sum(np.exp(-np.maximum(distances, 0) / (2 * h**2)) for h in bandwidths)
+
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    n, m = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                 - 2 * kxy.mean())
+
+
+def forest_auc(real: np.ndarray, simulated: np.ndarray, settings: EvaluationSettings) -> float:
+    """Cross-validated AUC of a random forest telling real from simulated cells (0.5: indistinguishable)."""
+    features = np.vstack([real, simulated])
+    target = np.r_[np.zeros(len(real)), np.ones(len(simulated))]
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=settings.seed)  # unshuffled folds bias the AUC
+    forest = RandomForestClassifier(n_estimators=settings.n_trees, random_state=settings.seed, n_jobs=-1)
+    scores = cross_val_predict(forest, features, target, cv=folds, method="predict_proba")[:, 1]
+    return float(roc_auc_score(target, scores))
+
+
+def subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(n, size=limit, replace=False)) if n > limit else np.arange(n)
+
+
+def properties(counts: sp.csr_matrix) -> dict[str, np.ndarray]:
+    """SimBench's per-cell and per-gene data properties."""
+    counts = sp.csr_matrix(counts)
+    n_cells, n_genes = counts.shape
+    detected = np.diff(counts.indptr)
+    cpm = sp.csr_matrix(sp.diags(1e6 / np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1)) @ counts)
+    cpm.data = np.log2(cpm.data + 1)
+    mean = np.asarray(cpm.mean(axis=0)).ravel()
+    return {
+        "library_size": np.asarray(counts.sum(axis=1)).ravel(),
+        "detected_genes": detected,
+        "cell_fraction_zeros": 1 - detected / n_genes,
+        "gene_mean_log2cpm": mean,
+        "gene_variance_log2cpm": np.asarray(cpm.multiply(cpm).mean(axis=0)).ravel() - mean**2,
+        "gene_fraction_zeros": 1 - np.bincount(counts.indices, minlength=n_genes) / max(n_cells, 1),
+    }
+
+
+def marker_scores(real: ad.AnnData, simulated: ad.AnnData, cell_type: str, n_markers: int) -> dict[str, float]:
+    """Correlation of mean expression over the real top markers, and the overlap of top markers."""
+    import scanpy as sc
+
+    tops = {}
+    for name, cells in (("real", real), ("simulated", simulated)):
+        if (cells.obs["cell_type"] == cell_type).sum() < 2 or cells.obs["cell_type"].nunique() < 2:
+            return {}
+        ranked = cells.copy()
+        sc.tl.rank_genes_groups(ranked, "cell_type", groups=[cell_type], reference="rest", method="wilcoxon",
+                                n_genes=n_markers)
+        tops[name] = list(pd.DataFrame(ranked.uns["rank_genes_groups"]["names"])[cell_type])
+    genes = tops["real"]
+    real_mean = np.asarray(real[real.obs["cell_type"] == cell_type][:, genes].X.mean(axis=0)).ravel()
+    sim_mean = np.asarray(simulated[simulated.obs["cell_type"] == cell_type][:, genes].X.mean(axis=0)).ravel()
+    correlation = pearsonr(real_mean, sim_mean).statistic if np.std(sim_mean) > 0 else np.nan
+    return {"marker_correlation": float(correlation),
+            "marker_overlap": len(set(genes) & set(tops["simulated"])) / n_markers}
+
+
+def labelled_view(counts: sp.csr_matrix, labels: np.ndarray, genes: pd.Index) -> ad.AnnData:
+    """Log-normalised cells with their types, for marker ranking."""
+    return ad.AnnData(X=log_normalise(counts), var=pd.DataFrame(index=genes),
+                      obs=pd.DataFrame({"cell_type": labels}, index=[str(i) for i in range(len(labels))]))
+
+
+class Space:
+    """PCA of log1p(CP10k) fitted on (at most 10,000 of) the real test cells."""
+
+    def __init__(self, test_counts: sp.csr_matrix, n_components: int, seed: int):
+        normalised = log_normalise(test_counts)
+        fit_on = subsample(normalised.shape[0], 10_000, np.random.default_rng(seed))
+        n_components = max(2, min(n_components, len(fit_on) - 1, normalised.shape[1] - 1))
+        self.pca = PCA(n_components=n_components, svd_solver="arpack", random_state=seed).fit(normalised[fit_on])
+
+    def project(self, counts: sp.csr_matrix) -> np.ndarray:
+        return self.pca.transform(log_normalise(counts))
+
+
+@dataclass
+class Evaluation:
+    metrics: pd.DataFrame  # source, cell_type ("overall" too), metric, value
+    confusion: pd.DataFrame  # source, conditioned_type, predicted_type, cells
+    gene_statistics: dict[str, tuple[np.ndarray, np.ndarray]]  # source -> per-gene mean and variance of log2 CPM
+
+
+def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, settings: EvaluationSettings) -> Evaluation:
+    """Score the simulated cells, the two baselines and the real-versus-real control."""
+    rng = np.random.default_rng(settings.seed)
+    real_labels = real.obs["cell_type"].astype(str).to_numpy()
+    counts = sp.csr_matrix(real.X)
+    test, train = counts[is_test], counts[~is_test]
+    test_labels, train_labels = real_labels[is_test], real_labels[~is_test]
+    plan = simulated.obs["cell_type"].astype(str).value_counts().to_dict()
+    sources = {"cvae": simulated}
+    for kind in ("poisson", "nb"):
+        sources[kind] = baseline(train, train_labels, plan, kind, settings.seed)
+    # The control: one random half of the test cells stands in for a simulator, the other half is "real".
+    half = rng.permutation(len(test_labels)) < len(test_labels) // 2
+
+    space = Space(test, settings.n_components, settings.seed)
+    test_pcs, train_pcs = space.project(test), space.project(train)
+    nearest_train = NearestNeighbors(n_neighbors=1).fit(train_pcs)
+    classifier = KNeighborsClassifier(n_neighbors=5).fit(train_pcs, train_labels)
+
+    real_view = labelled_view(test, test_labels, real.var_names)
+    rows, confusion = [], []
+    test_properties = properties(test)
+    gene_statistics = {"real test cells": (test_properties["gene_mean_log2cpm"],
+                                           test_properties["gene_variance_log2cpm"])}
+    entries = {name: (sp.csr_matrix(cells.X), cells.obs["cell_type"].astype(str).to_numpy())
+               for name, cells in sources.items()}
+    entries[CONTROL] = (test[half], test_labels[half])
+    reference = {"cvae": (test, test_labels), "poisson": (test, test_labels), "nb": (test, test_labels),
+                 CONTROL: (test[~half], test_labels[~half])}
+    types = sorted(set(test_labels))
+    for source, (source_counts, source_labels) in entries.items():
+        source_pcs = test_pcs[half] if source == CONTROL else space.project(source_counts)
+        real_counts, real_type_labels = reference[source]
+        real_pcs = test_pcs[~half] if source == CONTROL else test_pcs
+        predicted = classifier.predict(source_pcs)
+        rows.append((source, "overall", "fidelity_accuracy", float(np.mean(predicted == source_labels))))
+        matrix = confusion_matrix(source_labels, predicted, labels=types)
+        for i, conditioned in enumerate(types):
+            for j, called in enumerate(types):
+                confusion.append((source, conditioned, called, int(matrix[i, j])))
+        if source != CONTROL:
+            whole = properties(source_counts)
+            gene_statistics[source] = (whole["gene_mean_log2cpm"], whole["gene_variance_log2cpm"])
+        source_view = labelled_view(source_counts, source_labels, real.var_names)
+        real_distance = nearest_train.kneighbors(real_pcs)[0].ravel()
+        source_distance = nearest_train.kneighbors(source_pcs)[0].ravel()
+        for cell_type in types:
+            in_real, in_source = real_type_labels == cell_type, source_labels == cell_type
+            if in_real.sum() < settings.min_cells or in_source.sum() < settings.min_cells:
+                continue
+            a = real_pcs[in_real][subsample(in_real.sum(), settings.max_cells_per_type, rng)]
+            b = source_pcs[in_source][subsample(in_source.sum(), settings.max_cells_per_type, rng)]
+            sample = a[subsample(len(a), 500, rng)]
+            pairwise = np.sqrt(np.maximum(((sample[:, None, :] - sample[None, :, :]) ** 2).sum(-1), 0))
+            bandwidths = np.median(pairwise[pairwise > 0]) * np.array([0.5, 1.0, 2.0, 4.0])
+            scores = {
+                "rf_auc": forest_auc(a, b, settings),
+                "mmd": mmd(a, b, bandwidths),
+                "fidelity_accuracy": float(np.mean(predicted[in_source] == cell_type)),
+                "memorisation_ratio": float(np.median(source_distance[in_source])
+                                            / max(np.median(real_distance[in_real]), 1e-12)),
+            }
+            real_properties = properties(real_counts[in_real])
+            source_properties = properties(source_counts[in_source])
+            for name in PROPERTIES:
+                scores[f"ks_{name}"] = float(ks_2samp(real_properties[name], source_properties[name]).statistic)
+            scores.update(marker_scores(real_view if source != CONTROL else real_view[~half], source_view,
+                                        cell_type, settings.n_markers))
+            rows.extend((source, cell_type, metric, value) for metric, value in scores.items())
+        log.info("scored %s", source)
+    metrics = pd.DataFrame(rows, columns=["source", "cell_type", "metric", "value"])
+    weights = pd.Series(test_labels).value_counts(normalize=True)
+    per_type = metrics[metrics["cell_type"] != "overall"].copy()
+    per_type["weight"] = per_type["cell_type"].map(weights)
+    overall = (per_type.dropna(subset=["value"]).groupby(["source", "metric"])
+               .apply(lambda group: np.average(group["value"], weights=group["weight"]), include_groups=False)
+               .rename("value").reset_index())
+    overall = overall[overall["metric"] != "fidelity_accuracy"]  # already overall, over every cell
+    overall.insert(1, "cell_type", "overall")
+    metrics = pd.concat([metrics, overall], ignore_index=True)
+    return Evaluation(metrics, pd.DataFrame(confusion, columns=["source", "conditioned_type", "predicted_type", "cells"]),
+                      gene_statistics)
+
+
+def overall_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per metric: the model, the baselines and the real-versus-real control side by side."""
+    overall = metrics[metrics["cell_type"] == "overall"].pivot(index="metric", columns="source", values="value")
+    return overall.reindex(columns=[name for name in ("cvae", "nb", "poisson", CONTROL) if name in overall.columns])

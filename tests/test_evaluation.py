@@ -1,0 +1,85 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cvaesim.evaluation import (CONTROL, EvaluationSettings, baseline, evaluate, forest_auc, mmd, overall_table,
+                                properties)
+
+from conftest import random_counts
+
+TYPES = ["T cell", "B cell", "CD14+ Monocyte"]
+
+
+def test_mmd_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 5)), rng.normal(size=(300, 5))
+    bandwidths = np.array([0.5, 1, 2, 4]) * 3.0
+    same, shifted = mmd(x, y, bandwidths), mmd(x, y + 1.0, bandwidths)
+    assert abs(same) < 0.01 and shifted > 10 * abs(same)
+
+
+def test_forest_auc_is_half_for_one_distribution_and_one_for_disjoint():
+    rng = np.random.default_rng(1)
+    settings = EvaluationSettings(n_trees=50)
+    assert abs(forest_auc(rng.normal(size=(200, 4)), rng.normal(size=(200, 4)), settings) - 0.5) < 0.1
+    assert forest_auc(rng.normal(size=(200, 4)), rng.normal(size=(200, 4)) + 5, settings) > 0.99
+
+
+def test_baselines_follow_type_profiles_and_library_sizes():
+    cells = random_counts(600, 40, TYPES, seed=2)
+    labels = cells.obs["cell_type"].to_numpy()
+    for kind in ("poisson", "nb"):
+        simulated = baseline(cells.X, labels, {"T cell": 400, "B cell": 5}, kind, seed=0)
+        assert simulated.shape == (405, 40) and simulated.X.dtype == np.int32
+        real_t = cells.X[labels == "T cell"].toarray()
+        sim_t = simulated.X[:400].toarray()
+        assert np.corrcoef(real_t.mean(axis=0), sim_t.mean(axis=0))[0, 1] > 0.95
+        assert abs(sim_t.sum(axis=1).mean() / real_t.sum(axis=1).mean() - 1) < 0.1
+    # The negative binomial keeps the overdispersion a Poisson loses.
+    nb = baseline(cells.X, labels, {"T cell": 2000}, "nb", seed=0).X.toarray()
+    poisson = baseline(cells.X, labels, {"T cell": 2000}, "poisson", seed=0).X.toarray()
+    assert nb.var(axis=0).sum() > 1.3 * poisson.var(axis=0).sum()
+
+
+def test_properties_of_a_known_matrix():
+    counts = sp.csr_matrix(np.array([[0, 2, 0, 2], [1, 0, 0, 0]]))
+    found = properties(counts)
+    assert found["library_size"].tolist() == [4, 1]
+    assert found["detected_genes"].tolist() == [2, 1]
+    assert found["cell_fraction_zeros"].tolist() == [0.5, 0.75]
+    assert found["gene_fraction_zeros"].tolist() == [0.5, 0.5, 1.0, 0.5]
+
+
+@pytest.fixture(scope="module")
+def scored():
+    real = random_counts(900, 60, TYPES, seed=3)
+    is_test = np.random.default_rng(0).random(900) < 0.4
+    copies = real[~is_test][:300].copy()  # a "simulator" that hands back training cells
+    copies.obs_names = [f"copy_{i}" for i in range(copies.n_obs)]
+    settings = EvaluationSettings(n_trees=30, n_components=10, n_markers=5)
+    return real, is_test, copies, settings, evaluate(real, is_test, copies, settings)
+
+
+def test_evaluation_scores_every_source_type_and_metric(scored):
+    real, is_test, copies, settings, result = scored
+    metrics = result.metrics
+    assert set(metrics["source"]) == {"cvae", "poisson", "nb", CONTROL}
+    assert set(metrics["cell_type"]) == {*TYPES, "overall"}
+    overall = overall_table(metrics)
+    assert list(overall.columns) == ["cvae", "nb", "poisson", CONTROL]
+    for metric in ("rf_auc", "mmd", "fidelity_accuracy", "marker_correlation", "marker_overlap", "memorisation_ratio",
+                   "ks_library_size", "ks_gene_mean_log2cpm"):
+        assert overall.loc[metric].notna().all(), metric
+    assert abs(overall.loc["rf_auc", CONTROL] - 0.5) < 0.15
+    # Copies of training cells sit on training cells: the memorisation ratio says so.
+    assert overall.loc["memorisation_ratio", "cvae"] < 0.2 < overall.loc["memorisation_ratio", CONTROL]
+    confusion = result.confusion
+    assert confusion[confusion["source"] == "cvae"]["cells"].sum() == copies.n_obs
+
+
+def test_evaluation_is_deterministic_for_a_seed(scored):
+    real, is_test, copies, settings, result = scored
+    again = evaluate(real, is_test, copies, settings)
+    pd.testing.assert_frame_equal(result.metrics, again.metrics)
