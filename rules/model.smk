@@ -72,6 +72,7 @@ rule simulate:
         batch_size=config["simulate"]["batch_size"],
         count_sampling=config["simulate"]["count_sampling"],
         library_sizes=config["simulate"]["library_sizes"],
+        latent=config["simulate"]["latent"],
         seed=config["seed"],
     script:
         "../scripts/simulate.py"

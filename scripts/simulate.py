@@ -12,4 +12,5 @@ simulate(
     batch_size=snakemake.params.batch_size,
     count_sampling=snakemake.params.count_sampling,
     library_sizes=snakemake.params.library_sizes,
+    latent=snakemake.params.latent,
 )

@@ -116,3 +116,31 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(store, tmp_path):
         train(store, settings, seed=3, checkpoint=checkpoint, fingerprint="old", callbacks=(Interrupt(1),))
     _, history = train(store, settings, seed=3, checkpoint=checkpoint, fingerprint="new")
     assert list(history["epoch"]) == [1, 2]
+
+
+def test_multinomial_loss_is_the_count_likelihood_over_gene_pixels(store):
+    keras.utils.set_random_seed(0)
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, reconstruction_loss="multinomial",
+                               n_genes=store.n_vars, seed=0)
+    batches = batches_for(store, "train", batch_size=16, seed=0, with_counts=True)
+    (images, labels, counts), = batches[0]
+    assert np.array_equal(counts.reshape(16, -1)[:, :50], small_counts_of(store, batches.order[:16]))
+    assert not counts.reshape(16, -1)[:, 50:].any()
+    total, reconstruction, kl = (float(value) for value in model.compute_losses(
+        *(keras.ops.convert_to_tensor(part) for part in (images, labels, counts))))
+    # A multinomial negative log-likelihood is at least that of the cells' own proportions.
+    flat = counts.reshape(16, -1)[:, :50].astype(np.float64)
+    own = flat / flat.sum(axis=1, keepdims=True)
+    floor = -np.mean(np.sum(np.where(flat > 0, flat * np.log(np.where(own > 0, own, 1)), 0), axis=1))
+    assert reconstruction >= floor - 1e-3
+    assert total == pytest.approx(reconstruction + kl, rel=1e-5)
+    settings = TrainingSettings(epochs=2, batch_size=16, filters=4, latent_dim=4, reconstruction_loss="multinomial")
+    trained, history = train(store, settings, seed=0)
+    assert history["reconstruction_loss"].iloc[-1] < history["reconstruction_loss"].iloc[0]
+
+
+def small_counts_of(store, rows):
+    from cvaesim.images import unscale
+
+    values = store.X[rows].toarray().astype(np.float64)
+    return np.rint(unscale(values, store.var["scale"].to_numpy(), store.uns["image"]["scaling"]))

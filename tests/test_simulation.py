@@ -60,10 +60,16 @@ def test_unknown_type_is_refused(store):
 def test_count_sampling_is_integer_and_centred_on_the_expectation():
     rng = np.random.default_rng(0)
     expected = np.full((2000, 3), [0.2, 3.0, 40.0])
-    drawn = expected_to_counts(expected, "poisson", rng)
+    drawn = expected_to_counts(expected, "poisson", rng).toarray()
     assert drawn.dtype == np.int32
-    assert np.allclose(drawn.mean(axis=0), [0.2, 3.0, 40.0], rtol=0.05)
-    assert expected_to_counts(np.array([[0.4, 0.6, 2.5, -1e-6]]), "round", rng).tolist() == [[0, 1, 2, 0]]
+    lam = np.array([0.2, 3.0, 40.0])
+    assert (np.abs(drawn.mean(axis=0) - lam) < 4 * np.sqrt(lam / len(drawn))).all()  # within 4 standard errors
+    # Poisson: variance equals the mean, genes independent.
+    assert np.allclose(drawn.var(axis=0), [0.2, 3.0, 40.0], rtol=0.1)
+    assert abs(np.corrcoef(drawn[:, 1], drawn[:, 2])[0, 1]) < 0.06
+    assert expected_to_counts(np.array([[0.4, 0.6, 2.5, -1e-6]]), "round", rng).toarray().tolist() == [[0, 1, 2, 0]]
+    empty = expected_to_counts(np.zeros((2, 3)), "poisson", rng)
+    assert empty.nnz == 0 and empty.shape == (2, 3)
 
 
 def test_original_table_layout(store):
@@ -93,3 +99,20 @@ def test_rescale_libraries_keeps_proportions():
     expected = np.array([[1.0, 3.0], [0.0, 0.0]])
     rescaled = rescale_libraries(expected, np.array([100, 50]))
     assert rescaled.tolist() == [[25.0, 75.0], [0.0, 0.0]]
+
+
+def test_multinomial_model_and_posterior_draws(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    with pytest.raises(ValueError, match="library sizes must be 'resampled'"):
+        simulate(model, store, {AWKWARD_TYPES[0]: 5}, seed=0, library_sizes="decoded")
+    cell_type = AWKWARD_TYPES[1]
+    prior = simulate(model, store, {cell_type: 300}, seed=0, count_sampling="round")
+    posterior = simulate(model, store, {cell_type: 300}, seed=0, count_sampling="round", latent="posterior")
+    assert posterior.uns["simulation"]["latent"] == "posterior"
+    assert (prior.X != posterior.X).nnz > 0
+    # Proportions times resampled libraries: totals are training libraries (up to rounding).
+    of_type = (store.obs["cell_type"] == cell_type) & (store.obs["split"] == "train")
+    real = store.obs["total_counts"][of_type].to_numpy()
+    totals = np.asarray(posterior.X.sum(axis=1)).ravel()
+    assert (totals >= real.min() - store.n_vars / 2).all() and (totals <= real.max() + store.n_vars / 2).all()

@@ -56,7 +56,7 @@ def simulate_command(arguments: argparse.Namespace) -> None:
             raise InputError(f"{path}: no such file")
     meta = ad.read_h5ad(arguments.store, backed="r")
     simulator = Simulator(load_model(str(arguments.model)), meta, arguments.batch_size, arguments.count_sampling,
-                          arguments.library_sizes)
+                          arguments.library_sizes, arguments.latent)
     real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
     plan = plan_cells(simulator.cell_types, real_counts, arguments.cells_per_type, arguments.cells,
@@ -97,6 +97,8 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--batch-size", type=int, default=1024, help="cells per decoder call")
     command.add_argument("--count-sampling", choices=["poisson", "round"], default="poisson")
     command.add_argument("--library-sizes", choices=["resampled", "decoded"], default="resampled")
+    command.add_argument("--latent", choices=["prior", "posterior"], default="prior",
+                         help="z from N(0, I), or from the posterior of a random training cell of the type")
     command.set_defaults(run=simulate_command)
     return main
 

@@ -10,6 +10,8 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+RECONSTRUCTION_LOSSES = ("mse", "multinomial")
+
 
 @keras.saving.register_keras_serializable(package="cvaesim")
 class Sampling(layers.Layer):
@@ -43,7 +45,7 @@ def build_encoder(side, n_cell_types, filters, kernel_size, strides, dense_units
     return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
 
 
-def build_decoder(side, n_cell_types, filters, kernel_size, strides, latent_dim) -> keras.Model:
+def build_decoder(side, n_cell_types, filters, kernel_size, strides, latent_dim, activation) -> keras.Model:
     z = keras.Input(shape=(latent_dim,), name="z")
     labels = keras.Input(shape=(n_cell_types,), name="cell_type")
     reduced = side // strides**2
@@ -52,14 +54,21 @@ def build_decoder(side, n_cell_types, filters, kernel_size, strides, latent_dim)
     x = layers.Reshape((reduced, reduced, filters * 2))(x)
     x = layers.Conv2DTranspose(filters, kernel_size, strides=strides, padding="same", activation="relu")(x)
     x = layers.Conv2DTranspose(filters // 2, kernel_size, strides=strides, padding="same", activation="relu")(x)
-    images = layers.Conv2DTranspose(1, kernel_size, padding="same", activation="sigmoid", name="decoded",
+    images = layers.Conv2DTranspose(1, kernel_size, padding="same", activation=activation, name="decoded",
                                     dtype="float32")(x)
     return keras.Model([z, labels], images, name="decoder")
 
 
 @keras.saving.register_keras_serializable(package="cvaesim")
 class ConditionalConvVAE(keras.Model):
-    """Loss: squared error summed over the image's pixels (MSE x side^2) + beta x KL, per cell."""
+    """Loss per cell: reconstruction + beta x KL.
+
+    ``reconstruction_loss='mse'`` (the original): a sigmoid image, squared error summed over
+    the pixels (MSE x side^2). ``'multinomial'``: the decoder gives logits, a softmax over the
+    first ``n_genes`` pixels (the genes; the rest is padding) gives expression proportions,
+    and the loss is the multinomial negative log-likelihood of the cell's counts,
+    -sum(counts x log p): a count likelihood, which keeps the latent in use.
+    """
 
     def __init__(
         self,
@@ -72,20 +81,28 @@ class ConditionalConvVAE(keras.Model):
         latent_dim: int = 2,
         beta: float = 1.0,
         seed: int | None = None,
+        reconstruction_loss: str = "mse",
+        n_genes: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if image_side % strides**2:
             raise ValueError(f"image side {image_side} must be a multiple of strides^2 = {strides**2}")
+        if reconstruction_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"unknown reconstruction loss {reconstruction_loss!r}; choose one of {RECONSTRUCTION_LOSSES}")
         self.hyperparameters = dict(
             image_side=image_side, n_cell_types=n_cell_types, filters=filters, kernel_size=kernel_size,
             strides=strides, dense_units=dense_units, latent_dim=latent_dim, beta=beta, seed=seed,
+            reconstruction_loss=reconstruction_loss, n_genes=n_genes,
         )
+        self.reconstruction_loss = reconstruction_loss
+        self.n_genes = n_genes if n_genes is not None else image_side**2
         self.image_side = image_side
         self.latent_dim = latent_dim
         self.beta = beta
         self.encoder = build_encoder(image_side, n_cell_types, filters, kernel_size, strides, dense_units, latent_dim)
-        self.decoder = build_decoder(image_side, n_cell_types, filters, kernel_size, strides, latent_dim)
+        self.decoder = build_decoder(image_side, n_cell_types, filters, kernel_size, strides, latent_dim,
+                                     "sigmoid" if reconstruction_loss == "mse" else None)
         self.sampling = Sampling(seed, name="z")
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
@@ -97,14 +114,19 @@ class ConditionalConvVAE(keras.Model):
         return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.kl_loss_tracker]
 
     def call(self, inputs, training=False):
-        images, labels = inputs
+        images, labels = inputs[:2]
         z_mean, z_log_var = self.encoder([images, labels], training=training)
         return self.decoder([self.sampling([z_mean, z_log_var]), labels], training=training)
 
-    def compute_losses(self, images, labels, training=False):
+    def compute_losses(self, images, labels, counts=None, training=False):
         z_mean, z_log_var = self.encoder([images, labels], training=training)
         decoded = self.decoder([self.sampling([z_mean, z_log_var]), labels], training=training)
-        reconstruction = ops.mean(ops.sum(ops.square(images - decoded), axis=(1, 2, 3)))
+        if self.reconstruction_loss == "mse":
+            reconstruction = ops.mean(ops.sum(ops.square(images - decoded), axis=(1, 2, 3)))
+        else:
+            log_proportions = ops.log_softmax(ops.reshape(decoded, (-1, self.image_side**2))[:, :self.n_genes], axis=1)
+            counts = ops.reshape(counts, (-1, self.image_side**2))[:, :self.n_genes]
+            reconstruction = -ops.mean(ops.sum(counts * log_proportions, axis=1))
         kl = ops.mean(-0.5 * ops.sum(1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1))
         return reconstruction + self.beta * kl, reconstruction, kl
 
@@ -115,16 +137,16 @@ class ConditionalConvVAE(keras.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
     def train_step(self, data):
-        (images, labels), _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
-            total, reconstruction, kl = self.compute_losses(images, labels, training=True)
+            total, reconstruction, kl = self.compute_losses(*inputs, training=True)
         gradients = tape.gradient(total, self.trainable_weights)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
         return self._track(total, reconstruction, kl)
 
     def test_step(self, data):
-        (images, labels), _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return self._track(*self.compute_losses(images, labels))
+        inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self._track(*self.compute_losses(*inputs))
 
     def get_config(self):
         return {**super().get_config(), **self.hyperparameters}

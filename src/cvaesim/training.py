@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 import tensorflow as tf
 
-from .images import to_images
+from .images import to_images, unscale
 from .io import atomic_output
 from .model import ConditionalConvVAE
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Defaults are the original's (RMSprop, learning rate 1e-3, batch 32)."""
+    """Defaults are the original's (RMSprop, learning rate 1e-3, batch 32, latent 2, MSE)."""
 
     epochs: int = 50
     batch_size: int = 32
@@ -37,6 +38,7 @@ class TrainingSettings:
     dense_units: int = 16
     latent_dim: int = 2
     beta: float = 1.0
+    reconstruction_loss: str = "mse"
     mixed_precision: bool = False
 
 
@@ -47,8 +49,11 @@ class ImageBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, values: sp.csr_matrix, rows: np.ndarray, codes: np.ndarray, n_cell_types: int,
-                 pixel: np.ndarray, side: int, batch_size: int, seed: int | None = None, **kwargs):
+                 pixel: np.ndarray, side: int, batch_size: int, seed: int | None = None,
+                 to_counts: Callable[[np.ndarray], np.ndarray] | None = None, **kwargs):
+        """``to_counts`` (the store's inverse scaling), when given, adds each batch's counts as images."""
         super().__init__(**kwargs)
+        self.to_counts = to_counts
         self.values = values
         self.rows = rows
         self.codes = codes
@@ -70,9 +75,12 @@ class ImageBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        images = to_images(self.values[rows], self.pixel, self.side)
+        values = self.values[rows].toarray()
+        images = to_images(values, self.pixel, self.side)
         labels = np.eye(self.n_cell_types, dtype=np.float32)[self.codes[rows]]
-        return (images, labels),
+        if self.to_counts is None:
+            return (images, labels),
+        return (images, labels, to_images(self.to_counts(values), self.pixel, self.side)),
 
     def on_epoch_end(self):
         self.start_at_epoch(self.epoch + 1)
@@ -90,9 +98,12 @@ def describe_devices() -> str:
     return "CPU (TensorFlow sees no GPU)"
 
 
-def batches_for(store: ad.AnnData, split: str, batch_size: int, seed: int | None) -> ImageBatches:
+def batches_for(store: ad.AnnData, split: str, batch_size: int, seed: int | None,
+                with_counts: bool = False) -> ImageBatches:
     """Batches of one split of an image store; ``seed`` None keeps the cells in order."""
+    scale, scaling = store.var["scale"].to_numpy(), store.uns["image"]["scaling"]
     return ImageBatches(
+        to_counts=(lambda values: np.rint(unscale(values.astype(np.float64), scale, scaling))) if with_counts else None,
         values=sp.csr_matrix(store.X),  # shares the arrays of a CSR X: no copy
         rows=np.flatnonzero((store.obs["split"] == split).to_numpy()),
         codes=store.obs["cell_type"].cat.codes.to_numpy(),
@@ -187,10 +198,14 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
         n_cell_types=store.obs["cell_type"].cat.categories.size,
         filters=settings.filters, kernel_size=settings.kernel_size, strides=settings.strides,
         dense_units=settings.dense_units, latent_dim=settings.latent_dim, beta=settings.beta, seed=seed,
+        reconstruction_loss=settings.reconstruction_loss, n_genes=store.n_vars,
     )
+    if not np.array_equal(np.sort(store.var["pixel"].to_numpy()), np.arange(store.n_vars)):
+        raise ValueError("the genes must fill the image's first pixels (the rest is padding)")
     model.compile(optimizer=make_optimizer(settings))
-    training_batches = batches_for(store, "train", settings.batch_size, seed)
-    test_batches = batches_for(store, "test", settings.batch_size, None)
+    with_counts = settings.reconstruction_loss == "multinomial"
+    training_batches = batches_for(store, "train", settings.batch_size, seed, with_counts)
+    test_batches = batches_for(store, "test", settings.batch_size, None, with_counts)
     log.info("%d training and %d test cells, image side %d, %d parameters",
              len(training_batches.rows), len(test_batches.rows), model.image_side, model.count_params())
     saver = EpochCheckpoint(checkpoint, fingerprint)
