@@ -79,7 +79,7 @@ def simulate_workflow(n_cells: int) -> dict:
     from cvaesim.writers import write_h5ad
 
     meta = store(200)
-    simulator = Simulator(model(), meta, batch_size=1024)
+    simulator = Simulator(model(), meta, batch_size=256)
     plan = {name: n_cells // N_TYPES for name in simulator.cell_types}
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()

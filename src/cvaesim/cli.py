@@ -94,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--cell-type", action="append", default=[], metavar="NAME=N",
                        help="N cells of type NAME (repeatable)")
     command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--batch-size", type=int, default=1024, help="cells per decoder call")
+    command.add_argument("--batch-size", type=int, default=256, help="cells per decoder call")
     command.add_argument("--count-sampling", choices=["poisson", "round"], default="poisson")
     command.add_argument("--library-sizes", choices=["resampled", "decoded"], default="resampled")
     command.add_argument("--latent", choices=["prior", "posterior"], default="prior",

@@ -77,7 +77,7 @@ class Simulator:
     (only for models whose decoder gives counts, not proportions).
     """
 
-    def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 1024,
+    def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 256,
                  count_sampling: str = "poisson", library_sizes: str = "resampled", latent: str = "prior"):
         if count_sampling not in COUNT_SAMPLING:
             raise ValueError(f"unknown count sampling {count_sampling!r}; choose one of {COUNT_SAMPLING}")
@@ -173,7 +173,7 @@ def simulate(
     store_meta: ad.AnnData,
     cells_per_type: dict[str, int],
     seed: int,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     count_sampling: str = "poisson",
     library_sizes: str = "resampled",
     latent: str = "prior",

@@ -112,6 +112,8 @@ def batches_for(store: ad.AnnData, split: str, batch_size: int, seed: int | None
         side=int(store.uns["image"]["side"]),
         batch_size=batch_size,
         seed=seed,
+        # Two threads prepare batches while the model trains (measured: 37 -> 66 cells/s at side 144).
+        workers=2,
     )
 
 
