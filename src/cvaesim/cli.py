@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 
 from . import InputError
+from .simulation import COUNT_SAMPLING, LATENT_DRAWS, LIBRARY_SIZES
+from .writers import FORMATS
 
 log = logging.getLogger("cvaesim")
 
@@ -87,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
                          help="the image store the model was trained on (images.h5ad): types, genes, scaling")
     command.add_argument("--output", type=Path, required=True,
                          help="an .h5ad file, an .h5 file (the original's table) or a folder (10x)")
-    command.add_argument("--format", choices=["h5ad", "10x", "table"], help="default: from the output's suffix")
+    command.add_argument("--format", choices=FORMATS, help="default: from the output's suffix")
     which = command.add_mutually_exclusive_group()
     which.add_argument("--cells-per-type", type=int, default=100, help="cells of every type (default 100)")
     which.add_argument("--cells", type=int, help="a total, split by the real data's cell-type proportions")
@@ -95,9 +96,9 @@ def parser() -> argparse.ArgumentParser:
                        help="N cells of type NAME (repeatable)")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--batch-size", type=int, default=256, help="cells per decoder call")
-    command.add_argument("--count-sampling", choices=["poisson", "round"], default="poisson")
-    command.add_argument("--library-sizes", choices=["resampled", "decoded"], default="resampled")
-    command.add_argument("--latent", choices=["prior", "posterior"], default="prior",
+    command.add_argument("--count-sampling", choices=COUNT_SAMPLING, default="poisson")
+    command.add_argument("--library-sizes", choices=LIBRARY_SIZES, default="resampled")
+    command.add_argument("--latent", choices=LATENT_DRAWS, default="posterior",
                          help="z from N(0, I), or from the posterior of a random training cell of the type")
     command.set_defaults(run=simulate_command)
     return main
