@@ -138,23 +138,22 @@ def marker_scores(real: ad.AnnData, simulated: ad.AnnData, cell_type: str, n_mar
             "marker_overlap": len(set(genes) & set(tops["simulated"])) / n_markers}
 
 
-def labelled_view(counts: sp.csr_matrix, labels: np.ndarray, genes: pd.Index) -> ad.AnnData:
+def labelled_view(normalised: sp.csr_matrix, labels: np.ndarray, genes: pd.Index) -> ad.AnnData:
     """Log-normalised cells with their types, for marker ranking."""
-    return ad.AnnData(X=log_normalise(counts), var=pd.DataFrame(index=genes),
+    return ad.AnnData(X=normalised, var=pd.DataFrame(index=genes),
                       obs=pd.DataFrame({"cell_type": labels}, index=[str(i) for i in range(len(labels))]))
 
 
 class Space:
-    """PCA of log1p(CP10k) fitted on (at most 10,000 of) the real test cells."""
+    """PCA of log1p(CP10k) fitted on (at most 10,000 of) the real test cells; takes normalised cells."""
 
-    def __init__(self, test_counts: sp.csr_matrix, n_components: int, seed: int):
-        normalised = log_normalise(test_counts)
+    def __init__(self, normalised: sp.csr_matrix, n_components: int, seed: int):
         fit_on = subsample(normalised.shape[0], 10_000, np.random.default_rng(seed))
         n_components = max(2, min(n_components, len(fit_on) - 1, normalised.shape[1] - 1))
         self.pca = PCA(n_components=n_components, svd_solver="arpack", random_state=seed).fit(normalised[fit_on])
 
-    def project(self, counts: sp.csr_matrix) -> np.ndarray:
-        return self.pca.transform(log_normalise(counts))
+    def project(self, normalised: sp.csr_matrix) -> np.ndarray:
+        return self.pca.transform(normalised)
 
 
 @dataclass
@@ -178,12 +177,13 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     # The control: one random half of the test cells stands in for a simulator, the other half is "real".
     half = rng.permutation(len(test_labels)) < len(test_labels) // 2
 
-    space = Space(test, settings.n_components, settings.seed)
-    test_pcs, train_pcs = space.project(test), space.project(train)
+    test_normalised = log_normalise(test)
+    space = Space(test_normalised, settings.n_components, settings.seed)
+    test_pcs, train_pcs = space.project(test_normalised), space.project(log_normalise(train))
     nearest_train = NearestNeighbors(n_neighbors=1).fit(train_pcs)
     classifier = KNeighborsClassifier(n_neighbors=5).fit(train_pcs, train_labels)
 
-    real_view = labelled_view(test, test_labels, real.var_names)
+    real_view = labelled_view(test_normalised, test_labels, real.var_names)
     rows, confusion = [], []
     test_properties = properties(test)
     gene_statistics = {"real test cells": (test_properties["gene_mean_log2cpm"],
@@ -195,7 +195,8 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
                  CONTROL: (test[~half], test_labels[~half])}
     types = sorted(set(test_labels))
     for source, (source_counts, source_labels) in entries.items():
-        source_pcs = test_pcs[half] if source == CONTROL else space.project(source_counts)
+        source_normalised = test_normalised[half] if source == CONTROL else log_normalise(source_counts)
+        source_pcs = test_pcs[half] if source == CONTROL else space.project(source_normalised)
         real_counts, real_type_labels = reference[source]
         real_pcs = test_pcs[~half] if source == CONTROL else test_pcs
         predicted = classifier.predict(source_pcs)
@@ -207,7 +208,7 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
         if source != CONTROL:
             whole = properties(source_counts)
             gene_statistics[source] = (whole["gene_mean_log2cpm"], whole["gene_variance_log2cpm"])
-        source_view = labelled_view(source_counts, source_labels, real.var_names)
+        source_view = labelled_view(source_normalised, source_labels, real.var_names)
         real_distance = nearest_train.kneighbors(real_pcs)[0].ravel()
         source_distance = nearest_train.kneighbors(source_pcs)[0].ravel()
         for cell_type in types:
