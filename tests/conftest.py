@@ -9,6 +9,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import cvaesim  # noqa: F401  (first: it sets TensorFlow's CPU options before TensorFlow loads)
+
 import anndata as ad
 import numpy as np
 import pandas as pd

@@ -31,15 +31,19 @@ def run(trained, *arguments):
                  *arguments])
 
 
-def test_h5ad_is_written_batch_by_batch_and_matches_in_memory_simulation(trained, tmp_path):
+# 23 per type: one append to the file; 700 per type: more cells than one append takes.
+@pytest.mark.parametrize(("per_type", "batch_size"), [(23, 5), (700, 256)])
+def test_h5ad_is_written_batch_by_batch_and_matches_in_memory_simulation(trained, tmp_path, per_type, batch_size):
     output = tmp_path / "cells.h5ad"
-    assert run(trained, "--output", str(output), "--cells-per-type", "23", "--batch-size", "5", "--seed", "3") == 0
+    assert run(trained, "--output", str(output), "--cells-per-type", str(per_type), "--batch-size", str(batch_size),
+               "--seed", "3") == 0
     written = ad.read_h5ad(output)
-    assert written.shape == (4 * 23, 50)
-    assert written.obs["cell_type"].value_counts().eq(23).all()
+    assert written.shape == (4 * per_type, 50)
+    assert written.obs["cell_type"].value_counts().eq(per_type).all()
     store = ad.read_h5ad(trained / "images.h5ad", backed="r")
-    plan = dict.fromkeys(store.obs["cell_type"].cat.categories, 23)
-    expected = simulate(load_model(str(trained / "cvae.keras")), store, plan, seed=3, batch_size=5, latent="posterior")
+    plan = dict.fromkeys(store.obs["cell_type"].cat.categories, per_type)
+    expected = simulate(load_model(str(trained / "cvae.keras")), store, plan, seed=3, batch_size=batch_size,
+                        latent="posterior")
     assert (written.X != expected.X).nnz == 0
     assert list(written.obs_names) == list(expected.obs_names)
     assert written.uns["simulation"]["seed"] == 3

@@ -3,9 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cvaesim.images import build_image_store
 from cvaesim.model import ConditionalConvVAE
-from cvaesim.simulation import expected_to_counts, rescale_libraries, simulate
+from cvaesim.images import build_image_store, to_images
+from cvaesim.simulation import Simulator, draw_counts, simulate
 from cvaesim.writers import original_table
 
 from conftest import AWKWARD_TYPES
@@ -60,16 +60,19 @@ def test_unknown_type_is_refused(store):
 def test_count_sampling_is_integer_and_centred_on_the_expectation():
     rng = np.random.default_rng(0)
     expected = np.full((2000, 3), [0.2, 3.0, 40.0])
-    drawn = expected_to_counts(expected, "poisson", rng).toarray()
+    drawn = draw_counts(expected, expected.sum(axis=1), "poisson", rng).toarray()
     assert drawn.dtype == np.int32
     lam = np.array([0.2, 3.0, 40.0])
     assert (np.abs(drawn.mean(axis=0) - lam) < 4 * np.sqrt(lam / len(drawn))).all()  # within 4 standard errors
     # Poisson: variance equals the mean, genes independent.
     assert np.allclose(drawn.var(axis=0), [0.2, 3.0, 40.0], rtol=0.1)
     assert abs(np.corrcoef(drawn[:, 1], drawn[:, 2])[0, 1]) < 0.06
-    assert expected_to_counts(np.array([[0.4, 0.6, 2.5, -1e-6]]), "round", rng).toarray().tolist() == [[0, 1, 2, 0]]
-    empty = expected_to_counts(np.zeros((2, 3)), "poisson", rng)
+    assert draw_counts(np.array([[0.4, 0.6, 2.5, 0.0]]), [3.5], "round", rng).toarray().tolist() == [[0, 1, 2, 0]]
+    # A cell whose profile is all zero stays empty, whatever its library size.
+    empty = draw_counts(np.zeros((2, 3)), np.array([10, 0]), "poisson", rng)
     assert empty.nnz == 0 and empty.shape == (2, 3)
+    some = draw_counts(np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]), np.array([50, 50]), "poisson", rng)
+    assert some.has_sorted_indices and some.indices.tolist() == [1] and some.indptr.tolist() == [0, 1, 1]
 
 
 def test_original_table_layout(store):
@@ -95,10 +98,12 @@ def test_resampled_libraries_come_from_training_cells_of_the_type(store):
     assert (decoded.X != simulated.X).nnz > 0
 
 
-def test_rescale_libraries_keeps_proportions():
-    expected = np.array([[1.0, 3.0], [0.0, 0.0]])
-    rescaled = rescale_libraries(expected, np.array([100, 50]))
-    assert rescaled.tolist() == [[25.0, 75.0], [0.0, 0.0]]
+def test_counts_follow_the_profile_scaled_to_the_library_size():
+    profiles = np.array([[1.0, 3.0], [0.0, 0.0]])
+    rounded = draw_counts(profiles, np.array([100, 50]), "round", np.random.default_rng(0))
+    assert rounded.toarray().tolist() == [[25, 75], [0, 0]]
+    drawn = draw_counts(np.tile([1.0, 3.0], (4000, 1)), np.full(4000, 100), "poisson", np.random.default_rng(0))
+    assert np.allclose(drawn.toarray().mean(axis=0), [25, 75], rtol=0.02)
 
 
 def test_multinomial_model_and_posterior_draws(store):
@@ -116,3 +121,34 @@ def test_multinomial_model_and_posterior_draws(store):
     real = store.obs["total_counts"][of_type].to_numpy()
     totals = np.asarray(posterior.X.sum(axis=1)).ravel()
     assert (totals >= real.min() - store.n_vars / 2).all() and (totals <= real.max() + store.n_vars / 2).all()
+
+
+def test_posterior_draws_encode_each_training_cell_once(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    simulator = Simulator(model, store, batch_size=16, latent="posterior")
+    counting = CountingEncoder(model.encoder)
+    model.encoder = counting
+    cell_type = AWKWARD_TYPES[1]
+    n_training = len(simulator.training_rows[cell_type])
+    list(simulator.batches({cell_type: 40 * n_training}, seed=0))
+    # Every training cell of the type is drawn in 40x as many cells, and encoded exactly once.
+    assert counting.cells == n_training == simulator.is_encoded.sum()
+    rows = simulator.training_rows[cell_type]
+    images = to_images(simulator.training_values[rows], simulator.pixel, simulator.side)
+    labels = np.eye(4, dtype=np.float32)[np.full(len(rows), simulator.cell_types.index(cell_type))]
+    z_mean, z_log_var = counting.encoder.predict_on_batch([images, labels])
+    assert np.allclose(simulator.z_mean[rows], z_mean, atol=1e-6)
+    assert np.allclose(simulator.z_log_var[rows], z_log_var, atol=1e-6)
+
+
+class CountingEncoder:
+    """Wraps an encoder to count the cells it encodes."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.cells = 0
+
+    def predict_on_batch(self, inputs):
+        self.cells += len(inputs[0])
+        return self.encoder.predict_on_batch(inputs)

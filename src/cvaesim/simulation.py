@@ -20,48 +20,43 @@ LIBRARY_SIZES = ("resampled", "decoded")
 LATENT_DRAWS = ("prior", "posterior")
 
 
-def expected_to_counts(expected: np.ndarray, method: str, rng: np.random.Generator) -> sp.csr_matrix:
-    """Decoded expected counts to sparse integers: a Poisson draw around them, or the nearest integer."""
-    expected = np.maximum(expected, 0.0)
+def draw_counts(profiles: np.ndarray, totals: np.ndarray, method: str, rng: np.random.Generator) -> sp.csr_matrix:
+    """Sparse integer counts whose expectation is ``totals`` spread over the genes in proportion to ``profiles``.
+
+    ``profiles`` (cells x genes, non-negative) need not sum to one. ``'poisson'`` draws each
+    gene independently from a Poisson; ``'round'`` takes the nearest integer to the expectation.
+    """
     if method == "poisson":
-        return poisson_counts(expected, rng)
+        return poisson_counts(profiles, totals, rng)
     if method == "round":
+        sums = profiles.sum(axis=1, keepdims=True)
+        expected = np.divide(profiles * np.asarray(totals, dtype=np.float64)[:, np.newaxis], sums,
+                             out=np.zeros(profiles.shape), where=sums > 0)
         return sp.csr_matrix(np.rint(expected).astype(np.int32))
     raise ValueError(f"unknown count sampling {method!r}; choose one of {COUNT_SAMPLING}")
 
 
-def poisson_counts(expected: np.ndarray, rng: np.random.Generator) -> sp.csr_matrix:
-    """Independent Poisson(expected) counts, drawn as N ~ Poisson(sum) molecules placed by proportion.
+def poisson_counts(profiles: np.ndarray, totals: np.ndarray, rng: np.random.Generator) -> sp.csr_matrix:
+    """Independent Poisson counts per gene, drawn as N ~ Poisson(total) molecules placed by proportion.
 
     The same distribution as one Poisson draw per gene, but the work scales with the library
     size (thousands) rather than the number of genes (tens of thousands).
     """
-    n_cells, n_genes = expected.shape
-    totals = expected.sum(axis=1)
-    molecules = rng.poisson(totals)
-    cdf = np.cumsum(expected, axis=1)
-    cdf /= np.where(totals > 0, totals, 1.0)[:, np.newaxis]
-    cdf[:, -1] = 1.0
-    # Row i's cdf is shifted into (i, i + 1], so one sorted search places every molecule.
-    cdf += np.arange(n_cells)[:, np.newaxis]
-    owners = np.repeat(np.arange(n_cells), molecules)
-    positions = np.searchsorted(cdf.ravel(), owners + rng.random(len(owners)), side="right")
-    positions = np.minimum(positions, owners * n_genes + n_genes - 1)  # guards the last gene of each row
-    counts = sp.csr_matrix((np.ones(len(positions), dtype=np.int32), (owners, positions - owners * n_genes)),
-                           shape=(n_cells, n_genes))
-    counts.sum_duplicates()
-    return counts
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def rescale_libraries(expected: np.ndarray, libraries: np.ndarray) -> np.ndarray:
-    """Expected counts rescaled so that each cell's total is its library size (all-zero cells stay zero)."""
-    totals = expected.sum(axis=1, keepdims=True)
-    return np.divide(expected * libraries[:, np.newaxis], totals, out=np.zeros_like(expected), where=totals > 0)
+    n_cells, n_genes = profiles.shape
+    cdf = np.cumsum(profiles, axis=1, dtype=np.float64)
+    molecules = rng.poisson(np.where(cdf[:, -1] > 0, totals, 0))
+    indices, data = [], []
+    for row, n_molecules in enumerate(molecules):
+        # Sorted points come out as sorted genes, so each run of one gene is its count.
+        points = np.sort(rng.random(n_molecules)) * cdf[row, -1]
+        genes = np.minimum(np.searchsorted(cdf[row], points, side="right"), n_genes - 1)
+        starts = np.flatnonzero(np.diff(genes, prepend=-1))
+        indices.append(genes[starts])
+        data.append(np.diff(starts, append=len(genes)))
+    indptr = np.concatenate([[0], np.cumsum([len(row) for row in indices])])
+    empty = np.zeros(0, dtype=np.int64)
+    return sp.csr_matrix((np.concatenate(data or [empty]).astype(np.int32), np.concatenate(indices or [empty]),
+                          indptr), shape=(n_cells, n_genes))
 
 
 class Simulator:
@@ -108,6 +103,10 @@ class Simulator:
             self.training_values = sp.csr_matrix(store_meta.X[np.flatnonzero(is_training)])
             self.training_rows = {name: np.flatnonzero(training["cell_type"].to_numpy() == name)
                                   for name in self.training_libraries}
+            # Each training cell is encoded once, when first drawn: large simulations reuse them.
+            self.z_mean = np.zeros((len(training), model.latent_dim), dtype=np.float32)
+            self.z_log_var = np.zeros_like(self.z_mean)
+            self.is_encoded = np.zeros(len(training), dtype=bool)
 
     def check(self, cells_per_type: dict[str, int]) -> None:
         unknown = sorted(set(cells_per_type) - set(self.cell_types))
@@ -127,12 +126,15 @@ class Simulator:
                 z = self.draw_latent(cell_type, labels, rng)
                 decoded = from_images(np.asarray(self.model.decoder.predict_on_batch([z, labels])), self.pixel)
                 if self.proportions:
-                    expected = softmax(decoded.astype(np.float64))
+                    # Softmax without the division: draw_counts normalises each row itself.
+                    profiles = np.exp(decoded - decoded.max(axis=1, keepdims=True))
                 else:
-                    expected = unscale(decoded.astype(np.float64), self.scale, self.scaling)
+                    profiles = np.maximum(unscale(decoded.astype(np.float64), self.scale, self.scaling), 0.0)
                 if self.library_sizes == "resampled":
-                    expected = rescale_libraries(expected, rng.choice(self.training_libraries[cell_type], size=n))
-                yield expected_to_counts(expected, self.count_sampling, rng), cell_type
+                    totals = rng.choice(self.training_libraries[cell_type], size=n)
+                else:
+                    totals = profiles.sum(axis=1)
+                yield draw_counts(profiles, totals, self.count_sampling, rng), cell_type
             log.info("simulated %d cells of %s", n_cells, cell_type)
 
     def draw_latent(self, cell_type: str, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -141,10 +143,19 @@ class Simulator:
         if self.latent == "prior":
             return epsilon.astype(np.float32)
         rows = rng.choice(self.training_rows[cell_type], size=n)
-        images = to_images(self.training_values[rows], self.pixel, self.side)
-        z_mean, z_log_var = (np.asarray(value, dtype=np.float64)
-                             for value in self.model.encoder.predict_on_batch([images, labels]))
+        self.encode(np.unique(rows[~self.is_encoded[rows]]), labels[0])
+        z_mean, z_log_var = self.z_mean[rows].astype(np.float64), self.z_log_var[rows].astype(np.float64)
         return (z_mean + np.exp(0.5 * z_log_var) * epsilon).astype(np.float32)
+
+    def encode(self, rows: np.ndarray, label: np.ndarray) -> None:
+        """Posterior mean and log-variance of these training cells (all of one type), in batches."""
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            images = to_images(self.training_values[chunk], self.pixel, self.side)
+            labels = np.broadcast_to(label, (len(chunk), label.size))
+            z_mean, z_log_var = self.model.encoder.predict_on_batch([images, labels])
+            self.z_mean[chunk], self.z_log_var[chunk] = z_mean, z_log_var
+            self.is_encoded[chunk] = True
 
     def to_anndata(self, cells_per_type: dict[str, int], seed: int) -> ad.AnnData:
         """All requested cells in memory; for many cells, write :meth:`batches` as they come."""
