@@ -144,3 +144,28 @@ def small_counts_of(store, rows):
 
     values = store.X[rows].toarray().astype(np.float64)
     return np.rint(unscale(values, store.var["scale"].to_numpy(), store.uns["image"]["scaling"]))
+
+
+@pytest.mark.parametrize("loss", ["multinomial", "mse"])
+def test_gene_offsets_start_the_decoder_at_the_training_mean_and_reload(store, tmp_path, loss):
+    plain = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, reconstruction_loss=loss, n_genes=50)
+    with_offsets = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, reconstruction_loss=loss, n_genes=50,
+                                      gene_offsets=True)
+    assert with_offsets.count_params() == plain.count_params() + 8 * 8
+    settings = TrainingSettings(epochs=1, batch_size=16, filters=4, latent_dim=3, reconstruction_loss=loss,
+                                gene_offsets=True, learning_rate=1e-12)  # so that training leaves the start as it is
+    model, _ = train(store, settings, seed=0)
+    offsets = model.decoder.get_layer("gene_offsets").get_weights()[0].reshape(-1)
+    training = np.flatnonzero(store.obs["split"] == "train")
+    pixel = store.var["pixel"].to_numpy()
+    if loss == "multinomial":
+        share = small_counts_of(store, training).sum(axis=0)
+        share /= share.sum()
+        proportions = np.exp(offsets[pixel]) / np.exp(offsets[pixel]).sum()
+        assert np.allclose(proportions, share, atol=1e-6)
+    else:
+        mean = np.clip(np.asarray(store.X[training].mean(axis=0)).ravel(), 1e-4, 1 - 1e-4)
+        assert np.allclose(1 / (1 + np.exp(-offsets[pixel])), mean, atol=1e-5)
+    model.save(tmp_path / "model.keras")
+    reloaded = load_model(str(tmp_path / "model.keras"))
+    assert np.array_equal(reloaded.decoder.get_layer("gene_offsets").get_weights()[0].reshape(-1), offsets)

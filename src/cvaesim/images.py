@@ -66,6 +66,13 @@ def unscale(values: np.ndarray, scale: np.ndarray, method: str) -> np.ndarray:
     raise ValueError(f"unknown scaling {method!r}; choose one of {SCALINGS}")
 
 
+def unscale_counts(values: sp.csr_matrix, scale: np.ndarray, method: str) -> sp.csr_matrix:
+    """Integer counts (as floats) of sparse scaled values; zeros stay zero, so only nonzeros are touched."""
+    counts = sp.csr_matrix(values, dtype=np.float64, copy=True)
+    counts.data = np.rint(unscale(counts.data, scale[counts.indices], method))
+    return counts
+
+
 def stratified_split(labels: pd.Series | np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of test cells: ceil(test_fraction x n) cells, allotted to types in proportion.
 

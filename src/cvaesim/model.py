@@ -31,6 +31,22 @@ class Sampling(layers.Layer):
         return {**super().get_config(), "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="cvaesim")
+class GeneOffsets(layers.Layer):
+    """A learned value per pixel, added to the decoded image: each gene's own baseline.
+
+    Convolutions share their weights across pixels, so without it every gene's typical level
+    must come through the dense layer at a quarter of the resolution. Training starts it at
+    the training cells' mean (see ``training.initial_gene_offsets``).
+    """
+
+    def build(self, input_shape):
+        self.offsets = self.add_weight(shape=tuple(input_shape[1:]), initializer="zeros", name="offsets")
+
+    def call(self, images):
+        return images + ops.cast(self.offsets, images.dtype)
+
+
 def build_encoder(side, n_cell_types, filters, kernel_size, strides, dense_units, latent_dim) -> keras.Model:
     images = keras.Input(shape=(side, side, 1), name="image")
     labels = keras.Input(shape=(n_cell_types,), name="cell_type")
@@ -45,7 +61,8 @@ def build_encoder(side, n_cell_types, filters, kernel_size, strides, dense_units
     return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
 
 
-def build_decoder(side, n_cell_types, filters, kernel_size, strides, latent_dim, activation) -> keras.Model:
+def build_decoder(side, n_cell_types, filters, kernel_size, strides, latent_dim, activation,
+                  gene_offsets=False) -> keras.Model:
     z = keras.Input(shape=(latent_dim,), name="z")
     labels = keras.Input(shape=(n_cell_types,), name="cell_type")
     reduced = side // strides**2
@@ -54,8 +71,10 @@ def build_decoder(side, n_cell_types, filters, kernel_size, strides, latent_dim,
     x = layers.Reshape((reduced, reduced, filters * 2))(x)
     x = layers.Conv2DTranspose(filters, kernel_size, strides=strides, padding="same", activation="relu")(x)
     x = layers.Conv2DTranspose(filters // 2, kernel_size, strides=strides, padding="same", activation="relu")(x)
-    images = layers.Conv2DTranspose(1, kernel_size, padding="same", activation=activation, name="decoded",
-                                    dtype="float32")(x)
+    x = layers.Conv2DTranspose(1, kernel_size, padding="same", dtype="float32")(x)
+    if gene_offsets:
+        x = GeneOffsets(name="gene_offsets", dtype="float32")(x)
+    images = layers.Activation(activation, name="decoded", dtype="float32")(x)
     return keras.Model([z, labels], images, name="decoder")
 
 
@@ -83,6 +102,7 @@ class ConditionalConvVAE(keras.Model):
         seed: int | None = None,
         reconstruction_loss: str = "mse",
         n_genes: int | None = None,
+        gene_offsets: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -93,7 +113,7 @@ class ConditionalConvVAE(keras.Model):
         self.hyperparameters = dict(
             image_side=image_side, n_cell_types=n_cell_types, filters=filters, kernel_size=kernel_size,
             strides=strides, dense_units=dense_units, latent_dim=latent_dim, beta=beta, seed=seed,
-            reconstruction_loss=reconstruction_loss, n_genes=n_genes,
+            reconstruction_loss=reconstruction_loss, n_genes=n_genes, gene_offsets=gene_offsets,
         )
         self.reconstruction_loss = reconstruction_loss
         self.n_genes = n_genes if n_genes is not None else image_side**2
@@ -102,7 +122,7 @@ class ConditionalConvVAE(keras.Model):
         self.beta = beta
         self.encoder = build_encoder(image_side, n_cell_types, filters, kernel_size, strides, dense_units, latent_dim)
         self.decoder = build_decoder(image_side, n_cell_types, filters, kernel_size, strides, latent_dim,
-                                     "sigmoid" if reconstruction_loss == "mse" else None)
+                                     "sigmoid" if reconstruction_loss == "mse" else None, gene_offsets)
         self.sampling = Sampling(seed, name="z")
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
