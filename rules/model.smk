@@ -16,6 +16,7 @@ rule reshape:
         side=config["image"]["side"],
         side_multiple=config["train"]["strides"] ** 2,
         scaling=config["image"]["scaling"],
+        gene_order=config["image"]["gene_order"],
         test_fraction=config["image"]["test_fraction"],
         seed=config["seed"],
     script:

@@ -10,6 +10,7 @@ reshape(
     side=snakemake.params.side,
     side_multiple=snakemake.params.side_multiple,
     scaling=snakemake.params.scaling,
+    gene_order=snakemake.params.gene_order,
     test_fraction=snakemake.params.test_fraction,
     seed=snakemake.params.seed,
 )

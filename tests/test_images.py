@@ -4,7 +4,7 @@ import pytest
 import scipy.sparse as sp
 
 from cvaesim import InputError
-from cvaesim.images import (build_image_store, fit_scale, from_images, image_side, scale_counts,
+from cvaesim.images import (build_image_store, fit_scale, from_images, gene_pixels, image_side, scale_counts,
                             stratified_split, to_images, unscale)
 
 
@@ -70,3 +70,26 @@ def test_store_records_layout_scaling_and_split(small_cells):
     assert store.obs["split"].eq("test").sum() == 48
     training = small_cells.X[store.obs["split"].eq("train").to_numpy()]
     assert np.allclose(store.var["scale"], np.log1p(np.maximum(training.max(axis=0).toarray().ravel(), 1)))
+
+
+def test_correlation_order_places_co_expressed_genes_side_by_side():
+    # Two programmes of 12 genes each, interleaved in the matrix: even genes on in one half of
+    # the cells, odd genes in the other.
+    rng = np.random.default_rng(0)
+    n_cells, n_genes, side = 400, 24, 8
+    high = rng.random(n_cells) < 0.5
+    rates = np.where(high[:, None] == (np.arange(n_genes) % 2 == 0)[None, :], 20.0, 0.2)
+    counts = sp.csr_matrix(rng.poisson(rates))
+    matrix_order = gene_pixels(counts, side, "matrix", seed=0)
+    assert matrix_order.tolist() == list(range(n_genes))
+    pixels = gene_pixels(counts, side, "correlation", seed=0)
+    assert sorted(pixels.tolist()) == list(range(n_genes))  # the first n_genes pixels, each once
+    # Side by side in a row: in matrix order no such pair shares a programme; here all but one do.
+    row, column = pixels // side, pixels % side
+    gene_at = {(r, c): gene for gene, (r, c) in enumerate(zip(row, column))}
+    pairs = [(gene_at[r, c], gene_at[r, c + 1]) for (r, c) in gene_at if (r, c + 1) in gene_at]
+    assert len(pairs) == 21
+    assert sum(left % 2 == right % 2 for left, right in pairs) >= 20
+    assert np.array_equal(pixels, gene_pixels(counts, side, "correlation", seed=0))
+    with pytest.raises(ValueError, match="unknown gene order"):
+        gene_pixels(counts, side, "alphabetical", seed=0)

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from . import InputError
 
 SCALINGS = ("global_max", "log1p_gene_max")
+GENE_ORDERS = ("matrix", "correlation")
 
 
 def image_side(n_genes: int, side: int | None = None, multiple: int = 4) -> int:
@@ -73,6 +74,52 @@ def unscale_counts(values: sp.csr_matrix, scale: np.ndarray, method: str) -> sp.
     return counts
 
 
+def gene_pixels(counts: sp.csr_matrix, side: int, order: str, seed: int) -> np.ndarray:
+    """The pixel of each gene: the first ``n_genes`` pixels of the side x side image, row by row.
+
+    ``'matrix'`` keeps the matrix's gene order (the original). ``'correlation'`` puts genes
+    with similar expression patterns next to each other, where the 3x3 kernels see them
+    together: genes are described by their loadings on the principal components of
+    log1p(CP10k) of ``counts``, grouped by k-means (about one image row per group), groups
+    chained by similarity, and rows run alternately left-right and right-left, so that
+    consecutive genes are neighbours (but where a partly filled last row turns). Genes never
+    seen in ``counts`` go last.
+    """
+    n_genes = counts.shape[1]
+    if order == "matrix":
+        return np.arange(n_genes, dtype=np.int64)
+    if order != "correlation":
+        raise ValueError(f"unknown gene order {order!r}; choose one of {GENE_ORDERS}")
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import TruncatedSVD
+
+    totals = np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1)
+    normalised = sp.csr_matrix(sp.diags(1e4 / totals) @ counts.astype(np.float64))
+    normalised.data = np.log1p(normalised.data)
+    seen = np.flatnonzero(np.diff(normalised.tocsc().indptr))
+    n_components = max(1, min(20, normalised.shape[0] - 1, len(seen) - 1))
+    svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(normalised[:, seen])
+    loadings = svd.components_.T * svd.singular_values_
+    loadings /= np.maximum(np.linalg.norm(loadings, axis=1, keepdims=True), 1e-12)
+    n_groups = max(1, min(len(seen), round(len(seen) / side)))
+    kmeans = KMeans(n_clusters=n_groups, n_init=1, random_state=seed).fit(loadings)
+    chain = leaves_list(linkage(kmeans.cluster_centers_, "average")) if n_groups > 1 else np.zeros(1, dtype=int)
+    rank_of_group = np.empty(n_groups, dtype=int)
+    rank_of_group[chain] = np.arange(n_groups)
+    # Within a group, genes follow their first loading; across groups, the chain.
+    sequence = seen[np.lexsort((loadings[:, 0], rank_of_group[kmeans.labels_]))]
+    sequence = np.concatenate([sequence, np.setdiff1d(np.arange(n_genes), seen)])
+    slots = np.arange(n_genes)
+    row, column = slots // side, slots % side
+    snake = row * side + np.where(row % 2 == 1, side - 1 - column, column)
+    # The snake can leave the last row's first pixels empty: renumber into the first n_genes pixels.
+    snake = np.argsort(np.argsort(snake))
+    pixels = np.empty(n_genes, dtype=np.int64)
+    pixels[sequence] = snake
+    return pixels
+
+
 def stratified_split(labels: pd.Series | np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of test cells: ceil(test_fraction x n) cells, allotted to types in proportion.
 
@@ -98,7 +145,8 @@ def stratified_split(labels: pd.Series | np.ndarray, test_fraction: float, seed:
 
 
 def build_image_store(
-    filtered: ad.AnnData, side: int | None, scaling: str, test_fraction: float, seed: int, side_multiple: int = 4
+    filtered: ad.AnnData, side: int | None, scaling: str, test_fraction: float, seed: int, side_multiple: int = 4,
+    gene_order: str = "matrix",
 ) -> ad.AnnData:
     """Scaled values, layout and split for ``filtered`` (cells x genes integer counts).
 
@@ -107,10 +155,10 @@ def build_image_store(
     side = image_side(filtered.n_vars, side, side_multiple)
     is_test = stratified_split(filtered.obs["cell_type"], test_fraction, seed)
     counts = sp.csr_matrix(filtered.X)
-    # Scaling is fitted on training cells only, so the test cells stay unseen.
+    # Scaling and gene order are fitted on training cells only, so the test cells stay unseen.
     scale = fit_scale(counts[~is_test], scaling)
     var = filtered.var.copy()
-    var["pixel"] = np.arange(filtered.n_vars, dtype=np.int64)  # row-major, in matrix order, as the original
+    var["pixel"] = gene_pixels(counts[~is_test], side, gene_order, seed)
     var["scale"] = scale
     obs = pd.DataFrame(
         {
@@ -123,7 +171,8 @@ def build_image_store(
     )
     obs["cell_type"] = pd.Categorical(obs["cell_type"], categories=filtered.obs["cell_type"].cat.categories)
     store = ad.AnnData(X=scale_counts(counts, scale, scaling), obs=obs, var=var)
-    store.uns["image"] = {"side": side, "scaling": scaling, "test_fraction": test_fraction, "seed": seed}
+    store.uns["image"] = {"side": side, "scaling": scaling, "gene_order": gene_order, "test_fraction": test_fraction,
+                          "seed": seed}
     return store
 
 

@@ -53,9 +53,9 @@ def filter_dataset(
 
 
 def reshape(filtered: str, store: str, layout: str, side: int | None, scaling: str,
-            test_fraction: float, seed: int, side_multiple: int = 4) -> None:
+            test_fraction: float, seed: int, side_multiple: int = 4, gene_order: str = "matrix") -> None:
     """The image store (scaled values, layout, split) and its layout as a TSV."""
-    images = build_image_store(ad.read_h5ad(filtered), side, scaling, test_fraction, seed, side_multiple)
+    images = build_image_store(ad.read_h5ad(filtered), side, scaling, test_fraction, seed, side_multiple, gene_order)
     counts = images.obs.groupby("cell_type", observed=False)["split"].value_counts().unstack()
     log.info("image side %d, scaling %s; cells per split:\n%s", images.uns["image"]["side"], scaling, counts)
     with atomic_output(layout) as temporary:
