@@ -169,3 +169,13 @@ def test_gene_offsets_start_the_decoder_at_the_training_mean_and_reload(store, t
     model.save(tmp_path / "model.keras")
     reloaded = load_model(str(tmp_path / "model.keras"))
     assert np.array_equal(reloaded.decoder.get_layer("gene_offsets").get_weights()[0].reshape(-1), offsets)
+
+
+def test_early_stopping_keeps_the_best_epoch_on_the_test_loss(store):
+    # A learning rate too large for this small model makes the test loss stop improving early.
+    settings = TrainingSettings(epochs=25, batch_size=16, filters=4, latent_dim=3, learning_rate=0.1,
+                                reconstruction_loss="multinomial", early_stopping_patience=2)
+    _, history = train(store, settings, seed=0)
+    best = int(np.argmin(history["val_loss"].to_numpy()))
+    assert len(history) < 25
+    assert len(history) == best + 1 + 2  # the best epoch, then two without improvement

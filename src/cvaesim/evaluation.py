@@ -1,7 +1,9 @@
 """How realistic simulated cells are: the field's measures, per cell type and overall.
 
 Simulated cells are compared with the held-out real **test** cells (never the training
-cells) on log1p(CP10k) data projected on principal components fitted on those test cells.
+cells) on log1p(CP10k) data projected on principal components fitted, for each comparison,
+on both compared sides in equal numbers: components fitted on one side only follow that
+side's own noise and make the two sides look more different than they are.
 Every measure comes with its real-versus-real control (two random halves of the test
 cells), and two naive per-type baselines are scored beside the model: counts drawn
 independently per gene from a Poisson, or from a negative binomial fitted by moments,
@@ -145,12 +147,14 @@ def labelled_view(normalised: sp.csr_matrix, labels: np.ndarray, genes: pd.Index
 
 
 class Space:
-    """PCA of log1p(CP10k) fitted on (at most 10,000 of) the real test cells; takes normalised cells."""
+    """PCA of log1p(CP10k) fitted on as many real as compared cells (at most 5,000 each); takes normalised cells."""
 
-    def __init__(self, normalised: sp.csr_matrix, n_components: int, seed: int):
-        fit_on = subsample(normalised.shape[0], 10_000, np.random.default_rng(seed))
-        n_components = max(2, min(n_components, len(fit_on) - 1, normalised.shape[1] - 1))
-        self.pca = PCA(n_components=n_components, svd_solver="arpack", random_state=seed).fit(normalised[fit_on])
+    def __init__(self, real: sp.csr_matrix, compared: sp.csr_matrix, n_components: int, seed: int):
+        rng = np.random.default_rng(seed)
+        each = min(real.shape[0], compared.shape[0], 5_000)
+        fit_on = sp.vstack([real[subsample(real.shape[0], each, rng)], compared[subsample(compared.shape[0], each, rng)]])
+        n_components = max(2, min(n_components, fit_on.shape[0] - 1, fit_on.shape[1] - 1))
+        self.pca = PCA(n_components=n_components, svd_solver="arpack", random_state=seed).fit(fit_on)
 
     def project(self, normalised: sp.csr_matrix) -> np.ndarray:
         return self.pca.transform(normalised)
@@ -177,11 +181,7 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     # The control: one random half of the test cells stands in for a simulator, the other half is "real".
     half = rng.permutation(len(test_labels)) < len(test_labels) // 2
 
-    test_normalised = log_normalise(test)
-    space = Space(test_normalised, settings.n_components, settings.seed)
-    test_pcs, train_pcs = space.project(test_normalised), space.project(log_normalise(train))
-    nearest_train = NearestNeighbors(n_neighbors=1).fit(train_pcs)
-    classifier = KNeighborsClassifier(n_neighbors=5).fit(train_pcs, train_labels)
+    test_normalised, train_normalised = log_normalise(test), log_normalise(train)
 
     real_view = labelled_view(test_normalised, test_labels, real.var_names)
     rows, confusion = [], []
@@ -196,9 +196,13 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     types = sorted(set(test_labels))
     for source, (source_counts, source_labels) in entries.items():
         source_normalised = test_normalised[half] if source == CONTROL else log_normalise(source_counts)
-        source_pcs = test_pcs[half] if source == CONTROL else space.project(source_normalised)
+        real_normalised = test_normalised[~half] if source == CONTROL else test_normalised
         real_counts, real_type_labels = reference[source]
-        real_pcs = test_pcs[~half] if source == CONTROL else test_pcs
+        space = Space(real_normalised, source_normalised, settings.n_components, settings.seed)
+        real_pcs, source_pcs = space.project(real_normalised), space.project(source_normalised)
+        train_pcs = space.project(train_normalised)
+        nearest_train = NearestNeighbors(n_neighbors=1).fit(train_pcs)
+        classifier = KNeighborsClassifier(n_neighbors=5).fit(train_pcs, train_labels)
         predicted = classifier.predict(source_pcs)
         rows.append((source, "overall", "fidelity_accuracy", float(np.mean(predicted == source_labels))))
         matrix = confusion_matrix(source_labels, predicted, labels=types)

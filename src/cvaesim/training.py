@@ -40,6 +40,7 @@ class TrainingSettings:
     beta: float = 1.0
     reconstruction_loss: str = "mse"
     gene_offsets: bool = False
+    early_stopping_patience: int = 0  # 0: train every epoch
     mixed_precision: bool = False
 
 
@@ -237,6 +238,12 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
     saver = EpochCheckpoint(checkpoint, fingerprint)
     done = saver.resume(model)
     training_batches.start_at_epoch(done)
+    stopping = []
+    if settings.early_stopping_patience and len(test_batches.rows):
+        # The test cells' loss picks the epoch whose weights are kept. (After a resume, the
+        # count of epochs without improvement starts again.)
+        stopping = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.early_stopping_patience,
+                                                  restore_best_weights=True, verbose=1)]
     model.fit(
         training_batches,
         validation_data=test_batches if len(test_batches.rows) else None,
@@ -244,6 +251,6 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
         initial_epoch=done,
         shuffle=False,  # the batches shuffle themselves, by seed and epoch: Keras would use the global RNG
         verbose=2,
-        callbacks=[saver, *callbacks],
+        callbacks=[saver, *stopping, *callbacks],
     )
     return model, saver.finish()
