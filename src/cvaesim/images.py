@@ -94,10 +94,12 @@ def gene_pixels(counts: sp.csr_matrix, side: int, order: str, seed: int) -> np.n
     from sklearn.cluster import KMeans
     from sklearn.decomposition import TruncatedSVD
 
-    totals = np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1)
-    normalised = sp.csr_matrix(sp.diags(1e4 / totals) @ counts.astype(np.float64))
-    normalised.data = np.log1p(normalised.data)
-    seen = np.flatnonzero(np.diff(normalised.tocsc().indptr))
+    # float32 and in place: PBMC68k's training cells have 33 million nonzero values.
+    normalised = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    totals = np.maximum(np.asarray(normalised.sum(axis=1)).ravel(), 1)
+    normalised.data *= np.repeat((1e4 / totals).astype(np.float32), np.diff(normalised.indptr))
+    np.log1p(normalised.data, out=normalised.data)
+    seen = np.flatnonzero(np.bincount(normalised.indices, minlength=n_genes))
     n_components = max(1, min(20, normalised.shape[0] - 1, len(seen) - 1))
     svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(normalised[:, seen])
     loadings = svd.components_.T * svd.singular_values_
