@@ -88,14 +88,17 @@ def simulate_original(n_cells: int) -> dict:
     return {"cells": n_cells, "seconds": time.perf_counter() - started}
 
 
-def simulate_workflow(n_cells: int) -> dict:
+def simulate_workflow(n_cells: int, store_path: Path) -> dict:
+    """From an image store on disk, read as the simulate rule and the CLI read it (backed)."""
+    import anndata as ad
+
     from cvaesim.simulation import Simulator
     from cvaesim.writers import write_h5ad
 
-    meta = store(TRAINING_CELLS)
-    simulator = Simulator(workflow_model(), meta, batch_size=256, latent="posterior")
-    plan = {name: n_cells // N_TYPES for name in simulator.cell_types}
+    meta = ad.read_h5ad(store_path, backed="r")
     with tempfile.TemporaryDirectory() as folder:
+        simulator = Simulator(workflow_model(), meta, batch_size=256, latent="posterior")
+        plan = {name: n_cells // N_TYPES for name in simulator.cell_types}
         started = time.perf_counter()
         written = write_h5ad(simulator.batches(plan, 0), simulator.var, simulator.cell_types, {}, Path(folder) / "s.h5ad")
         seconds = time.perf_counter() - started
@@ -135,8 +138,8 @@ MEASURES = {"simulate_original": simulate_original, "simulate_workflow": simulat
             "train_original": train_original, "train_workflow": train_workflow}
 
 
-def measure(name: str, n_cells: int) -> dict:
-    child = subprocess.run([sys.executable, __file__, "--measure", name, "--n", str(n_cells)],
+def measure(name: str, n_cells: int, store_path: Path) -> dict:
+    child = subprocess.run([sys.executable, __file__, "--measure", name, "--n", str(n_cells), "--store", str(store_path)],
                            capture_output=True, text=True, check=True)
     return json.loads(child.stdout.strip().splitlines()[-1])
 
@@ -148,21 +151,26 @@ def main() -> None:
     parser.add_argument("--original-simulated-cells", type=int, default=200)
     parser.add_argument("--measure", choices=list(MEASURES))
     parser.add_argument("--n", type=int)
+    parser.add_argument("--store", type=Path, help="the image store that simulate_workflow reads")
     arguments = parser.parse_args()
     if arguments.measure:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        result = MEASURES[arguments.measure](arguments.n)
+        extra = (arguments.store,) if arguments.measure == "simulate_workflow" else ()
+        result = MEASURES[arguments.measure](arguments.n, *extra)
         print(json.dumps({**result, "peak_rss_mb": peak_mb()}))
         return
     import tensorflow as tf
 
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-    runs = {
-        "simulate_original": measure("simulate_original", arguments.original_simulated_cells),
-        "simulate_workflow": measure("simulate_workflow", arguments.simulated_cells),
-        "train_original": measure("train_original", arguments.train_cells),
-        "train_workflow": measure("train_workflow", arguments.train_cells),
-    }
+    with tempfile.TemporaryDirectory() as folder:
+        store_path = Path(folder) / "images.h5ad"
+        store(TRAINING_CELLS).write_h5ad(store_path)
+        runs = {
+            "simulate_original": measure("simulate_original", arguments.original_simulated_cells, store_path),
+            "simulate_workflow": measure("simulate_workflow", arguments.simulated_cells, store_path),
+            "train_original": measure("train_original", arguments.train_cells, store_path),
+            "train_workflow": measure("train_workflow", arguments.train_cells, store_path),
+        }
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}; side {SIDE}, {N_GENES} genes, "
           f"{DETECTED_PER_CELL} detected genes per cell")
     print(f"{'measure':<20}{'cells':>8}{'seconds':>10}{'cells/s':>12}{'peak RSS MB':>14}")

@@ -26,6 +26,8 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
+from .images import log_normalise
+
 log = logging.getLogger(__name__)
 
 CONTROL = "real_vs_real"
@@ -67,13 +69,6 @@ def baseline(counts: sp.csr_matrix, labels: np.ndarray, plan: dict[str, int], ki
         names.extend([cell_type] * n_cells)
     return ad.AnnData(X=sp.vstack(blocks, format="csr"),
                       obs=pd.DataFrame({"cell_type": names}, index=[f"{kind}_{i}" for i in range(len(names))]))
-
-
-def log_normalise(counts: sp.csr_matrix) -> sp.csr_matrix:
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    scaled = sp.csr_matrix(sp.diags(1e4 / np.maximum(totals, 1)) @ counts.astype(np.float64))
-    scaled.data = np.log1p(scaled.data)
-    return scaled
 
 
 def mmd(x: np.ndarray, y: np.ndarray, bandwidths: np.ndarray) -> float:

@@ -74,6 +74,15 @@ def unscale_counts(values: sp.csr_matrix, scale: np.ndarray, method: str) -> sp.
     return counts
 
 
+def log_normalise(counts: sp.csr_matrix, dtype=np.float64) -> sp.csr_matrix:
+    """log1p(CP10k) of sparse counts, computed on a single copy of the nonzero values."""
+    normalised = sp.csr_matrix(counts, dtype=dtype, copy=True)
+    totals = np.maximum(np.asarray(normalised.sum(axis=1)).ravel(), 1)
+    normalised.data *= np.repeat((1e4 / totals).astype(dtype), np.diff(normalised.indptr))
+    np.log1p(normalised.data, out=normalised.data)
+    return normalised
+
+
 def gene_pixels(counts: sp.csr_matrix, side: int, order: str, seed: int) -> np.ndarray:
     """The pixel of each gene: the first ``n_genes`` pixels of the side x side image, row by row.
 
@@ -94,11 +103,7 @@ def gene_pixels(counts: sp.csr_matrix, side: int, order: str, seed: int) -> np.n
     from sklearn.cluster import KMeans
     from sklearn.decomposition import TruncatedSVD
 
-    # float32 and in place: PBMC68k's training cells have 33 million nonzero values.
-    normalised = sp.csr_matrix(counts, dtype=np.float32, copy=True)
-    totals = np.maximum(np.asarray(normalised.sum(axis=1)).ravel(), 1)
-    normalised.data *= np.repeat((1e4 / totals).astype(np.float32), np.diff(normalised.indptr))
-    np.log1p(normalised.data, out=normalised.data)
+    normalised = log_normalise(counts, np.float32)  # float32: PBMC68k's training cells have 33 million values
     seen = np.flatnonzero(np.bincount(normalised.indices, minlength=n_genes))
     n_components = max(1, min(20, normalised.shape[0] - 1, len(seen) - 1))
     svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(normalised[:, seen])
