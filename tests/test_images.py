@@ -93,3 +93,10 @@ def test_correlation_order_places_co_expressed_genes_side_by_side():
     assert np.array_equal(pixels, gene_pixels(counts, side, "correlation", seed=0))
     with pytest.raises(ValueError, match="unknown gene order"):
         gene_pixels(counts, side, "alphabetical", seed=0)
+
+
+@pytest.mark.parametrize(("n_cells", "detected"), [(5, 2), (5, 0), (2, 10)])
+def test_correlation_order_falls_back_to_matrix_order_on_too_little_data(n_cells, detected):
+    counts = np.zeros((n_cells, 10), dtype=np.int64)
+    counts[:, :detected] = np.random.default_rng(0).poisson(3, (n_cells, detected)) + 1
+    assert gene_pixels(sp.csr_matrix(counts), 4, "correlation", seed=0).tolist() == list(range(10))

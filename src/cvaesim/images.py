@@ -8,6 +8,7 @@ scaling method), ``obs['split']`` (train or test) and ``obs['total_counts']`` (l
 
 from __future__ import annotations
 
+import logging
 import math
 
 import anndata as ad
@@ -16,6 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import InputError
+
+log = logging.getLogger(__name__)
 
 SCALINGS = ("global_max", "log1p_gene_max")
 GENE_ORDERS = ("matrix", "correlation")
@@ -105,6 +108,10 @@ def gene_pixels(counts: sp.csr_matrix, side: int, order: str, seed: int) -> np.n
 
     normalised = log_normalise(counts, np.float32)  # float32: PBMC68k's training cells have 33 million values
     seen = np.flatnonzero(np.bincount(normalised.indices, minlength=n_genes))
+    if len(seen) < 3 or normalised.shape[0] < 3:
+        log.warning("%d cells with %d detected genes are too few to order genes by correlation; "
+                    "keeping the matrix order", normalised.shape[0], len(seen))
+        return np.arange(n_genes, dtype=np.int64)
     n_components = max(1, min(20, normalised.shape[0] - 1, len(seen) - 1))
     svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(normalised[:, seen])
     loadings = svd.components_.T * svd.singular_values_
