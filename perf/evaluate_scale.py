@@ -33,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pbmc68k-scale"))
     parser.add_argument("--simulated-cells", type=int, default=10_000)
+    parser.add_argument("--threads", type=int, default=2, help="as the evaluate rule's threads")
     arguments = parser.parse_args()
     filtered = arguments.workdir / "results" / "pbmc68k_shaped" / "filtered.h5ad"
     if not filtered.exists():
@@ -46,7 +47,7 @@ def main() -> None:
     simulated = baseline(counts[~is_test], labels[~is_test], plan, "nb", seed=1)
     simulated.var_names = real.var_names
     started = time.perf_counter()
-    result = evaluate(real, is_test, simulated, EvaluationSettings())
+    result = evaluate(real, is_test, simulated, EvaluationSettings(n_jobs=arguments.threads))
     seconds = time.perf_counter() - started
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {is_test.sum()} real test cells, "
           f"{simulated.n_obs} simulated cells, {real.n_vars} genes")

@@ -10,4 +10,5 @@ evaluate(
     outputs=dict(snakemake.output.items()),
     settings=snakemake.params.settings,
     seed=snakemake.params.seed,
+    threads=snakemake.threads,
 )

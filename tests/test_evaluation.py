@@ -40,6 +40,11 @@ def test_baselines_follow_type_profiles_and_library_sizes():
     nb = baseline(cells.X, labels, {"T cell": 2000}, "nb", seed=0).X.toarray()
     poisson = baseline(cells.X, labels, {"T cell": 2000}, "poisson", seed=0).X.toarray()
     assert nb.var(axis=0).sum() > 1.3 * poisson.var(axis=0).sum()
+    # ... and matches the real cells' per-gene variance, which the fit by moments aims at.
+    real_t = cells.X[labels == "T cell"].toarray()
+    expressed = real_t.mean(axis=0) > 1
+    assert 0.8 < np.median(nb.var(axis=0)[expressed] / real_t.var(axis=0)[expressed]) < 1.25
+    assert np.median(poisson.var(axis=0)[expressed] / real_t.var(axis=0)[expressed]) < 0.8
 
 
 def test_properties_of_a_known_matrix():

@@ -5,7 +5,8 @@ import pytest
 
 from cvaesim.model import ConditionalConvVAE
 from cvaesim.images import build_image_store, to_images
-from cvaesim.simulation import Simulator, draw_counts, simulate
+from cvaesim.counts import draw_counts
+from cvaesim.simulation import Simulator, simulate
 from cvaesim.writers import original_table
 
 from conftest import AWKWARD_TYPES

@@ -15,7 +15,8 @@ from pathlib import Path
 import anndata as ad
 
 from . import InputError
-from .simulation import COUNT_SAMPLING, LATENT_DRAWS, LIBRARY_SIZES
+from .counts import COUNT_SAMPLING
+from .simulation import LATENT_DRAWS, LIBRARY_SIZES
 from .writers import FORMATS
 
 log = logging.getLogger("cvaesim")

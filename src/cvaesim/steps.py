@@ -139,7 +139,7 @@ def qc(real: str, simulated: str, outputs: dict, seed: int, max_real_cells: int,
             draw(temporary)
 
 
-def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dict, seed: int) -> None:
+def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dict, seed: int, threads: int = 1) -> None:
     """Realism metrics of the simulated cells against the held-out test cells, with baselines and control."""
     from .evaluation import EvaluationSettings, evaluate as score, overall_table
     from .plots import plot_mean_variance, plot_per_type
@@ -149,7 +149,7 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
     if not split.index.equals(counts.obs_names):
         raise InputError(f"{store}: its cells are not those of {real}; rerun the reshape rule")
     result = score(counts, (split == "test").to_numpy(), ad.read_h5ad(simulated),
-                   EvaluationSettings(**settings, seed=seed))
+                   EvaluationSettings(**settings, seed=seed, n_jobs=threads))
     tables = {"metrics": result.metrics, "confusion": result.confusion,
               "overall": overall_table(result.metrics).reset_index()}
     for name, table in tables.items():
