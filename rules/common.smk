@@ -5,6 +5,24 @@ from snakemake.utils import validate
 
 validate(config, schema="../config/schemas/config.schema.yaml")
 
+
+def check_simulation_settings():
+    """Combinations the simulate job would refuse, refused before training starts."""
+    loss = config["train"]["reconstruction_loss"]
+    if config["simulate"]["library_sizes"] == "decoded" and loss != "mse":
+        raise ValueError(
+            f"config: simulate.library_sizes 'decoded' needs train.reconstruction_loss 'mse'; "
+            f"a {loss} model decodes proportions, not totals"
+        )
+    if config["simulate"]["count_sampling"] == "negative_binomial" and loss != "negative_binomial":
+        raise ValueError(
+            f"config: simulate.count_sampling 'negative_binomial' needs the dispersions learned with "
+            f"train.reconstruction_loss 'negative_binomial' (it is {loss!r})"
+        )
+
+
+check_simulation_settings()
+
 DOWNLOAD_NAMES = {
     "10x_tarball": {"matrix": "matrix.tar.gz", "annotation": "annotation.tsv"},
     "h5ad": {"matrix": "matrix.h5ad"},

@@ -179,3 +179,30 @@ def test_early_stopping_keeps_the_best_epoch_on_the_test_loss(store):
     best = int(np.argmin(history["val_loss"].to_numpy()))
     assert len(history) < 25
     assert len(history) == best + 1 + 2  # the best epoch, then two without improvement
+
+
+def test_negative_binomial_loss_is_the_negative_binomial_likelihood(store, tmp_path):
+    from scipy.special import gammaln
+    from scipy.stats import nbinom
+
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, reconstruction_loss="negative_binomial",
+                               n_genes=store.n_vars, seed=0)
+    rng = np.random.default_rng(0)
+    theta = rng.uniform(0.2, 20, store.n_vars)
+    model.dispersion.set_weights([np.log(theta).astype(np.float32)])
+    counts = rng.poisson(3.0, (5, store.n_vars)).astype(np.float32)
+    logits = rng.normal(size=(5, store.n_vars))
+    log_proportions = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    ours = np.asarray(model.negative_binomial_log_likelihood(keras.ops.convert_to_tensor(counts),
+                                                             keras.ops.convert_to_tensor(log_proportions.astype(np.float32))))
+    mu = counts.sum(axis=1, keepdims=True) * np.exp(log_proportions)
+    expected = nbinom.logpmf(counts, theta, theta / (theta + mu)) + gammaln(counts + 1)  # ours leaves out -log(x!)
+    assert np.allclose(ours, expected, rtol=1e-4, atol=1e-3)
+    # Trained, the dispersions move from their start and travel with the saved model.
+    settings = TrainingSettings(epochs=3, batch_size=16, filters=4, latent_dim=3, reconstruction_loss="negative_binomial")
+    trained, history = train(store, settings, seed=0)
+    assert history["val_reconstruction_loss"].iloc[-1] < history["val_reconstruction_loss"].iloc[0]
+    learned = trained.dispersion.get_weights()[0]
+    assert learned.shape == (store.n_vars,) and np.isfinite(learned).all() and np.abs(learned).max() > 0
+    trained.save(tmp_path / "model.keras")
+    assert np.array_equal(load_model(str(tmp_path / "model.keras")).dispersion.get_weights()[0], learned)

@@ -2,6 +2,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import nbinom
 
 from cvaesim.model import ConditionalConvVAE
 from cvaesim.images import build_image_store, to_images
@@ -74,6 +75,42 @@ def test_count_sampling_is_integer_and_centred_on_the_expectation():
     assert empty.nnz == 0 and empty.shape == (2, 3)
     some = draw_counts(np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]), np.array([50, 50]), "poisson", rng)
     assert some.has_sorted_indices and some.indices.tolist() == [1] and some.indptr.tolist() == [0, 1, 1]
+
+
+def test_negative_binomial_counts_have_the_dispersion_asked_for():
+    mean, theta = np.array([0.5, 5.0, 50.0, 5.0]), np.array([0.5, 2.0, 10.0, np.inf])
+    drawn = draw_counts(np.tile(mean, (20_000, 1)), np.full(20_000, mean.sum()), "negative_binomial",
+                        np.random.default_rng(0), dispersion=theta).toarray()
+    assert np.allclose(drawn.mean(axis=0), mean, rtol=0.05)
+    # var = mu + mu^2 / theta; an infinite theta is a Poisson.
+    assert np.allclose(drawn.var(axis=0), mean + mean**2 / theta, rtol=0.08)
+    # Not only the two moments: the whole distribution, e.g. the share of each small count.
+    for gene in range(3):
+        p = theta[gene] / (theta[gene] + mean[gene])
+        observed = np.bincount(drawn[:, gene], minlength=4)[:4] / len(drawn)
+        assert np.allclose(observed, nbinom.pmf(np.arange(4), theta[gene], p), atol=0.01), gene
+    with pytest.raises(ValueError, match="one dispersion per gene"):
+        draw_counts(np.ones((2, 3)), np.ones(2), "negative_binomial", np.random.default_rng(0), dispersion=np.ones(2))
+
+
+def test_negative_binomial_model_draws_with_its_dispersions(store):
+    multinomial = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                                     reconstruction_loss="multinomial", n_genes=store.n_vars)
+    with pytest.raises(ValueError, match="negative_binomial loss; this one was trained with multinomial"):
+        simulate(multinomial, store, {AWKWARD_TYPES[0]: 5}, seed=0, count_sampling="negative_binomial")
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="negative_binomial", n_genes=store.n_vars)
+    wanted = {AWKWARD_TYPES[0]: 3000}
+    poisson = simulate(model, store, wanted, seed=0, count_sampling="poisson").X.toarray()
+    model.dispersion.set_weights([np.full(store.n_vars, np.log(0.5), dtype=np.float32)])
+    overdispersed = simulate(model, store, wanted, seed=0, count_sampling="negative_binomial").X.toarray()
+    model.dispersion.set_weights([np.full(store.n_vars, np.log(1e4), dtype=np.float32)])
+    nearly_poisson = simulate(model, store, wanted, seed=0, count_sampling="negative_binomial").X.toarray()
+    # The same model and libraries: same means, more zeros and spread with a small theta.
+    assert np.allclose(overdispersed.mean(axis=0).sum(), poisson.mean(axis=0).sum(), rtol=0.02)
+    assert (overdispersed == 0).mean() > (poisson == 0).mean() + 0.1
+    assert overdispersed.var(axis=0).sum() > 1.5 * poisson.var(axis=0).sum()
+    assert abs((nearly_poisson == 0).mean() - (poisson == 0).mean()) < 0.01
 
 
 def test_original_table_layout(store):

@@ -136,6 +136,17 @@ def test_invalid_config_is_refused_with_the_key(workdir):
     assert "gaussian" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"simulate": {"count_sampling": "negative_binomial"}},
+     "simulate.count_sampling 'negative_binomial' needs the dispersions learned with train.reconstruction_loss"),
+    ({"simulate": {"library_sizes": "decoded"}}, "simulate.library_sizes 'decoded' needs train.reconstruction_loss"),
+])
+def test_settings_the_simulate_job_would_refuse_are_refused_before_training(workdir, settings, message):
+    overlay = write_config(workdir / "mismatch.yaml", {"train": {"reconstruction_loss": "multinomial"}, **settings})
+    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay, check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+
+
 def test_broken_annotation_fails_clearly_and_leaves_no_output(workdir):
     cells = random_counts(40, 30, ["T", "B"], seed=2)
     write_tarball(workdir / "unmatched.tar.gz", cells)

@@ -97,7 +97,9 @@ def parser() -> argparse.ArgumentParser:
                        help="N cells of type NAME (repeatable)")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--batch-size", type=int, default=256, help="cells per decoder call")
-    command.add_argument("--count-sampling", choices=COUNT_SAMPLING, default="poisson")
+    command.add_argument("--count-sampling", choices=COUNT_SAMPLING,
+                         help="default: the model's own likelihood (negative_binomial for a model trained with "
+                              "it, else poisson)")
     command.add_argument("--library-sizes", choices=LIBRARY_SIZES, default="resampled")
     command.add_argument("--latent", choices=LATENT_DRAWS, default="posterior",
                          help="z from N(0, I), or from the posterior of a random training cell of the type")

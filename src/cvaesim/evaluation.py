@@ -59,21 +59,20 @@ def baseline(counts: sp.csr_matrix, labels: np.ndarray, plan: dict[str, int], ki
         libraries = np.asarray(of_type.sum(axis=1)).ravel()
         drawn_libraries = rng.choice(libraries, size=n_cells)
         profile = np.asarray(of_type.sum(axis=0)).ravel() / max(libraries.sum(), 1)
+        dispersion = None
         if kind == "nb":
             # Size r from the moments of the type's counts: var = mu + mu^2 / r; Poisson where var <= mu.
             mu = np.asarray(of_type.mean(axis=0)).ravel()
-            variance = np.asarray(of_type.multiply(of_type).mean(axis=0)).ravel() - mu**2
-            excess = variance - mu
-            overdispersed = np.flatnonzero((excess > 1e-12) & (profile > 0))
-            size = mu[overdispersed] ** 2 / excess[overdispersed]
+            excess = np.asarray(of_type.multiply(of_type).mean(axis=0)).ravel() - mu**2 - mu
+            dispersion = np.full(len(mu), np.inf)
+            overdispersed = (excess > 1e-12) & (profile > 0)
+            dispersion[overdispersed] = mu[overdispersed] ** 2 / excess[overdispersed]
         # Sparse draws a block at a time: PBMC68k-size plans would not fit as dense arrays.
         for start in range(0, n_cells, BASELINE_BLOCK):
             totals = drawn_libraries[start:start + BASELINE_BLOCK]
-            rates = totals[:, np.newaxis] * profile[np.newaxis, :]
-            if kind == "nb":
-                # A negative binomial is a Poisson around a gamma-distributed mean.
-                rates[:, overdispersed] = rng.gamma(size, rates[:, overdispersed] / size)
-            blocks.append(draw_counts(rates, rates.sum(axis=1), "poisson", rng))
+            profiles = np.broadcast_to(profile, (len(totals), len(profile)))
+            blocks.append(draw_counts(profiles, totals, "negative_binomial" if kind == "nb" else "poisson", rng,
+                                      dispersion))
         names.extend([cell_type] * n_cells)
     return ad.AnnData(X=sp.vstack(blocks, format="csr"),
                       obs=pd.DataFrame({"cell_type": names}, index=[f"{kind}_{i}" for i in range(len(names))]))

@@ -10,7 +10,8 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-RECONSTRUCTION_LOSSES = ("mse", "multinomial")
+RECONSTRUCTION_LOSSES = ("mse", "multinomial", "negative_binomial")
+COUNT_LOSSES = ("multinomial", "negative_binomial")  # the decoder gives logits of expression proportions
 
 
 @keras.saving.register_keras_serializable(package="cvaesim")
@@ -45,6 +46,28 @@ class GeneOffsets(layers.Layer):
 
     def call(self, images):
         return images + ops.cast(self.offsets, images.dtype)
+
+
+@keras.saving.register_keras_serializable(package="cvaesim")
+class GeneDispersion(layers.Layer):
+    """Each gene's negative-binomial inverse dispersion theta (variance mu + mu^2 / theta), learned as log theta.
+
+    One value per gene, as in scVI: the counts' spread beyond a Poisson that the latent does
+    not explain. Starts at theta = 1.
+    """
+
+    def __init__(self, n_genes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.n_genes = n_genes
+
+    def build(self, input_shape=None):
+        self.log_theta = self.add_weight(shape=(self.n_genes,), initializer="zeros", name="log_theta")
+
+    def call(self, inputs=None):
+        return self.log_theta
+
+    def get_config(self):
+        return {**super().get_config(), "n_genes": self.n_genes}
 
 
 def build_encoder(side, n_cell_types, filters, kernel_size, strides, dense_units, latent_dim) -> keras.Model:
@@ -87,6 +110,9 @@ class ConditionalConvVAE(keras.Model):
     first ``n_genes`` pixels (the genes; the rest is padding) gives expression proportions,
     and the loss is the multinomial negative log-likelihood of the cell's counts,
     -sum(counts x log p): a count likelihood, which keeps the latent in use.
+    ``'negative_binomial'``: the same proportions times the cell's library size are the means
+    of independent negative binomials, one learned dispersion per gene (:class:`GeneDispersion`).
+    Both count likelihoods leave out the terms that depend on the counts alone.
     """
 
     def __init__(
@@ -122,8 +148,11 @@ class ConditionalConvVAE(keras.Model):
         self.beta = beta
         self.encoder = build_encoder(image_side, n_cell_types, filters, kernel_size, strides, dense_units, latent_dim)
         self.decoder = build_decoder(image_side, n_cell_types, filters, kernel_size, strides, latent_dim,
-                                     "sigmoid" if reconstruction_loss == "mse" else None, gene_offsets)
+                                     None if reconstruction_loss in COUNT_LOSSES else "sigmoid", gene_offsets)
         self.sampling = Sampling(seed, name="z")
+        if reconstruction_loss == "negative_binomial":
+            self.dispersion = GeneDispersion(self.n_genes, name="dispersion")
+            self.dispersion.build()
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
@@ -146,9 +175,22 @@ class ConditionalConvVAE(keras.Model):
         else:
             log_proportions = ops.log_softmax(ops.reshape(decoded, (-1, self.image_side**2))[:, :self.n_genes], axis=1)
             counts = ops.reshape(counts, (-1, self.image_side**2))[:, :self.n_genes]
-            reconstruction = -ops.mean(ops.sum(counts * log_proportions, axis=1))
+            if self.reconstruction_loss == "multinomial":
+                reconstruction = -ops.mean(ops.sum(counts * log_proportions, axis=1))
+            else:
+                reconstruction = -ops.mean(ops.sum(self.negative_binomial_log_likelihood(counts, log_proportions), axis=1))
         kl = ops.mean(-0.5 * ops.sum(1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1))
         return reconstruction + self.beta * kl, reconstruction, kl
+
+    def negative_binomial_log_likelihood(self, counts, log_proportions):
+        """log NB(counts | mu, theta) per gene without the -log(counts!) term, mu = library x proportions."""
+        library = ops.maximum(ops.sum(counts, axis=1, keepdims=True), 1.0)
+        log_mu = log_proportions + ops.log(library)
+        log_theta = self.dispersion.log_theta
+        theta = ops.exp(log_theta)
+        log_theta_plus_mu = ops.logaddexp(log_theta, log_mu)
+        return (tf.math.lgamma(counts + theta) - tf.math.lgamma(theta)
+                + theta * (log_theta - log_theta_plus_mu) + counts * (log_mu - log_theta_plus_mu))
 
     def _track(self, total, reconstruction, kl):
         self.total_loss_tracker.update_state(total)

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from .counts import COUNT_SAMPLING, draw_counts
 from .images import from_images, to_images, unscale
-from .model import ConditionalConvVAE
+from .model import COUNT_LOSSES, ConditionalConvVAE
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +30,28 @@ class Simulator:
     posterior N(mean, var), which keeps z where the decoder was trained. With
     ``library_sizes='resampled'`` each cell's expected counts are rescaled to the library
     size of a random training cell of its type; ``'decoded'`` keeps the decoder's own total
-    (only for models whose decoder gives counts, not proportions).
+    (only for models whose decoder gives counts, not proportions). ``count_sampling`` (see
+    :func:`~cvaesim.counts.draw_counts`) defaults to the model's own likelihood: negative
+    binomial with its learned dispersions for a ``negative_binomial`` model, else Poisson.
     """
 
     def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 256,
-                 count_sampling: str = "poisson", library_sizes: str = "resampled", latent: str = "prior"):
+                 count_sampling: str | None = None, library_sizes: str = "resampled", latent: str = "prior"):
+        loss = getattr(model, "reconstruction_loss", "mse")
+        if count_sampling is None:  # the model's own likelihood
+            count_sampling = "negative_binomial" if loss == "negative_binomial" else "poisson"
         if count_sampling not in COUNT_SAMPLING:
             raise ValueError(f"unknown count sampling {count_sampling!r}; choose one of {COUNT_SAMPLING}")
         if library_sizes not in LIBRARY_SIZES:
             raise ValueError(f"unknown library sizes {library_sizes!r}; choose one of {LIBRARY_SIZES}")
         if latent not in LATENT_DRAWS:
             raise ValueError(f"unknown latent draws {latent!r}; choose one of {LATENT_DRAWS}")
-        self.proportions = getattr(model, "reconstruction_loss", "mse") == "multinomial"
+        self.proportions = loss in COUNT_LOSSES
         if self.proportions and library_sizes == "decoded":
-            raise ValueError("a multinomial model decodes proportions, not totals: library sizes must be 'resampled'")
+            raise ValueError(f"a {loss} model decodes proportions, not totals: library sizes must be 'resampled'")
+        if count_sampling == "negative_binomial" and loss != "negative_binomial":
+            raise ValueError(f"negative-binomial count sampling needs the dispersions of a model trained with the "
+                             f"negative_binomial loss; this one was trained with {loss}")
         self.model = model
         self.latent = latent
         self.batch_size = batch_size
@@ -54,6 +62,9 @@ class Simulator:
         self.scale = store_meta.var["scale"].to_numpy()
         self.scaling = store_meta.uns["image"]["scaling"]
         self.var = store_meta.var.drop(columns=["pixel", "scale"])
+        # Each gene's learned dispersion, in the genes' order (the loss indexes it by pixel).
+        self.dispersion = (np.exp(np.asarray(model.dispersion.log_theta, dtype=np.float64))[self.pixel]
+                           if count_sampling == "negative_binomial" else None)
         is_training = (store_meta.obs["split"] == "train").to_numpy()
         training = store_meta.obs[is_training]
         self.training_libraries = {
@@ -95,7 +106,7 @@ class Simulator:
                     totals = rng.choice(self.training_libraries[cell_type], size=n)
                 else:
                     totals = profiles.sum(axis=1)
-                yield draw_counts(profiles, totals, self.count_sampling, rng), cell_type
+                yield draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
             log.info("simulated %d cells of %s", n_cells, cell_type)
 
     def draw_latent(self, cell_type: str, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -146,7 +157,7 @@ def simulate(
     cells_per_type: dict[str, int],
     seed: int,
     batch_size: int = 256,
-    count_sampling: str = "poisson",
+    count_sampling: str | None = None,
     library_sizes: str = "resampled",
     latent: str = "prior",
 ) -> ad.AnnData:

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from .images import to_images, unscale_counts
 from .io import atomic_output
-from .model import ConditionalConvVAE
+from .model import COUNT_LOSSES, ConditionalConvVAE
 
 log = logging.getLogger(__name__)
 
@@ -123,22 +123,22 @@ def batches_for(store: ad.AnnData, split: str, batch_size: int, seed: int | None
 def initial_gene_offsets(store: ad.AnnData, reconstruction_loss: str) -> np.ndarray:
     """Each pixel's starting offset, from the training cells: the decoder starts at their mean.
 
-    Multinomial: the log of each gene's share of all training counts (padding: far below any
+    Count losses: the log of each gene's share of all training counts (padding: far below any
     gene). MSE: the logit of each pixel's mean scaled value, for the sigmoid.
     """
     side = int(store.uns["image"]["side"])
     values = sp.csr_matrix(store.X)
     rows = np.flatnonzero((store.obs["split"] == "train").to_numpy())
-    multinomial = reconstruction_loss == "multinomial"
+    proportions = reconstruction_loss in COUNT_LOSSES
     sums = np.zeros(store.n_vars)
     # In chunks of rows: a copy of every training cell would cost PBMC68k's training job 0.5 GB.
     for start in range(0, len(rows), 4096):
         chunk = values[rows[start:start + 4096]]
-        if multinomial:
+        if proportions:
             chunk = unscale_counts(chunk, store.var["scale"].to_numpy(), store.uns["image"]["scaling"])
         sums += np.asarray(chunk.sum(axis=0)).ravel()
     image = np.zeros(side * side)
-    if multinomial:
+    if proportions:
         image[store.var["pixel"].to_numpy()] = sums
         offsets = np.log(image / max(image.sum(), 1.0) + 1e-9)
     else:
@@ -238,7 +238,7 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
     if settings.gene_offsets:
         model.decoder.get_layer("gene_offsets").set_weights([initial_gene_offsets(store, settings.reconstruction_loss)])
     model.compile(optimizer=make_optimizer(settings))
-    with_counts = settings.reconstruction_loss == "multinomial"
+    with_counts = settings.reconstruction_loss in COUNT_LOSSES
     training_batches = batches_for(store, "train", settings.batch_size, seed, with_counts)
     test_batches = batches_for(store, "test", settings.batch_size, None, with_counts)
     log.info("%d training and %d test cells, image side %d, %d parameters",
