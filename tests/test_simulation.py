@@ -1,3 +1,6 @@
+import random
+import time
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -45,12 +48,23 @@ def test_cells_are_generated_in_batches_with_names_and_integer_counts(store):
     assert simulated.obs_names.is_unique
 
 
+class SlowDecoder(CountingDecoder):
+    """Takes an unpredictable time, as a busy machine would."""
+
+    def predict_on_batch(self, inputs):
+        time.sleep(random.uniform(0, 0.03))
+        return super().predict_on_batch(inputs)
+
+
 def test_simulation_is_seeded(store):
     model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0)
     wanted = dict.fromkeys(AWKWARD_TYPES, 20)
-    first = simulate(model, store, wanted, seed=5)
-    assert (first.X != simulate(model, store, wanted, seed=5).X).nnz == 0
-    assert (first.X != simulate(model, store, wanted, seed=6).X).nnz > 0
+    first = simulate(model, store, wanted, seed=5, batch_size=8)
+    assert (first.X != simulate(model, store, wanted, seed=5, batch_size=8).X).nnz == 0
+    assert (first.X != simulate(model, store, wanted, seed=6, batch_size=8).X).nnz > 0
+    # Decoding runs in a second thread; how long it takes must not change a cell.
+    model.decoder = SlowDecoder(model.decoder)
+    assert (first.X != simulate(model, store, wanted, seed=5, batch_size=8).X).nnz == 0
 
 
 def test_unknown_type_is_refused(store):

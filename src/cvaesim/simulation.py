@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import anndata as ad
 import numpy as np
@@ -86,28 +87,43 @@ class Simulator:
             raise ValueError(f"unknown cell types {unknown}; the model knows {self.cell_types}")
 
     def batches(self, cells_per_type: dict[str, int], seed: int) -> Iterator[tuple[sp.csr_matrix, str]]:
-        """Yield (integer counts of up to ``batch_size`` cells, their cell type), seeded."""
+        """Yield (integer counts of up to ``batch_size`` cells, their cell type), seeded.
+
+        Each batch draws from its own random stream (spawned from ``seed``), so the next batch
+        is decoded in a second thread while this one's counts are drawn and written.
+        """
         self.check(cells_per_type)
-        rng = np.random.default_rng(seed)
+        plan = [(cell_type, min(self.batch_size, n_cells - start))
+                for cell_type, n_cells in cells_per_type.items() for start in range(0, n_cells, self.batch_size)]
+        streams = np.random.SeedSequence(seed).spawn(len(plan))
         identity = np.eye(len(self.cell_types), dtype=np.float32)
-        for cell_type, n_cells in cells_per_type.items():
-            label = identity[self.cell_types.index(cell_type)]
-            for start in range(0, n_cells, self.batch_size):
-                n = min(self.batch_size, n_cells - start)
-                labels = np.broadcast_to(label, (n, label.size))
-                z = self.draw_latent(cell_type, labels, rng)
-                decoded = from_images(np.asarray(self.model.decoder.predict_on_batch([z, labels])), self.pixel)
-                if self.proportions:
-                    # Softmax without the division: draw_counts normalises each row itself.
-                    profiles = np.exp(decoded - decoded.max(axis=1, keepdims=True))
-                else:
-                    profiles = np.maximum(unscale(decoded.astype(np.float64), self.scale, self.scaling), 0.0)
-                if self.library_sizes == "resampled":
-                    totals = rng.choice(self.training_libraries[cell_type], size=n)
-                else:
-                    totals = profiles.sum(axis=1)
-                yield draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
-            log.info("simulated %d cells of %s", n_cells, cell_type)
+        pending = None
+        with ThreadPoolExecutor(max_workers=1) as decoding:
+            for (cell_type, n), stream in zip(plan, streams):
+                rng = np.random.default_rng(stream)
+                labels = np.broadcast_to(identity[self.cell_types.index(cell_type)], (n, len(self.cell_types)))
+                decoded = decoding.submit(self.model.decoder.predict_on_batch, [self.draw_latent(cell_type, labels, rng),
+                                                                                labels])
+                if pending is not None:
+                    yield self.draw_cells(*pending)
+                pending = decoded, cell_type, rng
+            if pending is not None:
+                yield self.draw_cells(*pending)
+        log.info("simulated %s", ", ".join(f"{n} cells of {name}" for name, n in cells_per_type.items()))
+
+    def draw_cells(self, decoded: Future, cell_type: str, rng: np.random.Generator) -> tuple[sp.csr_matrix, str]:
+        """Integer counts around the decoded images of one batch."""
+        decoded = from_images(np.asarray(decoded.result()), self.pixel)
+        if self.proportions:
+            # Softmax without the division: draw_counts normalises each row itself.
+            profiles = np.exp(decoded - decoded.max(axis=1, keepdims=True))
+        else:
+            profiles = np.maximum(unscale(decoded.astype(np.float64), self.scale, self.scaling), 0.0)
+        if self.library_sizes == "resampled":
+            totals = rng.choice(self.training_libraries[cell_type], size=len(profiles))
+        else:
+            totals = profiles.sum(axis=1)
+        return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
 
     def draw_latent(self, cell_type: str, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = len(labels)
