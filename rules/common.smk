@@ -14,7 +14,10 @@ def check_simulation_settings():
             f"config: simulate.library_sizes 'decoded' needs train.reconstruction_loss 'mse'; "
             f"a {loss} model decodes proportions, not totals"
         )
-    if config["simulate"]["count_sampling"] == "negative_binomial" and loss != "negative_binomial":
+    if (
+        config["simulate"]["count_sampling"] == "negative_binomial"
+        and loss != "negative_binomial"
+    ):
         raise ValueError(
             f"config: simulate.count_sampling 'negative_binomial' needs the dispersions learned with "
             f"train.reconstruction_loss 'negative_binomial' (it is {loss!r})"

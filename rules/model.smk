@@ -28,6 +28,7 @@ rule train:
         "results/{dataset}/images/images.h5ad",
     output:
         model="results/{dataset}/model/cvae.keras",
+        posteriors="results/{dataset}/model/posteriors.npz",
         history="results/{dataset}/model/history.tsv",
         plot=report(
             "results/{dataset}/model/history.png",
@@ -56,6 +57,7 @@ rule train:
 rule simulate:
     input:
         model="results/{dataset}/model/cvae.keras",
+        posteriors="results/{dataset}/model/posteriors.npz",
         store="results/{dataset}/images/images.h5ad",
     output:
         "results/{dataset}/simulated/simulated.h5ad",

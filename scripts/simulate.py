@@ -13,4 +13,5 @@ simulate(
     count_sampling=snakemake.params.count_sampling,
     library_sizes=snakemake.params.library_sizes,
     latent=snakemake.params.latent,
+    posteriors=snakemake.input.posteriors,
 )

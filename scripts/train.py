@@ -10,4 +10,5 @@ train(
     history_plot=snakemake.output.plot,
     settings=snakemake.params.settings,
     seed=snakemake.params.seed,
+    posteriors=snakemake.output.posteriors,
 )

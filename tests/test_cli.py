@@ -9,7 +9,7 @@ import scanpy as sc
 from cvaesim.cli import main, plan_cells
 from cvaesim.images import build_image_store
 from cvaesim.model import ConditionalConvVAE
-from cvaesim.simulation import simulate
+from cvaesim.simulation import Posteriors, simulate
 from cvaesim.steps import load_model
 
 from conftest import AWKWARD_TYPES, random_counts
@@ -74,6 +74,29 @@ def test_table_and_proportional_totals(trained, tmp_path):
     assert table["cell_type"].value_counts().to_dict() == {k: v for k, v in expected.items() if v}
     for name, n in expected.items():
         assert abs(n - 50 * real[name] / real.sum()) < 1
+
+
+def test_posteriors_beside_the_model_are_used(trained, tmp_path, capsys):
+    model = load_model(str(trained / "cvae.keras"))
+    store = ad.read_h5ad(trained / "images.h5ad")
+    with_posteriors = tmp_path / "model"
+    with_posteriors.mkdir()
+    (with_posteriors / "cvae.keras").write_bytes((trained / "cvae.keras").read_bytes())
+    posteriors = Posteriors.of_training_cells(model, store)
+    # Recognisable posteriors: every z_mean far out, so the decoded cells show where z came from.
+    Posteriors(posteriors.cells, posteriors.z_mean + 50, posteriors.z_log_var).save(with_posteriors / "posteriors.npz")
+    arguments = ["simulate", "--store", str(trained / "images.h5ad"), "--cells-per-type", "20", "--seed", "1"]
+    assert main([*arguments, "--model", str(with_posteriors / "cvae.keras"), "--output", str(tmp_path / "a.h5ad")]) == 0
+    assert main([*arguments, "--model", str(trained / "cvae.keras"), "--output", str(tmp_path / "b.h5ad")]) == 0
+    assert (ad.read_h5ad(tmp_path / "a.h5ad").X != ad.read_h5ad(tmp_path / "b.h5ad").X).nnz > 0
+    elsewhere = tmp_path / "elsewhere.npz"
+    (with_posteriors / "posteriors.npz").rename(elsewhere)
+    assert main([*arguments, "--model", str(with_posteriors / "cvae.keras"), "--posteriors", str(elsewhere),
+                 "--output", str(tmp_path / "c.h5ad")]) == 0
+    assert (ad.read_h5ad(tmp_path / "a.h5ad").X != ad.read_h5ad(tmp_path / "c.h5ad").X).nnz == 0
+    assert main([*arguments, "--model", str(trained / "cvae.keras"), "--posteriors", str(tmp_path / "none.npz"),
+                 "--output", str(tmp_path / "d.h5ad")]) == 2
+    assert "none.npz: no such file" in capsys.readouterr().err
 
 
 def test_bad_requests_are_clear_errors(trained, tmp_path, capsys):

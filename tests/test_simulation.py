@@ -10,7 +10,8 @@ from scipy.stats import nbinom
 from cvaesim.model import ConditionalConvVAE
 from cvaesim.images import build_image_store, to_images
 from cvaesim.counts import draw_counts
-from cvaesim.simulation import Simulator, simulate
+from cvaesim import InputError
+from cvaesim.simulation import Posteriors, Simulator, simulate
 from cvaesim.writers import original_table
 
 from conftest import AWKWARD_TYPES
@@ -192,6 +193,34 @@ def test_posterior_draws_encode_each_training_cell_once(store):
     z_mean, z_log_var = counting.encoder.predict_on_batch([images, labels])
     assert np.allclose(simulator.z_mean[rows], z_mean, atol=1e-6)
     assert np.allclose(simulator.z_log_var[rows], z_log_var, atol=1e-6)
+
+
+def test_posteriors_saved_after_training_replace_encoding(store, tmp_path):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    wanted = dict.fromkeys(AWKWARD_TYPES, 30)
+    lazy = Simulator(model, store, batch_size=16, latent="posterior")
+    lazily_drawn = lazy.to_anndata(wanted, seed=2)
+    path = tmp_path / "posteriors.npz"
+    Posteriors.of_training_cells(model, store).save(path)
+    saved = Posteriors.load(path)
+    assert list(saved.cells) == list(store.obs_names[store.obs["split"] == "train"])
+    assert np.allclose(saved.z_mean[lazy.is_encoded], lazy.z_mean[lazy.is_encoded], atol=1e-5)
+    assert np.allclose(saved.z_log_var[lazy.is_encoded], lazy.z_log_var[lazy.is_encoded], atol=1e-5)
+    model.encoder = counting = CountingEncoder(model.encoder)
+    drawn = Simulator(model, store, batch_size=16, latent="posterior", posteriors=saved).to_anndata(wanted, seed=2)
+    assert counting.cells == 0
+    # The same posteriors up to float rounding, hence (nearly always) the same cells.
+    assert (drawn.X != lazily_drawn.X).nnz <= 0.01 * drawn.X.nnz
+    # Posteriors of other cells, or no posteriors file at all, are refused with the file's name.
+    other = Posteriors(saved.cells[::-1], saved.z_mean, saved.z_log_var, str(path))
+    with pytest.raises(InputError, match="posteriors.npz: its cells are not the training cells"):
+        Simulator(model, store, latent="posterior", posteriors=other)
+    (tmp_path / "broken.npz").write_bytes(b"not numpy")
+    with pytest.raises(InputError, match="broken.npz: not a posteriors file"):
+        Posteriors.load(tmp_path / "broken.npz")
+    with pytest.raises(InputError, match="absent.npz: no such file"):
+        Posteriors.load(tmp_path / "absent.npz")
 
 
 class CountingEncoder:

@@ -49,16 +49,20 @@ def plan_cells(cell_types: list[str], real_counts: dict[str, int], per_type: int
 
 
 def simulate_command(arguments: argparse.Namespace) -> None:
-    from .simulation import Simulator
+    from .simulation import Posteriors, Simulator
     from .steps import load_model
     from .writers import MAX_TABLE_ENTRIES, write_10x, write_h5ad, write_table
 
     for path in (arguments.model, arguments.store):
         if not path.exists():
             raise InputError(f"{path}: no such file")
+    posteriors = arguments.posteriors
+    if posteriors is None and (arguments.model.parent / "posteriors.npz").is_file():
+        posteriors = arguments.model.parent / "posteriors.npz"
+    drawn_from = Posteriors.load(posteriors) if posteriors is not None and arguments.latent == "posterior" else None
     meta = ad.read_h5ad(arguments.store, backed="r")
     simulator = Simulator(load_model(str(arguments.model)), meta, arguments.batch_size, arguments.count_sampling,
-                          arguments.library_sizes, arguments.latent)
+                          arguments.library_sizes, arguments.latent, drawn_from)
     real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
     plan = plan_cells(simulator.cell_types, real_counts, arguments.cells_per_type, arguments.cells,
@@ -103,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--library-sizes", choices=LIBRARY_SIZES, default="resampled")
     command.add_argument("--latent", choices=LATENT_DRAWS, default="posterior",
                          help="z from N(0, I), or from the posterior of a random training cell of the type")
+    command.add_argument("--posteriors", type=Path,
+                         help="the training cells' posteriors from the train rule (default: posteriors.npz beside "
+                              "the model, when there; without them, drawn training cells are encoded here)")
     command.set_defaults(run=simulate_command)
     return main
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import InputError
 from .counts import COUNT_SAMPLING, draw_counts
 from .images import from_images, to_images, unscale
 from .model import COUNT_LOSSES, ConditionalConvVAE
@@ -28,7 +31,8 @@ class Simulator:
     inverse turns decoded pixels into expected counts, and the training cells' library
     sizes (its X is read only for posterior draws). ``latent='prior'`` draws z ~ N(0, I);
     ``'posterior'`` encodes a random training cell of the type and draws z from its
-    posterior N(mean, var), which keeps z where the decoder was trained. With
+    posterior N(mean, var), which keeps z where the decoder was trained; with ``posteriors``
+    (see :class:`Posteriors`) no cell is encoded here, otherwise each drawn cell is, once. With
     ``library_sizes='resampled'`` each cell's expected counts are rescaled to the library
     size of a random training cell of its type; ``'decoded'`` keeps the decoder's own total
     (only for models whose decoder gives counts, not proportions). ``count_sampling`` (see
@@ -37,7 +41,8 @@ class Simulator:
     """
 
     def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 256,
-                 count_sampling: str | None = None, library_sizes: str = "resampled", latent: str = "prior"):
+                 count_sampling: str | None = None, library_sizes: str = "resampled", latent: str = "prior",
+                 posteriors: Posteriors | None = None):
         loss = getattr(model, "reconstruction_loss", "mse")
         if count_sampling is None:  # the model's own likelihood
             count_sampling = "negative_binomial" if loss == "negative_binomial" else "poisson"
@@ -72,14 +77,21 @@ class Simulator:
             name: group["total_counts"].to_numpy() for name, group in training.groupby("cell_type", observed=True)
         }
         if latent == "posterior":
-            self.side = int(store_meta.uns["image"]["side"])
-            self.training_values = sp.csr_matrix(store_meta.X[np.flatnonzero(is_training)])
             self.training_rows = {name: np.flatnonzero(training["cell_type"].to_numpy() == name)
                                   for name in self.training_libraries}
-            # Each training cell is encoded once, when first drawn: large simulations reuse them.
-            self.z_mean = np.zeros((len(training), model.latent_dim), dtype=np.float32)
-            self.z_log_var = np.zeros_like(self.z_mean)
-            self.is_encoded = np.zeros(len(training), dtype=bool)
+            if posteriors is not None:
+                if not np.array_equal(posteriors.cells, training.index.to_numpy(dtype=str)):
+                    raise InputError(f"{posteriors.source}: its cells are not the training cells of this image "
+                                     f"store; rerun the train rule")
+                self.z_mean, self.z_log_var = posteriors.z_mean, posteriors.z_log_var
+                self.is_encoded = np.ones(len(training), dtype=bool)
+            else:
+                # Each training cell is encoded once, when first drawn: large simulations reuse them.
+                self.side = int(store_meta.uns["image"]["side"])
+                self.training_values = sp.csr_matrix(store_meta.X[np.flatnonzero(is_training)])
+                self.z_mean = np.zeros((len(training), model.latent_dim), dtype=np.float32)
+                self.z_log_var = np.zeros_like(self.z_mean)
+                self.is_encoded = np.zeros(len(training), dtype=bool)
 
     def check(self, cells_per_type: dict[str, int]) -> None:
         unknown = sorted(set(cells_per_type) - set(self.cell_types))
@@ -136,14 +148,13 @@ class Simulator:
         return (z_mean + np.exp(0.5 * z_log_var) * epsilon).astype(np.float32)
 
     def encode(self, rows: np.ndarray, label: np.ndarray) -> None:
-        """Posterior mean and log-variance of these training cells (all of one type), in batches."""
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            images = to_images(self.training_values[chunk], self.pixel, self.side)
-            labels = np.broadcast_to(label, (len(chunk), label.size))
-            z_mean, z_log_var = self.model.encoder.predict_on_batch([images, labels])
-            self.z_mean[chunk], self.z_log_var[chunk] = z_mean, z_log_var
-            self.is_encoded[chunk] = True
+        """Posterior mean and log-variance of these training cells (all of one type)."""
+        if not len(rows):
+            return
+        labels = np.broadcast_to(label, (len(rows), label.size))
+        self.z_mean[rows], self.z_log_var[rows] = encode_cells(
+            self.model.encoder, self.training_values[rows], labels, self.pixel, self.side, self.batch_size)
+        self.is_encoded[rows] = True
 
     def to_anndata(self, cells_per_type: dict[str, int], seed: int) -> ad.AnnData:
         """All requested cells in memory; for many cells, write :meth:`batches` as they come."""
@@ -163,6 +174,52 @@ class Simulator:
                 "latent": self.latent}
 
 
+def encode_cells(encoder, values: sp.csr_matrix, labels: np.ndarray, pixel: np.ndarray, side: int,
+                 batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means and log-variances of cells given as sparse scaled values, densified a batch at a time."""
+    z_mean, z_log_var = [], []
+    for start in range(0, values.shape[0], batch_size):
+        images = to_images(values[start:start + batch_size], pixel, side)
+        mean, log_var = encoder.predict_on_batch([images, labels[start:start + batch_size]])
+        z_mean.append(np.asarray(mean))
+        z_log_var.append(np.asarray(log_var))
+    return np.concatenate(z_mean), np.concatenate(z_log_var)
+
+
+@dataclass(frozen=True)
+class Posteriors:
+    """The posterior N(z_mean, exp(z_log_var)) of every training cell, computed once after training."""
+
+    cells: np.ndarray  # the training cells' names, in the image store's order
+    z_mean: np.ndarray
+    z_log_var: np.ndarray
+    source: str = "posteriors"  # for messages
+
+    @classmethod
+    def of_training_cells(cls, model: ConditionalConvVAE, store: ad.AnnData, batch_size: int = 256) -> "Posteriors":
+        is_training = (store.obs["split"] == "train").to_numpy()
+        codes = store.obs["cell_type"].cat.codes.to_numpy()[is_training]
+        labels = np.eye(len(store.obs["cell_type"].cat.categories), dtype=np.float32)[codes]
+        values = sp.csr_matrix(store.X[np.flatnonzero(is_training)])
+        z_mean, z_log_var = encode_cells(model.encoder, values, labels, store.var["pixel"].to_numpy(),
+                                         int(store.uns["image"]["side"]), batch_size)
+        return cls(store.obs_names[is_training].to_numpy(dtype=str), z_mean, z_log_var)
+
+    def save(self, path) -> None:
+        with open(path, "wb") as handle:  # a handle: np.savez would add ".npz" to a temporary name
+            np.savez(handle, cells=self.cells, z_mean=self.z_mean, z_log_var=self.z_log_var)
+
+    @classmethod
+    def load(cls, path) -> "Posteriors":
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such file")
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                return cls(arrays["cells"], arrays["z_mean"], arrays["z_log_var"], str(path))
+        except (OSError, ValueError, KeyError) as error:
+            raise InputError(f"{path}: not a posteriors file written by the train rule ({error})") from error
+
+
 def cell_names(n_cells: int, start: int = 0) -> list[str]:
     return [f"simulated_{i}" for i in range(start, start + n_cells)]
 
@@ -176,7 +233,8 @@ def simulate(
     count_sampling: str | None = None,
     library_sizes: str = "resampled",
     latent: str = "prior",
+    posteriors: Posteriors | None = None,
 ) -> ad.AnnData:
     """All requested cells in memory, as one AnnData (see :class:`Simulator`)."""
-    return Simulator(model, store_meta, batch_size, count_sampling, library_sizes, latent).to_anndata(
+    return Simulator(model, store_meta, batch_size, count_sampling, library_sizes, latent, posteriors).to_anndata(
         cells_per_type, seed)

@@ -63,9 +63,14 @@ def reshape(filtered: str, store: str, layout: str, side: int | None, scaling: s
     write_h5ad(images, store)
 
 
-def train(store: str, model_path: str, history_tsv: str, history_plot: str, settings: dict, seed: int) -> None:
-    """Checkpoints go to ``<model folder>/checkpoint/`` each epoch; a rerun after a kill resumes there."""
+def train(store: str, model_path: str, history_tsv: str, history_plot: str, settings: dict, seed: int,
+          posteriors: str | None = None) -> None:
+    """Checkpoints go to ``<model folder>/checkpoint/`` each epoch; a rerun after a kill resumes there.
+
+    ``posteriors``: where to save the training cells' posteriors, for simulations to draw from.
+    """
     from .plots import plot_history
+    from .simulation import Posteriors
     from .training import TrainingSettings, train as fit
 
     # The run is identified by what determines it: settings (less the epoch count, so that
@@ -74,10 +79,14 @@ def train(store: str, model_path: str, history_tsv: str, history_plot: str, sett
     fingerprint = hashlib.sha256(
         json.dumps([identity, seed, sha256_of(Path(store))], sort_keys=True).encode()
     ).hexdigest()
-    model, history = fit(ad.read_h5ad(store), TrainingSettings(**settings), seed,
+    images = ad.read_h5ad(store)
+    model, history = fit(images, TrainingSettings(**settings), seed,
                          checkpoint=Path(model_path).parent / "checkpoint", fingerprint=fingerprint)
     with atomic_output(model_path) as temporary:
         model.save(temporary)
+    if posteriors is not None:
+        with atomic_output(posteriors) as temporary:
+            Posteriors.of_training_cells(model, images).save(temporary)
     with atomic_output(history_tsv) as temporary:
         history.to_csv(temporary, sep="\t", index=False)
     with atomic_output(history_plot) as temporary:
@@ -93,13 +102,15 @@ def load_model(path: str):
 
 
 def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed: int,
-             batch_size: int, count_sampling: str, library_sizes: str, latent: str = "prior") -> None:
+             batch_size: int, count_sampling: str, library_sizes: str, latent: str = "prior",
+             posteriors: str | None = None) -> None:
     """``cells_per_type`` cells of every cell type the model knows, as a sparse ``.h5ad``."""
-    from .simulation import Simulator
+    from .simulation import Posteriors, Simulator
     from .writers import write_h5ad as write_stream
 
     meta = ad.read_h5ad(store, backed="r")
-    simulator = Simulator(load_model(model_path), meta, batch_size, count_sampling, library_sizes, latent)
+    drawn_from = Posteriors.load(posteriors) if posteriors is not None and latent == "posterior" else None
+    simulator = Simulator(load_model(model_path), meta, batch_size, count_sampling, library_sizes, latent, drawn_from)
     meta.file.close()
     plan = dict.fromkeys(simulator.cell_types, cells_per_type)
     write_stream(simulator.batches(plan, seed), simulator.var, simulator.cell_types, simulator.settings(seed), output)
