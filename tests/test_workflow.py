@@ -61,7 +61,7 @@ def test_embedded_run_outputs_are_checked(workdir):
 
 
 def test_saved_model_reloads_and_resimulates_identically(workdir):
-    from cvaesim.simulation import simulate
+    from cvaesim.simulation import Posteriors, simulate
     from cvaesim.steps import load_model
 
     results = workdir / "results" / "pbmc68k_reduced"
@@ -71,7 +71,8 @@ def test_saved_model_reloads_and_resimulates_identically(workdir):
     again = simulate(load_model(str(results / "model" / "cvae.keras")), store,
                      dict.fromkeys(cell_types, CELLS_PER_TYPE), config["seed"],
                      config["simulate"]["batch_size"], config["simulate"]["count_sampling"],
-                     config["simulate"]["library_sizes"], config["simulate"]["latent"])
+                     config["simulate"]["library_sizes"], config["simulate"]["latent"],
+                     Posteriors.load(results / "model" / "posteriors.npz"))
     saved = ad.read_h5ad(results / "simulated" / "simulated.h5ad")
     assert (again.X != saved.X).nnz == 0
 
