@@ -27,8 +27,8 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
-from .images import log_normalise
 from .counts import draw_counts
+from .images import log_normalise
 
 log = logging.getLogger(__name__)
 

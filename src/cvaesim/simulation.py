@@ -153,7 +153,7 @@ class Simulator:
             return
         labels = np.broadcast_to(label, (len(rows), label.size))
         self.z_mean[rows], self.z_log_var[rows] = encode_cells(
-            self.model.encoder, self.training_values[rows], labels, self.pixel, self.side, self.batch_size)
+            self.model.encoder, self.training_values, rows, labels, self.pixel, self.side, self.batch_size)
         self.is_encoded[rows] = True
 
     def to_anndata(self, cells_per_type: dict[str, int], seed: int) -> ad.AnnData:
@@ -174,12 +174,13 @@ class Simulator:
                 "latent": self.latent}
 
 
-def encode_cells(encoder, values: sp.csr_matrix, labels: np.ndarray, pixel: np.ndarray, side: int,
+def encode_cells(encoder, values, rows: np.ndarray, labels: np.ndarray, pixel: np.ndarray, side: int,
                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior means and log-variances of cells given as sparse scaled values, densified a batch at a time."""
+    """Posterior means and log-variances of ``values[rows]`` (sparse scaled values, in memory or
+    backed; ``rows`` ascending), read and densified a batch at a time."""
     z_mean, z_log_var = [], []
-    for start in range(0, values.shape[0], batch_size):
-        images = to_images(values[start:start + batch_size], pixel, side)
+    for start in range(0, len(rows), batch_size):
+        images = to_images(values[rows[start:start + batch_size]], pixel, side)
         mean, log_var = encoder.predict_on_batch([images, labels[start:start + batch_size]])
         z_mean.append(np.asarray(mean))
         z_log_var.append(np.asarray(log_var))
@@ -197,13 +198,13 @@ class Posteriors:
 
     @classmethod
     def of_training_cells(cls, model: ConditionalConvVAE, store: ad.AnnData, batch_size: int = 256) -> "Posteriors":
-        is_training = (store.obs["split"] == "train").to_numpy()
-        codes = store.obs["cell_type"].cat.codes.to_numpy()[is_training]
+        rows = np.flatnonzero((store.obs["split"] == "train").to_numpy())
+        codes = store.obs["cell_type"].cat.codes.to_numpy()[rows]
         labels = np.eye(len(store.obs["cell_type"].cat.categories), dtype=np.float32)[codes]
-        values = sp.csr_matrix(store.X[np.flatnonzero(is_training)])
-        z_mean, z_log_var = encode_cells(model.encoder, values, labels, store.var["pixel"].to_numpy(),
+        # Read from the store a batch at a time: a copy of PBMC68k's training cells would take 0.5 GB.
+        z_mean, z_log_var = encode_cells(model.encoder, store.X, rows, labels, store.var["pixel"].to_numpy(),
                                          int(store.uns["image"]["side"]), batch_size)
-        return cls(store.obs_names[is_training].to_numpy(dtype=str), z_mean, z_log_var)
+        return cls(store.obs_names[rows].to_numpy(dtype=str), z_mean, z_log_var)
 
     def save(self, path) -> None:
         with open(path, "wb") as handle:  # a handle: np.savez would add ".npz" to a temporary name

@@ -37,13 +37,14 @@ def write_h5ad(batches: Batches, var: pd.DataFrame, cell_types: list[str], uns: 
         empty.write_h5ad(temporary, compression="gzip", compression_opts=1)
         with h5py.File(temporary, "r+") as handle:
             matrix = ad.io.sparse_dataset(handle["X"])
-            pending = []
+            pending, pending_cells = [], 0
             for counts, cell_type in batches:
                 pending.append(counts)
+                pending_cells += counts.shape[0]
                 codes.append(np.full(counts.shape[0], cell_types.index(cell_type), dtype=np.int32))
-                if sum(block.shape[0] for block in pending) >= APPEND_CELLS:
+                if pending_cells >= APPEND_CELLS:
                     matrix.append(sp.vstack(pending, format="csr", dtype=np.int32))
-                    pending = []
+                    pending, pending_cells = [], 0
             if pending:
                 matrix.append(sp.vstack(pending, format="csr", dtype=np.int32))
             codes = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int32)
