@@ -216,6 +216,9 @@ def test_posteriors_saved_after_training_replace_encoding(store, tmp_path):
     other = Posteriors(saved.cells[::-1], saved.z_mean, saved.z_log_var, str(path))
     with pytest.raises(InputError, match="posteriors.npz: its cells are not the training cells"):
         Simulator(model, store, latent="posterior", posteriors=other)
+    wider = Posteriors(saved.cells, np.hstack([saved.z_mean] * 2), np.hstack([saved.z_log_var] * 2), str(path))
+    with pytest.raises(InputError, match="posteriors.npz: 6 latent dimensions, the model has 3"):
+        Simulator(model, store, latent="posterior", posteriors=wider)
     (tmp_path / "broken.npz").write_bytes(b"not numpy")
     with pytest.raises(InputError, match="broken.npz: not a posteriors file"):
         Posteriors.load(tmp_path / "broken.npz")

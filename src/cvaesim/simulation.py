@@ -83,6 +83,9 @@ class Simulator:
                 if not np.array_equal(posteriors.cells, training.index.to_numpy(dtype=str)):
                     raise InputError(f"{posteriors.source}: its cells are not the training cells of this image "
                                      f"store; rerun the train rule")
+                if posteriors.z_mean.shape[1] != model.latent_dim:
+                    raise InputError(f"{posteriors.source}: {posteriors.z_mean.shape[1]} latent dimensions, the "
+                                     f"model has {model.latent_dim}; it belongs to another model")
                 self.z_mean, self.z_log_var = posteriors.z_mean, posteriors.z_log_var
                 self.is_encoded = np.ones(len(training), dtype=bool)
             else:
