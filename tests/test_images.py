@@ -100,3 +100,14 @@ def test_correlation_order_falls_back_to_matrix_order_on_too_little_data(n_cells
     counts = np.zeros((n_cells, 10), dtype=np.int64)
     counts[:, :detected] = np.random.default_rng(0).poisson(3, (n_cells, detected)) + 1
     assert gene_pixels(sp.csr_matrix(counts), 4, "correlation", seed=0).tolist() == list(range(10))
+
+
+def test_images_from_sparse_rows_equal_images_from_dense_rows():
+    rng = np.random.default_rng(0)
+    dense = rng.random((6, 10)) * (rng.random((6, 10)) < 0.3)
+    pixel = rng.permutation(16)[:10]
+    sparse = sp.csr_matrix(dense)
+    np.testing.assert_array_equal(to_images(sparse, pixel, 4), to_images(dense, pixel, 4))
+    # Entries stored twice (a CSR matrix not in canonical form) are summed, as scipy sums them.
+    doubled = sp.csr_matrix((np.ones(2), np.array([3, 3]), np.array([0, 2, 2, 2, 2, 2, 2])), shape=(6, 10))
+    assert to_images(doubled, pixel, 4).reshape(6, 16)[0, pixel[3]] == 2.0

@@ -7,11 +7,21 @@ as a second image channel for the encoder and concatenated to z for the decoder.
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 from keras import layers, ops
 
 RECONSTRUCTION_LOSSES = ("mse", "multinomial", "negative_binomial")
 COUNT_LOSSES = ("multinomial", "negative_binomial")  # the decoder gives logits of expression proportions
+
+
+def log_gamma(values):
+    """log Gamma(values) on whichever backend Keras runs (keras.ops has no lgamma)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.lax.lgamma(values)
+    import tensorflow as tf
+
+    return tf.math.lgamma(values)
 
 
 @keras.saving.register_keras_serializable(package="cvaesim")
@@ -149,9 +159,10 @@ class ConditionalConvVAE(keras.Model):
         self.encoder = build_encoder(image_side, n_cell_types, filters, kernel_size, strides, dense_units, latent_dim)
         self.decoder = build_decoder(image_side, n_cell_types, filters, kernel_size, strides, latent_dim,
                                      None if reconstruction_loss in COUNT_LOSSES else "sigmoid", gene_offsets)
-        self.sampling = Sampling(seed, name="z")
+        # float32 like z_mean and z_log_var: under mixed precision, float16 would meet float32 noise.
+        self.sampling = Sampling(seed, name="z", dtype="float32")
         if reconstruction_loss == "negative_binomial":
-            self.dispersion = GeneDispersion(self.n_genes, name="dispersion")
+            self.dispersion = GeneDispersion(self.n_genes, name="dispersion", dtype="float32")
             self.dispersion.build()
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
@@ -189,7 +200,7 @@ class ConditionalConvVAE(keras.Model):
         log_theta = self.dispersion.log_theta
         theta = ops.exp(log_theta)
         log_theta_plus_mu = ops.logaddexp(log_theta, log_mu)
-        return (tf.math.lgamma(counts + theta) - tf.math.lgamma(theta)
+        return (log_gamma(counts + theta) - log_gamma(theta)
                 + theta * (log_theta - log_theta_plus_mu) + counts * (log_mu - log_theta_plus_mu))
 
     def _track(self, total, reconstruction, kl):
@@ -198,17 +209,72 @@ class ConditionalConvVAE(keras.Model):
         self.kl_loss_tracker.update_state(kl)
         return {metric.name: metric.result() for metric in self.metrics}
 
-    def train_step(self, data):
-        inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+    def train_step(self, *args):
+        """One optimiser step on TensorFlow (the workflow's backend) or, with KERAS_BACKEND=jax, on JAX."""
+        if keras.backend.backend() == "jax":
+            return self._jax_train_step(*args)
+        import tensorflow as tf
+
+        inputs, _, _ = keras.utils.unpack_x_y_sample_weight(args[0])
         with tf.GradientTape() as tape:
             total, reconstruction, kl = self.compute_losses(*inputs, training=True)
-        gradients = tape.gradient(total, self.trainable_weights)
+            # Under mixed precision the optimizer scales the loss up and the gradients back down.
+            scaled = self.optimizer.scale_loss(total)
+        gradients = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
         return self._track(total, reconstruction, kl)
 
-    def test_step(self, data):
-        inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+    def test_step(self, *args):
+        if keras.backend.backend() == "jax":
+            return self._jax_test_step(*args)
+        inputs, _, _ = keras.utils.unpack_x_y_sample_weight(args[0])
         return self._track(*self.compute_losses(*inputs))
+
+    # JAX steps are pure functions of the variables' values, after the Keras guide
+    # "Customizing what happens in fit() with JAX": the same losses, run in a stateless scope.
+
+    def _jax_losses(self, trainable, non_trainable, inputs, optimizer_variables=None):
+        """The losses on these variable values, with the non-trainable values they leave (the sampler's seed).
+
+        With ``optimizer_variables`` (training), the first value is the loss as the optimizer scales it.
+        """
+        mapping = [*zip(self.trainable_variables, trainable), *zip(self.non_trainable_variables, non_trainable)]
+        training = optimizer_variables is not None
+        if training:
+            mapping += zip(self.optimizer.variables, optimizer_variables)
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            total, reconstruction, kl = self.compute_losses(*inputs, training=training)
+            scaled = self.optimizer.scale_loss(total) if training else total
+        moved = [scope.get_current_value(variable) for variable in self.non_trainable_variables]
+        non_trainable = [old if new is None else new for new, old in zip(moved, non_trainable)]
+        return scaled, (total, reconstruction, kl, non_trainable)
+
+    def _jax_track(self, metrics_variables, *losses):
+        updated, logs = [], {}
+        for metric, value in zip(self.metrics, losses):
+            own = metric.stateless_update_state(metrics_variables[len(updated):len(updated) + len(metric.variables)], value)
+            logs[metric.name] = metric.stateless_result(own)
+            updated += own
+        return updated, logs
+
+    def _jax_train_step(self, state, data):
+        import jax
+
+        trainable, non_trainable, optimizer_variables, metrics_variables = state
+        inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        gradient_of = jax.value_and_grad(self._jax_losses, has_aux=True)
+        (_, (total, reconstruction, kl, non_trainable)), gradients = gradient_of(
+            trainable, non_trainable, inputs, optimizer_variables)
+        trainable, optimizer_variables = self.optimizer.stateless_apply(optimizer_variables, gradients, trainable)
+        metrics_variables, logs = self._jax_track(metrics_variables, total, reconstruction, kl)
+        return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
+
+    def _jax_test_step(self, state, data):
+        trainable, non_trainable, metrics_variables = state
+        inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        _, (total, reconstruction, kl, non_trainable) = self._jax_losses(trainable, non_trainable, inputs)
+        metrics_variables, logs = self._jax_track(metrics_variables, total, reconstruction, kl)
+        return logs, (trainable, non_trainable, metrics_variables)
 
     def get_config(self):
         return {**super().get_config(), **self.hyperparameters}
