@@ -28,6 +28,7 @@ check_simulation_settings()
 
 DOWNLOAD_NAMES = {
     "10x_tarball": {"matrix": "matrix.tar.gz", "annotation": "annotation.tsv"},
+    "10x_h5": {"matrix": "matrix.h5", "annotation": "annotation.tsv"},
     "h5ad": {"matrix": "matrix.h5ad"},
 }
 

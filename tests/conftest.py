@@ -74,6 +74,32 @@ def write_tarball(path: Path, adata: ad.AnnData, folder: str = "filtered_matrice
     return path
 
 
+def write_10x_h5(path: Path, adata: ad.AnnData, v3: bool = True, antibodies: int = 0) -> Path:
+    """A Cell Ranger HDF5 matrix: v3 (``matrix`` group, with ``antibodies`` extra Antibody Capture
+    features) or v2 (one genome group), genes x cells compressed by cell, names as bytes."""
+    import h5py
+
+    counts = sp.csr_matrix(adata.X)
+    names = list(adata.var_names) + [f"ADT{j}" for j in range(antibodies)]
+    ids = [f"ENSG{j:011d}" for j in range(adata.n_vars)] + [f"ADT{j}_TotalSeqB" for j in range(antibodies)]
+    if antibodies:
+        extra = sp.csr_matrix(np.arange(adata.n_obs * antibodies).reshape(adata.n_obs, antibodies) % 7)
+        counts = sp.hstack([counts, extra], format="csr")
+    with h5py.File(path, "w") as h5:
+        group = h5.create_group("matrix" if v3 else "hg19")
+        group["data"], group["indices"], group["indptr"] = counts.data, counts.indices, counts.indptr
+        group["shape"] = np.array([counts.shape[1], counts.shape[0]], dtype=np.int32)
+        group["barcodes"] = np.array(adata.obs_names, dtype="S")
+        if v3:
+            features = group.create_group("features")
+            features["id"], features["name"] = np.array(ids, dtype="S"), np.array(names, dtype="S")
+            features["feature_type"] = np.array(["Gene Expression"] * adata.n_vars + ["Antibody Capture"] * antibodies,
+                                                dtype="S")
+        else:
+            group["genes"], group["gene_names"] = np.array(ids, dtype="S"), np.array(names, dtype="S")
+    return path
+
+
 def write_annotation(path: Path, adata: ad.AnnData) -> Path:
     table = pd.DataFrame({"TSNE.1": 0.0, "TSNE.2": 0.0, "barcodes": adata.obs_names,
                           "celltype": adata.obs["cell_type"].astype(str).to_numpy()})

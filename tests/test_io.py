@@ -7,9 +7,9 @@ import pytest
 import scipy.sparse as sp
 
 from cvaesim import InputError
-from cvaesim.io import atomic_output, read_10x_tarball, read_annotation, read_h5ad_counts
+from cvaesim.io import atomic_output, read_10x_h5, read_10x_tarball, read_annotation, read_h5ad_counts
 
-from conftest import EMBEDDED_ANNOTATION, EMBEDDED_H5AD, EMBEDDED_TARBALL, add_member, write_tarball
+from conftest import EMBEDDED_ANNOTATION, EMBEDDED_H5AD, EMBEDDED_TARBALL, add_member, write_10x_h5, write_tarball
 
 
 def test_embedded_tarball_holds_the_bundled_pbmc_counts():
@@ -127,3 +127,44 @@ def test_atomic_output_leaves_nothing_when_the_writer_fails(tmp_path):
     with atomic_output(target) as temporary:
         temporary.write_text("whole")
     assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("v3", [False, True])
+def test_10x_h5_reads_as_the_same_matrix_in_a_tarball(tmp_path, v3):
+    cells = read_10x_tarball(EMBEDDED_TARBALL)
+    adata = read_10x_h5(write_10x_h5(tmp_path / "m.h5", cells, v3=v3))
+    assert adata.X.dtype == np.int32 and (adata.X != cells.X).nnz == 0
+    assert list(adata.obs_names) == list(cells.obs_names) and list(adata.var_names) == list(cells.var_names)
+    assert adata.var["gene_ids"].iloc[0] == "ENSG00000000000"
+
+
+def test_10x_h5_keeps_gene_expression_features_only(tmp_path, small_cells):
+    adata = read_10x_h5(write_10x_h5(tmp_path / "m.h5", small_cells, antibodies=3))
+    assert list(adata.var_names) == list(small_cells.var_names)
+    assert np.array_equal(adata.X.toarray(), small_cells.X.toarray())
+
+
+def test_broken_10x_h5_files_are_clear_errors(tmp_path, small_cells):
+    import h5py
+
+    whole = write_10x_h5(tmp_path / "whole.h5", small_cells).read_bytes()
+    (tmp_path / "truncated.h5").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match="truncated.h5: not a readable HDF5 file"):
+        read_10x_h5(tmp_path / "truncated.h5")
+    write_10x_h5(tmp_path / "wrongshape.h5", small_cells)
+    with h5py.File(tmp_path / "wrongshape.h5", "a") as h5:
+        h5["matrix/shape"][...] = [small_cells.n_vars, small_cells.n_obs + 1]
+    with pytest.raises(InputError, match="wrongshape.h5: the matrix's data, indices and indptr do not fit"):
+        read_10x_h5(tmp_path / "wrongshape.h5")
+    write_10x_h5(tmp_path / "nobarcodes.h5", small_cells)
+    with h5py.File(tmp_path / "nobarcodes.h5", "a") as h5:
+        del h5["matrix/barcodes"]
+    with pytest.raises(InputError, match="nobarcodes.h5: /matrix has no 'barcodes'"):
+        read_10x_h5(tmp_path / "nobarcodes.h5")
+    small_cells.X = small_cells.X.astype(np.float32) * 0.5
+    with pytest.raises(InputError, match="halves.h5: the count matrix holds non-integer values"):
+        read_10x_h5(write_10x_h5(tmp_path / "halves.h5", small_cells))
+    with h5py.File(tmp_path / "other.h5", "w") as h5:
+        h5.create_group("mm10"), h5.create_group("hg19")
+    with pytest.raises(InputError, match="other.h5: expected a 'matrix' group .* found hg19, mm10"):
+        read_10x_h5(tmp_path / "other.h5")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import (AWKWARD_TYPES, CELLS_PER_TYPE, EPOCHS, QUICK_RUN, planned_jobs, random_counts, snakemake,
-                      write_annotation, write_config, write_tarball)
+                      write_10x_h5, write_annotation, write_config, write_tarball)
 
 pytestmark = pytest.mark.workflow
 
@@ -163,6 +163,22 @@ def test_broken_annotation_fails_clearly_and_leaves_no_output(workdir):
     assert "none of its 40 labelled barcodes is in" in result.stdout + result.stderr
     assert not (workdir / "results" / "unmatched" / "filtered.h5ad").exists()
     assert not list((workdir / "results" / "unmatched").glob("*.h5ad"))
+
+
+def test_10x_h5_dataset_is_filtered_and_needs_an_annotation(workdir):
+    cells = random_counts(60, 40, AWKWARD_TYPES, seed=3)
+    write_10x_h5(workdir / "cells.h5", cells, antibodies=2)
+    write_annotation(workdir / "cells.tsv", cells)
+    entry = {"format": "10x_h5", "matrix": {"source": "cells.h5"}, "label_column": "celltype"}
+    unlabelled = write_config(workdir / "unlabelled.yaml", {"dataset": "h5cells", "datasets": {"h5cells": entry}})
+    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", unlabelled, check=False)
+    assert result.returncode != 0 and "annotation" in result.stdout + result.stderr
+    labelled = write_config(workdir / "labelled.yaml", {"dataset": "h5cells", "datasets": {
+        "h5cells": {**entry, "annotation": {"source": "cells.tsv"}}}})
+    snakemake(workdir, "results/h5cells/filtered.h5ad", "--configfile", "config/config.yaml", labelled)
+    filtered = ad.read_h5ad(workdir / "results" / "h5cells" / "filtered.h5ad")
+    assert filtered.n_obs == 60 and not filtered.var_names.str.startswith("ADT").any()
+    assert set(filtered.obs["cell_type"]) == set(AWKWARD_TYPES)
 
 
 def test_lint_format_and_report(workdir):

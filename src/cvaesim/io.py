@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -97,8 +98,72 @@ def read_10x_tarball(path: str | Path) -> ad.AnnData:
             f"{len(genes)} genes and {len(barcodes)} barcodes"
         )
     symbols = genes[1] if genes.shape[1] > 1 else genes[0]
-    var = pd.DataFrame({"gene_ids": genes[0].to_numpy()}, index=pd.Index(symbols.to_numpy(), name=None))
-    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(barcodes.to_numpy())), var=var)
+    return _cells_by_genes(counts, barcodes.to_numpy(), genes[0].to_numpy(), symbols.to_numpy(), path)
+
+
+def read_10x_h5(path: str | Path) -> ad.AnnData:
+    """Read a 10x Genomics HDF5 matrix (Cell Ranger 3+ ``matrix`` group, or Cell Ranger 2's one genome group).
+
+    Of a Cell Ranger 3+ file only the Gene Expression features are kept (antibody capture
+    and other feature types are dropped, with a log line).
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            if "matrix" in h5:
+                group, features = h5["matrix"], h5["matrix"].get("features")
+                if features is None:
+                    raise InputError(f"{path}: the 'matrix' group has no 'features' (not a 10x HDF5 matrix)")
+                gene_ids, symbols = _strings(features, "id", path), _strings(features, "name", path)
+                feature_types = _strings(features, "feature_type", path) if "feature_type" in features else None
+            else:
+                genomes = [name for name, item in h5.items() if isinstance(item, h5py.Group)]
+                if len(genomes) != 1:
+                    raise InputError(f"{path}: expected a 'matrix' group (Cell Ranger 3+) or one genome group "
+                                     f"(Cell Ranger 2), found {', '.join(genomes) or 'none'}")
+                group = h5[genomes[0]]
+                gene_ids, symbols = _strings(group, "genes", path), _strings(group, "gene_names", path)
+                feature_types = None
+            barcodes = _strings(group, "barcodes", path)
+            parts = {name: group[name][()] for name in ("data", "indices", "indptr", "shape") if name in group}
+    except OSError as error:
+        raise InputError(f"{path}: not a readable HDF5 file ({error}); is the download complete?") from error
+    missing = sorted({"data", "indices", "indptr", "shape"} - set(parts))
+    if missing:
+        raise InputError(f"{path}: the matrix has no {', '.join(missing)} (not a 10x HDF5 matrix)")
+    n_genes, n_cells = (int(value) for value in parts["shape"])
+    indices, indptr = parts["indices"], parts["indptr"]
+    # Stored genes x cells, compressed by cell: the same arrays are cells x genes compressed by row.
+    if (len(indptr) != n_cells + 1 or indptr[-1] != len(indices) or len(parts["data"]) != len(indices)
+            or (len(indices) and (indices.min() < 0 or indices.max() >= n_genes))):
+        raise InputError(f"{path}: the matrix's data, indices and indptr do not fit its {n_genes} x {n_cells} shape")
+    counts = sp.csr_matrix((parts["data"], indices, indptr), shape=(n_cells, n_genes))
+    check_counts(counts, path)
+    counts = sp.csr_matrix(counts, dtype=np.int32)
+    if (len(barcodes), len(gene_ids)) != counts.shape:
+        raise InputError(f"{path}: matrix is {n_genes} genes x {n_cells} cells but the file lists "
+                         f"{len(gene_ids)} features and {len(barcodes)} barcodes")
+    if feature_types is not None:
+        expression = feature_types == "Gene Expression"
+        if not expression.all():
+            log.info("%s: keeping the %d Gene Expression features of %d (dropped: %s)", path, expression.sum(),
+                     len(expression), ", ".join(sorted(set(feature_types[~expression]))))
+            counts, gene_ids, symbols = counts[:, expression], gene_ids[expression], symbols[expression]
+    return _cells_by_genes(counts, barcodes, gene_ids, symbols, path)
+
+
+def _strings(group: h5py.Group, name: str, path: Path) -> np.ndarray:
+    if name not in group:
+        raise InputError(f"{path}: {group.name} has no '{name}' (not a 10x HDF5 matrix)")
+    return np.array([value.decode() if isinstance(value, bytes) else str(value) for value in group[name][()]],
+                    dtype=object)
+
+
+def _cells_by_genes(counts: sp.csr_matrix, barcodes, gene_ids, symbols, path: Path) -> ad.AnnData:
+    """Cells x genes with symbols as gene names (made unique) and the ids beside them."""
+    var = pd.DataFrame({"gene_ids": np.asarray(gene_ids, dtype=str)},
+                       index=pd.Index(np.asarray(symbols, dtype=str), name=None))
+    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(np.asarray(barcodes, dtype=str))), var=var)
     if not adata.var_names.is_unique:
         log.info("%s: %d gene symbols occur more than once; suffixing them (-1, -2, ...)",
                  path, adata.var_names.duplicated().sum())

@@ -17,11 +17,11 @@ from . import InputError
 from .download import fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from .images import build_image_store, layout_table
-from .io import atomic_output, read_10x_tarball, read_annotation, read_h5ad_counts, write_h5ad
+from .io import atomic_output, read_10x_h5, read_10x_tarball, read_annotation, read_h5ad_counts, write_h5ad
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("10x_tarball", "h5ad")
+FORMATS = ("10x_tarball", "10x_h5", "h5ad")
 
 
 def download(source: str, output: str, sha256: str | None = None) -> None:
@@ -39,11 +39,12 @@ def filter_dataset(
     thresholds: dict | None = None,
 ) -> None:
     """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']``."""
-    if format == "10x_tarball":
+    if format in ("10x_tarball", "10x_h5"):
         if annotation is None:
-            raise InputError(f"{matrix}: a 10x tarball needs an annotation file with the cell types")
+            raise InputError(f"{matrix}: a 10x matrix needs an annotation file with the cell types")
         labels = read_annotation(annotation, barcode_column, label_column)
-        adata = attach_labels(read_10x_tarball(matrix), labels, matrix, annotation)
+        read = read_10x_tarball if format == "10x_tarball" else read_10x_h5
+        adata = attach_labels(read(matrix), labels, matrix, annotation)
     elif format == "h5ad":
         adata = read_h5ad_counts(matrix, label_column, counts_layer)
     else:
