@@ -141,9 +141,14 @@ class EpochTimes(keras.callbacks.Callback):
         self.seconds = time.perf_counter() - self.started
 
 
-def train_original(n_cells: int, batch_size: int, epochs: int) -> dict:
-    import keras
+def fit_seconds(network, started: float, epochs: int, data, **fit_arguments) -> float:
+    """With one epoch, the seconds since ``started`` (data preparation included); else the last epoch's."""
+    timer = EpochTimes()
+    network.fit(data, epochs=epochs, verbose=0, callbacks=[timer], **fit_arguments)
+    return time.perf_counter() - started if epochs == 1 else timer.seconds
 
+
+def train_original(n_cells: int, batch_size: int, epochs: int) -> dict:
     data = store(n_cells)
     started = time.perf_counter()
     # The original: the whole matrix as a dense float64 array of images.
@@ -153,25 +158,19 @@ def train_original(n_cells: int, batch_size: int, epochs: int) -> dict:
     labels = np.eye(N_TYPES)[data.obs["cell_type"].cat.codes.to_numpy()]
     network = original_model()
     network.compile(optimizer=keras.optimizers.RMSprop(1e-3))
-    timer = EpochTimes()
-    network.fit(x=(images, labels), batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True, callbacks=[timer])
-    return {"cells": n_cells, "seconds": time.perf_counter() - started if epochs == 1 else timer.seconds}
+    return {"cells": n_cells,
+            "seconds": fit_seconds(network, started, epochs, (images, labels), batch_size=batch_size, shuffle=True)}
 
 
 def train_workflow(n_cells: int, batch_size: int, epochs: int, workers: int) -> dict:
-    import keras
-
     from cvaesim.training import batches_for
 
     data = store(n_cells)
     started = time.perf_counter()
     network = workflow_model()
     network.compile(optimizer=keras.optimizers.RMSprop(1e-3))
-    timer = EpochTimes()
-    network.fit(batches_for(data, "train", batch_size, seed=0, with_counts=True, workers=workers), epochs=epochs,
-                verbose=0,
-                callbacks=[timer])
-    return {"cells": n_cells, "seconds": time.perf_counter() - started if epochs == 1 else timer.seconds}
+    batches = batches_for(data, "train", batch_size, seed=0, with_counts=True, workers=workers)
+    return {"cells": n_cells, "seconds": fit_seconds(network, started, epochs, batches)}
 
 
 MEASURES = {"simulate_original": simulate_original, "simulate_workflow": simulate_workflow, "decode_only": decode_only,

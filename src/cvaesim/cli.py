@@ -49,7 +49,7 @@ def plan_cells(cell_types: list[str], real_counts: dict[str, int], per_type: int
 
 
 def simulate_command(arguments: argparse.Namespace) -> None:
-    from .simulation import Posteriors, Simulator
+    from .simulation import Simulator
     from .steps import load_model
     from .writers import MAX_TABLE_ENTRIES, write_10x, write_h5ad, write_table
 
@@ -59,10 +59,9 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     posteriors = arguments.posteriors
     if posteriors is None and (arguments.model.parent / "posteriors.npz").is_file():
         posteriors = arguments.model.parent / "posteriors.npz"
-    drawn_from = Posteriors.load(posteriors) if posteriors is not None and arguments.latent == "posterior" else None
     meta = ad.read_h5ad(arguments.store, backed="r")
     simulator = Simulator(load_model(str(arguments.model)), meta, arguments.batch_size, arguments.count_sampling,
-                          arguments.library_sizes, arguments.latent, drawn_from)
+                          arguments.library_sizes, arguments.latent, posteriors)
     real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
     plan = plan_cells(simulator.cell_types, real_counts, arguments.cells_per_type, arguments.cells,

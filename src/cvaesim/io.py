@@ -137,9 +137,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
     if (len(indptr) != n_cells + 1 or indptr[-1] != len(indices) or len(parts["data"]) != len(indices)
             or (len(indices) and (indices.min() < 0 or indices.max() >= n_genes))):
         raise InputError(f"{path}: the matrix's data, indices and indptr do not fit its {n_genes} x {n_cells} shape")
-    counts = sp.csr_matrix((parts["data"], indices, indptr), shape=(n_cells, n_genes))
-    check_counts(counts, path)
-    counts = sp.csr_matrix(counts, dtype=np.int32)
+    counts = integer_counts(sp.csr_matrix((parts["data"], indices, indptr), shape=(n_cells, n_genes)), path)
     if (len(barcodes), len(gene_ids)) != counts.shape:
         raise InputError(f"{path}: matrix is {n_genes} genes x {n_cells} cells but the file lists "
                          f"{len(gene_ids)} features and {len(barcodes)} barcodes")
@@ -209,9 +207,14 @@ def _read_matrix_market(stream, path: Path) -> sp.csr_matrix:
         raise InputError(f"{path}: matrix.mtx has {filled} entries but its header promises {n_entries}")
     if n_entries and (genes.min() < 1 or genes.max() > n_genes or cells.min() < 1 or cells.max() > n_cells):
         raise InputError(f"{path}: matrix.mtx has indices outside its {n_genes} x {n_cells} shape")
-    counts = sp.csr_matrix((values, (cells - 1, genes - 1)), shape=(n_cells, n_genes))
-    check_counts(counts, path)
-    return sp.csr_matrix(counts, dtype=np.int32) if counts.dtype != np.int32 else counts
+    return integer_counts(sp.csr_matrix((values, (cells - 1, genes - 1)), shape=(n_cells, n_genes)), path)
+
+
+def integer_counts(matrix, source: str | Path) -> sp.csr_matrix:
+    """The matrix as int32 CSR counts, after :func:`check_counts` (no copy when it already is)."""
+    matrix = sp.csr_matrix(matrix)
+    check_counts(matrix, source)
+    return matrix if matrix.dtype == np.int32 else matrix.astype(np.int32)
 
 
 def check_counts(matrix: sp.spmatrix | np.ndarray, source: str | Path) -> None:
@@ -280,10 +283,8 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
         raise InputError(
             f"{path}: no layer {counts_layer!r}; its layers are {', '.join(map(repr, source.layers)) or 'none'}"
         )
-    counts = sp.csr_matrix(counts)
-    check_counts(counts, path)
     adata = ad.AnnData(
-        X=counts.astype(np.int32),
+        X=integer_counts(counts, path),
         obs=pd.DataFrame({"cell_type": source.obs[label_column].astype(str).where(source.obs[label_column].notna())},
                          index=source.obs_names),
         var=pd.DataFrame(index=var.index.astype(str)),

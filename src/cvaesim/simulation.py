@@ -32,7 +32,8 @@ class Simulator:
     sizes (its X is read only for posterior draws). ``latent='prior'`` draws z ~ N(0, I);
     ``'posterior'`` encodes a random training cell of the type and draws z from its
     posterior N(mean, var), which keeps z where the decoder was trained; with ``posteriors``
-    (see :class:`Posteriors`) no cell is encoded here, otherwise each drawn cell is, once. With
+    (see :class:`Posteriors`, or the path of its file; used by posterior draws only) no cell is
+    encoded here, otherwise each drawn cell is, once. With
     ``library_sizes='resampled'`` each cell's expected counts are rescaled to the library
     size of a random training cell of its type; ``'decoded'`` keeps the decoder's own total
     (only for models whose decoder gives counts, not proportions). ``count_sampling`` (see
@@ -42,7 +43,7 @@ class Simulator:
 
     def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 256,
                  count_sampling: str | None = None, library_sizes: str = "resampled", latent: str = "prior",
-                 posteriors: Posteriors | None = None):
+                 posteriors: Posteriors | str | Path | None = None):
         loss = getattr(model, "reconstruction_loss", "mse")
         if count_sampling is None:  # the model's own likelihood
             count_sampling = "negative_binomial" if loss == "negative_binomial" else "poisson"
@@ -79,6 +80,8 @@ class Simulator:
         if latent == "posterior":
             self.training_rows = {name: np.flatnonzero(training["cell_type"].to_numpy() == name)
                                   for name in self.training_libraries}
+            if isinstance(posteriors, (str, Path)):
+                posteriors = Posteriors.load(posteriors)
             if posteriors is not None:
                 if not np.array_equal(posteriors.cells, training.index.to_numpy(dtype=str)):
                     raise InputError(f"{posteriors.source}: its cells are not the training cells of this image "
@@ -237,7 +240,7 @@ def simulate(
     count_sampling: str | None = None,
     library_sizes: str = "resampled",
     latent: str = "prior",
-    posteriors: Posteriors | None = None,
+    posteriors: Posteriors | str | Path | None = None,
 ) -> ad.AnnData:
     """All requested cells in memory, as one AnnData (see :class:`Simulator`)."""
     return Simulator(model, store_meta, batch_size, count_sampling, library_sizes, latent, posteriors).to_anndata(
