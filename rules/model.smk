@@ -76,6 +76,7 @@ rule simulate:
         count_sampling=config["simulate"]["count_sampling"],
         library_sizes=config["simulate"]["library_sizes"],
         latent=config["simulate"]["latent"],
+        calibration=config["simulate"]["calibration"],
         seed=config["seed"],
     script:
         "../scripts/simulate.py"

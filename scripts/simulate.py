@@ -13,5 +13,6 @@ simulate(
     count_sampling=snakemake.params.count_sampling,
     library_sizes=snakemake.params.library_sizes,
     latent=snakemake.params.latent,
+    calibration=snakemake.params.calibration,
     posteriors=snakemake.input.posteriors,
 )

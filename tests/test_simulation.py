@@ -11,7 +11,7 @@ from cvaesim.model import ConditionalConvVAE
 from cvaesim.images import build_image_store, to_images
 from cvaesim.counts import draw_counts
 from cvaesim import InputError
-from cvaesim.simulation import Posteriors, Simulator, simulate
+from cvaesim.simulation import Posteriors, Simulator, gene_shares_by_type, simulate
 from cvaesim.writers import original_table
 
 from conftest import AWKWARD_TYPES
@@ -224,6 +224,46 @@ def test_posteriors_saved_after_training_replace_encoding(store, tmp_path):
         Posteriors.load(tmp_path / "broken.npz")
     with pytest.raises(InputError, match="absent.npz: no such file"):
         Posteriors.load(tmp_path / "absent.npz")
+
+
+def test_training_shares_pool_the_training_counts_of_each_type(store, small_cells):
+    training = (store.obs["split"] == "train").to_numpy()
+    shares = gene_shares_by_type(store, np.flatnonzero(training), chunk_size=7)  # chunks split the types
+    counts = small_cells[store.obs_names].X.toarray()
+    for cell_type in AWKWARD_TYPES:
+        pooled = counts[training & (store.obs["cell_type"] == cell_type).to_numpy()].sum(axis=0)
+        assert np.allclose(shares[cell_type], pooled / pooled.sum(), atol=1e-9)
+
+
+def simulated_shares(simulated: ad.AnnData, cell_type: str) -> np.ndarray:
+    pooled = np.asarray(simulated[simulated.obs["cell_type"] == cell_type].X.sum(axis=0), dtype=float).ravel()
+    return pooled / pooled.sum()
+
+
+def test_type_mean_calibration_brings_each_type_to_its_training_means(store):
+    # An untrained decoder: its mean profiles are far from any type's.
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    wanted = dict.fromkeys(AWKWARD_TYPES[:2], 3000)
+    plain = simulate(model, store, wanted, seed=3, latent="posterior")
+    calibrated = simulate(model, store, wanted, seed=3, latent="posterior", calibration="type_means")
+    assert calibrated.uns["simulation"]["calibration"] == "type_means"
+    shares = gene_shares_by_type(store, np.flatnonzero((store.obs["split"] == "train").to_numpy()))
+    for cell_type in wanted:
+        plain_error = np.abs(simulated_shares(plain, cell_type) - shares[cell_type]).sum()
+        calibrated_error = np.abs(simulated_shares(calibrated, cell_type) - shares[cell_type]).sum()
+        # What is left is the Poisson noise of the draw and of 1,024 calibration cells.
+        assert calibrated_error < 0.1 and calibrated_error < plain_error / 4
+        # A gene no training cell of the type expressed is never drawn.
+        absent = shares[cell_type] == 0
+        assert absent.any() and simulated_shares(calibrated, cell_type)[absent].sum() == 0
+    # The cells still differ from one another as before: calibration scales genes, not cells.
+    plain_spread = np.std(np.log1p(plain.X.toarray()), axis=0).mean()
+    assert np.std(np.log1p(calibrated.X.toarray()), axis=0).mean() == pytest.approx(plain_spread, rel=0.25)
+    assert (calibrated.X != simulate(model, store, wanted, seed=3, latent="posterior",
+                                     calibration="type_means").X).nnz == 0
+    with pytest.raises(ValueError, match="unknown calibration 'gene'"):
+        Simulator(model, store, calibration="gene")
 
 
 class CountingEncoder:

@@ -16,7 +16,7 @@ import anndata as ad
 
 from . import InputError
 from .counts import COUNT_SAMPLING
-from .simulation import LATENT_DRAWS, LIBRARY_SIZES
+from .simulation import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES
 from .writers import FORMATS
 
 log = logging.getLogger("cvaesim")
@@ -61,7 +61,7 @@ def simulate_command(arguments: argparse.Namespace) -> None:
         posteriors = arguments.model.parent / "posteriors.npz"
     meta = ad.read_h5ad(arguments.store, backed="r")
     simulator = Simulator(load_model(str(arguments.model)), meta, arguments.batch_size, arguments.count_sampling,
-                          arguments.library_sizes, arguments.latent, posteriors)
+                          arguments.library_sizes, arguments.latent, posteriors, arguments.calibration)
     real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
     plan = plan_cells(simulator.cell_types, real_counts, arguments.cells_per_type, arguments.cells,
@@ -106,6 +106,9 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--library-sizes", choices=LIBRARY_SIZES, default="resampled")
     command.add_argument("--latent", choices=LATENT_DRAWS, default="posterior",
                          help="z from N(0, I), or from the posterior of a random training cell of the type")
+    command.add_argument("--calibration", choices=CALIBRATIONS, default="type_means",
+                         help="type_means: scale each gene so that every type's mean expression matches its "
+                              "training cells' (see the README)")
     command.add_argument("--posteriors", type=Path,
                          help="the training cells' posteriors from the train rule (default: posteriors.npz beside "
                               "the model, when there; without them, drawn training cells are encoded here)")

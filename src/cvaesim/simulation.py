@@ -15,13 +15,16 @@ import scipy.sparse as sp
 
 from . import InputError
 from .counts import COUNT_SAMPLING, draw_counts
-from .images import from_images, to_images, unscale
+from .images import from_images, to_images, unscale, unscale_counts
 from .model import COUNT_LOSSES, ConditionalConvVAE
 
 log = logging.getLogger(__name__)
 
 LIBRARY_SIZES = ("resampled", "decoded")
 LATENT_DRAWS = ("prior", "posterior")
+CALIBRATIONS = ("none", "type_means")
+# Decoded cells per type whose mean expression is compared with the training cells' (4 batches of 256).
+CALIBRATION_CELLS = 1024
 
 
 class Simulator:
@@ -39,11 +42,14 @@ class Simulator:
     (only for models whose decoder gives counts, not proportions). ``count_sampling`` (see
     :func:`~cvaesim.counts.draw_counts`) defaults to the model's own likelihood: negative
     binomial with its learned dispersions for a ``negative_binomial`` model, else Poisson.
+    ``calibration='type_means'`` rescales each gene's expression in every cell of a type by
+    one factor, so that the type's mean share of each gene (over ``CALIBRATION_CELLS`` decoded
+    cells) equals its share of the type's training counts; cell-to-cell variation is kept.
     """
 
     def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 256,
                  count_sampling: str | None = None, library_sizes: str = "resampled", latent: str = "prior",
-                 posteriors: Posteriors | str | Path | None = None):
+                 posteriors: Posteriors | str | Path | None = None, calibration: str = "none"):
         loss = getattr(model, "reconstruction_loss", "mse")
         if count_sampling is None:  # the model's own likelihood
             count_sampling = "negative_binomial" if loss == "negative_binomial" else "poisson"
@@ -53,6 +59,8 @@ class Simulator:
             raise ValueError(f"unknown library sizes {library_sizes!r}; choose one of {LIBRARY_SIZES}")
         if latent not in LATENT_DRAWS:
             raise ValueError(f"unknown latent draws {latent!r}; choose one of {LATENT_DRAWS}")
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"unknown calibration {calibration!r}; choose one of {CALIBRATIONS}")
         self.proportions = loss in COUNT_LOSSES
         if self.proportions and library_sizes == "decoded":
             raise ValueError(f"a {loss} model decodes proportions, not totals: library sizes must be 'resampled'")
@@ -64,6 +72,7 @@ class Simulator:
         self.batch_size = batch_size
         self.count_sampling = count_sampling
         self.library_sizes = library_sizes
+        self.calibration = calibration
         self.cell_types = list(store_meta.obs["cell_type"].cat.categories)
         self.pixel = store_meta.var["pixel"].to_numpy()
         self.scale = store_meta.var["scale"].to_numpy()
@@ -77,6 +86,8 @@ class Simulator:
         self.training_libraries = {
             name: group["total_counts"].to_numpy() for name, group in training.groupby("cell_type", observed=True)
         }
+        if calibration == "type_means":
+            self.training_shares = gene_shares_by_type(store_meta, np.flatnonzero(is_training))
         if latent == "posterior":
             self.training_rows = {name: np.flatnonzero(training["cell_type"].to_numpy() == name)
                                   for name in self.training_libraries}
@@ -113,35 +124,61 @@ class Simulator:
         self.check(cells_per_type)
         plan = [(cell_type, min(self.batch_size, n_cells - start))
                 for cell_type, n_cells in cells_per_type.items() for start in range(0, n_cells, self.batch_size)]
-        streams = np.random.SeedSequence(seed).spawn(len(plan))
-        identity = np.eye(len(self.cell_types), dtype=np.float32)
+        # One more stream for the calibration: the others stay those of an uncalibrated run.
+        *streams, calibration_stream = np.random.SeedSequence(seed).spawn(len(plan) + 1)
+        factors = (self.calibration_factors(list(cells_per_type), np.random.default_rng(calibration_stream))
+                   if self.calibration == "type_means" else {})
         pending = None
         with ThreadPoolExecutor(max_workers=1) as decoding:
             for (cell_type, n), stream in zip(plan, streams):
                 rng = np.random.default_rng(stream)
-                labels = np.broadcast_to(identity[self.cell_types.index(cell_type)], (n, len(self.cell_types)))
-                decoded = decoding.submit(self.model.decoder.predict_on_batch, [self.draw_latent(cell_type, labels, rng),
-                                                                                labels])
+                decoded = decoding.submit(self.decode, cell_type, n, rng)
                 if pending is not None:
                     yield self.draw_cells(*pending)
-                pending = decoded, cell_type, rng
+                pending = decoded, cell_type, rng, factors.get(cell_type)
             if pending is not None:
                 yield self.draw_cells(*pending)
         log.info("simulated %s", ", ".join(f"{n} cells of {name}" for name, n in cells_per_type.items()))
 
-    def draw_cells(self, decoded: Future, cell_type: str, rng: np.random.Generator) -> tuple[sp.csr_matrix, str]:
-        """Integer counts around the decoded images of one batch."""
-        decoded = from_images(np.asarray(decoded.result()), self.pixel)
+    def decode(self, cell_type: str, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Expression profiles of ``n`` cells of the type, in the genes' order (rows need not sum to one)."""
+        labels = np.broadcast_to(np.eye(len(self.cell_types), dtype=np.float32)[self.cell_types.index(cell_type)],
+                                 (n, len(self.cell_types)))
+        images = self.model.decoder.predict_on_batch([self.draw_latent(cell_type, labels, rng), labels])
+        decoded = from_images(np.asarray(images), self.pixel)
         if self.proportions:
             # Softmax without the division: draw_counts normalises each row itself.
-            profiles = np.exp(decoded - decoded.max(axis=1, keepdims=True))
-        else:
-            profiles = np.maximum(unscale(decoded.astype(np.float64), self.scale, self.scaling), 0.0)
+            return np.exp(decoded - decoded.max(axis=1, keepdims=True))
+        return np.maximum(unscale(decoded.astype(np.float64), self.scale, self.scaling), 0.0)
+
+    def draw_cells(self, decoded: Future, cell_type: str, rng: np.random.Generator,
+                   factors: np.ndarray | None = None) -> tuple[sp.csr_matrix, str]:
+        """Integer counts around the decoded profiles of one batch (calibrated by ``factors``, when given)."""
+        profiles = decoded.result()
         if self.library_sizes == "resampled":
             totals = rng.choice(self.training_libraries[cell_type], size=len(profiles))
         else:
             totals = profiles.sum(axis=1)
+        if factors is not None:
+            profiles = profiles * factors
         return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
+
+    def calibration_factors(self, cell_types: list[str], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Per type, each gene's factor from its mean decoded share to its share of the training counts."""
+        factors = {}
+        for cell_type in cell_types:
+            decoded_shares = np.zeros(len(self.pixel))
+            for start in range(0, CALIBRATION_CELLS, self.batch_size):
+                profiles = self.decode(cell_type, min(self.batch_size, CALIBRATION_CELLS - start), rng)
+                sums = profiles.sum(axis=1, keepdims=True)
+                decoded_shares += (profiles / np.where(sums > 0, sums, 1.0)).sum(axis=0)
+            decoded_shares /= CALIBRATION_CELLS
+            # A gene the decoder never expresses in this type cannot be scaled up: it stays at zero.
+            factors[cell_type] = np.divide(self.training_shares[cell_type], decoded_shares,
+                                           out=np.zeros(len(self.pixel)), where=decoded_shares > 0)
+        log.info("calibrated the mean expression of %d cell types on %d decoded cells each",
+                 len(cell_types), CALIBRATION_CELLS)
+        return factors
 
     def draw_latent(self, cell_type: str, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = len(labels)
@@ -177,7 +214,24 @@ class Simulator:
 
     def settings(self, seed: int) -> dict:
         return {"seed": seed, "count_sampling": self.count_sampling, "library_sizes": self.library_sizes,
-                "latent": self.latent}
+                "latent": self.latent, "calibration": self.calibration}
+
+
+def gene_shares_by_type(store: ad.AnnData, rows: np.ndarray, chunk_size: int = 4096) -> dict[str, np.ndarray]:
+    """Each cell type's share of every gene in the pooled counts of ``rows`` (ascending; read a chunk at a time)."""
+    cell_types = store.obs["cell_type"].cat.categories
+    codes = store.obs["cell_type"].cat.codes.to_numpy()
+    scale, scaling = store.var["scale"].to_numpy(), store.uns["image"]["scaling"]
+    sums = np.zeros((len(cell_types), store.n_vars))
+    for start in range(0, len(rows), chunk_size):
+        chunk = rows[start:start + chunk_size]
+        counts = unscale_counts(sp.csr_matrix(store.X[chunk]), scale, scaling)
+        membership = sp.csr_matrix((np.ones(len(chunk)), (codes[chunk], np.arange(len(chunk)))),
+                                   shape=(len(cell_types), len(chunk)))
+        sums += (membership @ counts).toarray()
+    totals = sums.sum(axis=1, keepdims=True)
+    shares = np.divide(sums, totals, out=np.zeros_like(sums), where=totals > 0)
+    return dict(zip(cell_types, shares))
 
 
 def encode_cells(encoder, values, rows: np.ndarray, labels: np.ndarray, pixel: np.ndarray, side: int,
@@ -241,7 +295,8 @@ def simulate(
     library_sizes: str = "resampled",
     latent: str = "prior",
     posteriors: Posteriors | str | Path | None = None,
+    calibration: str = "none",
 ) -> ad.AnnData:
     """All requested cells in memory, as one AnnData (see :class:`Simulator`)."""
-    return Simulator(model, store_meta, batch_size, count_sampling, library_sizes, latent, posteriors).to_anndata(
-        cells_per_type, seed)
+    return Simulator(model, store_meta, batch_size, count_sampling, library_sizes, latent, posteriors,
+                     calibration).to_anndata(cells_per_type, seed)
