@@ -3,8 +3,9 @@
 Simulation: the original model called once per cell (the original's way) against the
 workflow's default model (multinomial, latent 16, gene offsets) with batched decoding, z drawn from the
 posteriors of PBMC68k's number of training cells (computed once beforehand, as the train rule
-does; that time is printed apart), in cells per second including the Poisson draw and
-writing a sparse .h5ad.
+does; that time is printed apart), in cells per second including the type-mean calibration
+(1,024 decoded cells per type, once per simulation; ``--calibrations none`` for the rows
+without), the Poisson draw and writing a sparse .h5ad.
 Training: the original model on the whole matrix densified as float64, batch 32 (the
 original's way) against the workflow's default model on streaming batches of 32 (with the
 counts its loss needs), in cells per second and peak resident memory. Weights are untrained.
@@ -35,6 +36,8 @@ import numpy as np
 
 import cvaesim  # noqa: F401  (first: it sets TensorFlow's CPU options before TensorFlow loads)
 import keras
+
+from cvaesim.simulation import CALIBRATIONS
 
 SIDE = 144
 N_GENES = 20_387
@@ -94,7 +97,7 @@ def simulate_original(n_cells: int) -> dict:
     return {"cells": n_cells, "seconds": time.perf_counter() - started}
 
 
-def simulate_workflow(n_cells: int, batch_size: int, store_path: Path) -> dict:
+def simulate_workflow(n_cells: int, batch_size: int, store_path: Path, calibration: str) -> dict:
     """From an image store on disk, read as the simulate rule and the CLI read it (backed)."""
     import anndata as ad
 
@@ -108,7 +111,8 @@ def simulate_workflow(n_cells: int, batch_size: int, store_path: Path) -> dict:
     posteriors = Posteriors.of_training_cells(model, meta)
     posteriors_seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as folder:
-        simulator = Simulator(model, meta, batch_size=batch_size, latent="posterior", posteriors=posteriors)
+        simulator = Simulator(model, meta, batch_size=batch_size, latent="posterior", posteriors=posteriors,
+                              calibration=calibration)
         plan = {name: n_cells // N_TYPES for name in simulator.cell_types}
         started = time.perf_counter()
         written = write_h5ad(simulator.batches(plan, 0), simulator.var, simulator.cell_types, {}, Path(folder) / "s.h5ad")
@@ -177,9 +181,15 @@ MEASURES = {"simulate_original": simulate_original, "simulate_workflow": simulat
             "train_original": train_original, "train_workflow": train_workflow}
 
 
-def measure(name: str, n_cells: int, store_path: Path, batch_size: int = 0, epochs: int = 1, workers: int = 2) -> dict:
+def simulation_row(batch_size: int, calibration: str) -> str:
+    return f"simulate_workflow b{batch_size}" + (" uncalibrated" if calibration == "none" else "")
+
+
+def measure(name: str, n_cells: int, store_path: Path, batch_size: int = 0, epochs: int = 1, workers: int = 2,
+            calibration: str = "type_means") -> dict:
     child = subprocess.run([sys.executable, __file__, "--measure", name, "--n", str(n_cells), "--store", str(store_path),
-                            "--batch-size", str(batch_size), "--epochs", str(epochs), "--workers", str(workers)],
+                            "--batch-size", str(batch_size), "--epochs", str(epochs), "--workers", str(workers),
+                            "--calibration", calibration],
                            capture_output=True, text=True)
     if child.returncode:
         sys.exit(f"{name} failed:\n{child.stderr[-4000:]}")
@@ -199,6 +209,8 @@ def main() -> None:
     parser.add_argument("--simulated-cells", type=int, default=22_000)
     parser.add_argument("--simulate-batch-sizes", type=int, nargs="+", default=[256],
                         help="the first is the ratios' (default 256, the simulate rule's)")
+    parser.add_argument("--calibrations", choices=CALIBRATIONS, nargs="+", default=["type_means"],
+                        help="the workflow's simulation rows (default type_means, the simulate rule's)")
     parser.add_argument("--original-simulated-cells", type=int, default=200)
     parser.add_argument("--decode-cells", type=int, default=0, help="cells for the decoder-alone row (0: no row)")
     parser.add_argument("--decode-batch-size", type=int, default=4096)
@@ -208,6 +220,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--workers", type=int)
+    parser.add_argument("--calibration", choices=CALIBRATIONS)
     parser.add_argument("--write-store", type=Path, help="write the image store there and stop")
     arguments = parser.parse_args()
     if arguments.write_store:
@@ -215,7 +228,7 @@ def main() -> None:
         return
     if arguments.measure:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        extra = {"simulate_workflow": (arguments.batch_size, arguments.store), "decode_only": (arguments.batch_size,),
+        extra = {"simulate_workflow": (arguments.batch_size, arguments.store, arguments.calibration), "decode_only": (arguments.batch_size,),
                  "train_original": (arguments.batch_size, arguments.epochs),
                  "train_workflow": (arguments.batch_size, arguments.epochs, arguments.workers)}.get(arguments.measure, ())
         result = MEASURES[arguments.measure](arguments.n, *extra)
@@ -230,7 +243,9 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--write-store", str(store_path)], check=True)
         runs = {"simulate_original": measure("simulate_original", arguments.original_simulated_cells, store_path)}
         for size in arguments.simulate_batch_sizes:
-            runs[f"simulate_workflow b{size}"] = measure("simulate_workflow", arguments.simulated_cells, store_path, size)
+            for calibration in arguments.calibrations:
+                runs[simulation_row(size, calibration)] = measure("simulate_workflow", arguments.simulated_cells, store_path, size,
+                                     calibration=calibration)
         if arguments.decode_cells:
             runs[f"decode_only b{arguments.decode_batch_size}"] = measure(
                 "decode_only", arguments.decode_cells, store_path, arguments.decode_batch_size)
@@ -249,7 +264,7 @@ def main() -> None:
     for name, run in runs.items():
         print(f"{name:<26}{run['cells']:>8}{run['seconds']:>10.1f}{run['cells'] / run['seconds']:>12.1f}"
               f"{run['peak_rss_mb']:>14.0f}")
-    simulated = runs[f"simulate_workflow b{arguments.simulate_batch_sizes[0]}"]
+    simulated = runs[simulation_row(arguments.simulate_batch_sizes[0], arguments.calibrations[0])]
     print(f"posteriors of the {TRAINING_CELLS:,} training cells, once after training (not in the rows above): "
           f"{simulated['posteriors_seconds']:.1f} s")
     speed = {name: run["cells"] / run["seconds"] for name, run in runs.items()}
