@@ -23,6 +23,15 @@ def check_simulation_settings():
             f"train.reconstruction_loss 'negative_binomial' (it is {loss!r})"
         )
 
+    if (
+        config["simulate"]["calibration"] == "type_moments"
+        and config["simulate"]["count_sampling"] != "poisson"
+    ):
+        raise ValueError(
+            f"config: simulate.calibration 'type_moments' draws its own negative binomial in place of "
+            f"simulate.count_sampling 'poisson' (it is {config['simulate']['count_sampling']!r})"
+        )
+
 
 check_simulation_settings()
 

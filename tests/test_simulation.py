@@ -11,7 +11,7 @@ from cvaesim.model import ConditionalConvVAE
 from cvaesim.images import build_image_store, to_images
 from cvaesim.counts import draw_counts
 from cvaesim import InputError
-from cvaesim.simulation import Posteriors, Simulator, gene_shares_by_type, simulate
+from cvaesim.simulation import Posteriors, Simulator, gene_moments_by_type, simulate
 from cvaesim.writers import original_table
 
 from conftest import AWKWARD_TYPES
@@ -226,13 +226,19 @@ def test_posteriors_saved_after_training_replace_encoding(store, tmp_path):
         Posteriors.load(tmp_path / "absent.npz")
 
 
-def test_training_shares_pool_the_training_counts_of_each_type(store, small_cells):
+def test_training_moments_are_those_of_the_training_counts_of_each_type(store, small_cells):
     training = (store.obs["split"] == "train").to_numpy()
-    shares = gene_shares_by_type(store, np.flatnonzero(training), chunk_size=7)  # chunks split the types
+    moments = gene_moments_by_type(store, np.flatnonzero(training), chunk_size=7)  # chunks split the types
     counts = small_cells[store.obs_names].X.toarray()
     for cell_type in AWKWARD_TYPES:
-        pooled = counts[training & (store.obs["cell_type"] == cell_type).to_numpy()].sum(axis=0)
-        assert np.allclose(shares[cell_type], pooled / pooled.sum(), atol=1e-9)
+        of_type = counts[training & (store.obs["cell_type"] == cell_type).to_numpy()]
+        mean, variance = moments[cell_type]
+        assert np.allclose(mean, of_type.mean(axis=0)) and np.allclose(variance, of_type.var(axis=0))
+
+
+def training_shares(store: ad.AnnData) -> dict[str, np.ndarray]:
+    moments = gene_moments_by_type(store, np.flatnonzero((store.obs["split"] == "train").to_numpy()))
+    return {name: mean / mean.sum() for name, (mean, _) in moments.items()}
 
 
 def simulated_shares(simulated: ad.AnnData, cell_type: str) -> np.ndarray:
@@ -248,7 +254,7 @@ def test_type_mean_calibration_brings_each_type_to_its_training_means(store):
     plain = simulate(model, store, wanted, seed=3, latent="posterior")
     calibrated = simulate(model, store, wanted, seed=3, latent="posterior", calibration="type_means")
     assert calibrated.uns["simulation"]["calibration"] == "type_means"
-    shares = gene_shares_by_type(store, np.flatnonzero((store.obs["split"] == "train").to_numpy()))
+    shares = training_shares(store)
     for cell_type in wanted:
         plain_error = np.abs(simulated_shares(plain, cell_type) - shares[cell_type]).sum()
         calibrated_error = np.abs(simulated_shares(calibrated, cell_type) - shares[cell_type]).sum()
@@ -264,6 +270,54 @@ def test_type_mean_calibration_brings_each_type_to_its_training_means(store):
                                      calibration="type_means").X).nnz == 0
     with pytest.raises(ValueError, match="unknown calibration 'gene'"):
         Simulator(model, store, calibration="gene")
+
+
+def test_type_moment_calibration_tops_up_the_variance_of_each_gene(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    moments = gene_moments_by_type(store, np.flatnonzero((store.obs["split"] == "train").to_numpy()))
+    cell_type = AWKWARD_TYPES[0]
+    lower_quartiles = {}
+    for calibration in ("type_means", "type_moments"):
+        simulated = simulate(model, store, {cell_type: 3000}, seed=3, latent="posterior", calibration=calibration)
+        counts = simulated.X.toarray()
+        real_mean, real_variance = moments[cell_type]
+        varies = real_variance > 0
+        assert np.median(counts.mean(axis=0)[varies] / real_mean[varies]) == pytest.approx(1, abs=0.05)
+        lower_quartiles[calibration] = np.quantile(counts.var(axis=0)[varies] / real_variance[varies], 0.25)
+    # Means alone leave a quarter of the genes at under 3/4 of their real variance; the
+    # negative-binomial top-up brings them up (it cannot take surplus variance away).
+    assert lower_quartiles["type_means"] < 0.75 and lower_quartiles["type_moments"] > 0.9
+    with pytest.raises(ValueError, match="cannot be combined with 'round' count sampling"):
+        Simulator(model, store, count_sampling="round", calibration="type_moments")
+
+
+def test_share_moments_saved_with_the_posteriors_spare_the_calibration_decoding(store, tmp_path):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    path = tmp_path / "posteriors.npz"
+    Posteriors.of_training_cells(model, store, seed=4).save(path)
+    saved = Posteriors.load(path)
+    assert saved.share_mean.shape == saved.share_square.shape == (4, store.n_vars)
+    assert np.allclose(saved.share_mean.sum(axis=1), 1)  # shares of each type's expression
+    # The same seeded decoding a simulation does when the file has no moments.
+    bare = Posteriors(saved.cells, saved.z_mean, saved.z_log_var, str(path))
+    cell_types = list(store.obs["cell_type"].cat.categories)
+    decoded = Simulator(model, store, latent="posterior", posteriors=bare).share_moments(
+        cell_types, np.random.default_rng(4))
+    for i, cell_type in enumerate(cell_types):
+        assert np.allclose(saved.share_mean[i], decoded[cell_type][0], rtol=1e-5)
+        assert np.allclose(saved.share_square[i], decoded[cell_type][1], rtol=1e-5)
+    wanted = {AWKWARD_TYPES[0]: 50, AWKWARD_TYPES[1]: 50}
+    for posteriors, calls in ((saved, 2), (bare, 2 + 2 * 1024 // 256)):
+        model.decoder = counting = CountingDecoder(getattr(model.decoder, "decoder", model.decoder))
+        Simulator(model, store, latent="posterior", posteriors=posteriors, calibration="type_means").to_anndata(
+            wanted, seed=0)
+        assert counting.calls == calls
+    other_genes = Posteriors(saved.cells, saved.z_mean, saved.z_log_var, str(path), saved.share_mean[:, :-1],
+                             saved.share_square[:, :-1])
+    with pytest.raises(InputError, match=r"posteriors.npz: its decoded share moments have shape \(4, 49\), the store"):
+        Simulator(model, store, latent="posterior", posteriors=other_genes)
 
 
 class CountingEncoder:

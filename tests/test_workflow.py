@@ -141,6 +141,8 @@ def test_invalid_config_is_refused_with_the_key(workdir):
     ({"simulate": {"count_sampling": "negative_binomial"}},
      "simulate.count_sampling 'negative_binomial' needs the dispersions learned with train.reconstruction_loss"),
     ({"simulate": {"library_sizes": "decoded"}}, "simulate.library_sizes 'decoded' needs train.reconstruction_loss"),
+    ({"simulate": {"calibration": "type_moments", "count_sampling": "round"}},
+     "simulate.calibration 'type_moments' draws its own negative binomial in place of"),
 ])
 def test_settings_the_simulate_job_would_refuse_are_refused_before_training(workdir, settings, message):
     overlay = write_config(workdir / "mismatch.yaml", {"train": {"reconstruction_loss": "multinomial"}, **settings})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anndata as ad
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 LIBRARY_SIZES = ("resampled", "decoded")
 LATENT_DRAWS = ("prior", "posterior")
-CALIBRATIONS = ("none", "type_means")
+CALIBRATIONS = ("none", "type_means", "type_moments")
 # Decoded cells per type whose mean expression is compared with the training cells' (4 batches of 256).
 CALIBRATION_CELLS = 1024
 
@@ -44,7 +44,11 @@ class Simulator:
     binomial with its learned dispersions for a ``negative_binomial`` model, else Poisson.
     ``calibration='type_means'`` rescales each gene's expression in every cell of a type by
     one factor, so that the type's mean share of each gene (over ``CALIBRATION_CELLS`` decoded
-    cells) equals its share of the type's training counts; cell-to-cell variation is kept.
+    cells: saved with ``posteriors`` by the train rule, else decoded here once per call of
+    :meth:`batches`) equals its share of the type's training counts; cell-to-cell variation is kept.
+    ``'type_moments'`` does the same and, for each gene whose simulated counts would vary less
+    than the type's training counts, replaces the Poisson draw by a negative binomial whose
+    dispersion makes up the difference (Poisson sampling only).
     """
 
     def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 256,
@@ -61,6 +65,9 @@ class Simulator:
             raise ValueError(f"unknown latent draws {latent!r}; choose one of {LATENT_DRAWS}")
         if calibration not in CALIBRATIONS:
             raise ValueError(f"unknown calibration {calibration!r}; choose one of {CALIBRATIONS}")
+        if calibration == "type_moments" and count_sampling != "poisson":
+            raise ValueError(f"calibration 'type_moments' sets its own negative-binomial draw around Poisson "
+                             f"sampling; it cannot be combined with {count_sampling!r} count sampling")
         self.proportions = loss in COUNT_LOSSES
         if self.proportions and library_sizes == "decoded":
             raise ValueError(f"a {loss} model decodes proportions, not totals: library sizes must be 'resampled'")
@@ -74,6 +81,7 @@ class Simulator:
         self.library_sizes = library_sizes
         self.calibration = calibration
         self.cell_types = list(store_meta.obs["cell_type"].cat.categories)
+        self.saved_share_moments = None  # the decoded cells' share moments saved with the posteriors
         self.pixel = store_meta.var["pixel"].to_numpy()
         self.scale = store_meta.var["scale"].to_numpy()
         self.scaling = store_meta.uns["image"]["scaling"]
@@ -86,8 +94,8 @@ class Simulator:
         self.training_libraries = {
             name: group["total_counts"].to_numpy() for name, group in training.groupby("cell_type", observed=True)
         }
-        if calibration == "type_means":
-            self.training_shares = gene_shares_by_type(store_meta, np.flatnonzero(is_training))
+        if calibration != "none":
+            self.training_moments = gene_moments_by_type(store_meta, np.flatnonzero(is_training))
         if latent == "posterior":
             self.training_rows = {name: np.flatnonzero(training["cell_type"].to_numpy() == name)
                                   for name in self.training_libraries}
@@ -102,6 +110,7 @@ class Simulator:
                                      f"model has {model.latent_dim}; it belongs to another model")
                 self.z_mean, self.z_log_var = posteriors.z_mean, posteriors.z_log_var
                 self.is_encoded = np.ones(len(training), dtype=bool)
+                self.saved_share_moments = posteriors.share_moments_by_type(self.cell_types, len(self.pixel))
             else:
                 # Each training cell is encoded once, when first drawn: large simulations reuse them.
                 self.side = int(store_meta.uns["image"]["side"])
@@ -126,8 +135,11 @@ class Simulator:
                 for cell_type, n_cells in cells_per_type.items() for start in range(0, n_cells, self.batch_size)]
         # One more stream for the calibration: the others stay those of an uncalibrated run.
         *streams, calibration_stream = np.random.SeedSequence(seed).spawn(len(plan) + 1)
-        factors = (self.calibration_factors(list(cells_per_type), np.random.default_rng(calibration_stream))
-                   if self.calibration == "type_means" else {})
+        calibrations = {}
+        if self.calibration != "none":
+            moments = self.saved_share_moments or self.share_moments(list(cells_per_type),
+                                                                     np.random.default_rng(calibration_stream))
+            calibrations = self.calibrate({name: moments[name] for name in cells_per_type})
         pending = None
         with ThreadPoolExecutor(max_workers=1) as decoding:
             for (cell_type, n), stream in zip(plan, streams):
@@ -135,7 +147,7 @@ class Simulator:
                 decoded = decoding.submit(self.decode, cell_type, n, rng)
                 if pending is not None:
                     yield self.draw_cells(*pending)
-                pending = decoded, cell_type, rng, factors.get(cell_type)
+                pending = decoded, cell_type, rng, calibrations.get(cell_type)
             if pending is not None:
                 yield self.draw_cells(*pending)
         log.info("simulated %s", ", ".join(f"{n} cells of {name}" for name, n in cells_per_type.items()))
@@ -152,33 +164,60 @@ class Simulator:
         return np.maximum(unscale(decoded.astype(np.float64), self.scale, self.scaling), 0.0)
 
     def draw_cells(self, decoded: Future, cell_type: str, rng: np.random.Generator,
-                   factors: np.ndarray | None = None) -> tuple[sp.csr_matrix, str]:
-        """Integer counts around the decoded profiles of one batch (calibrated by ``factors``, when given)."""
+                   calibration: Calibration | None = None) -> tuple[sp.csr_matrix, str]:
+        """Integer counts around the decoded profiles of one batch."""
         profiles = decoded.result()
         if self.library_sizes == "resampled":
             totals = rng.choice(self.training_libraries[cell_type], size=len(profiles))
         else:
             totals = profiles.sum(axis=1)
-        if factors is not None:
-            profiles = profiles * factors
-        return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
+        if calibration is None:
+            return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
+        profiles = profiles * calibration.factors
+        if calibration.dispersion is None:
+            return draw_counts(profiles, totals, self.count_sampling, rng), cell_type
+        return draw_counts(profiles, totals, "negative_binomial", rng, calibration.dispersion), cell_type
 
-    def calibration_factors(self, cell_types: list[str], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Per type, each gene's factor from its mean decoded share to its share of the training counts."""
-        factors = {}
+    def share_moments(self, cell_types: list[str], rng: np.random.Generator
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per type, each gene's mean share of a decoded cell's expression and its mean square,
+        over ``CALIBRATION_CELLS`` decoded cells."""
+        moments = {}
         for cell_type in cell_types:
-            decoded_shares = np.zeros(len(self.pixel))
+            share_sum, share_squares = np.zeros(len(self.pixel)), np.zeros(len(self.pixel))
             for start in range(0, CALIBRATION_CELLS, self.batch_size):
                 profiles = self.decode(cell_type, min(self.batch_size, CALIBRATION_CELLS - start), rng)
                 sums = profiles.sum(axis=1, keepdims=True)
-                decoded_shares += (profiles / np.where(sums > 0, sums, 1.0)).sum(axis=0)
-            decoded_shares /= CALIBRATION_CELLS
+                shares = profiles / np.where(sums > 0, sums, 1.0)
+                share_sum += shares.sum(axis=0)
+                share_squares += (shares * shares).sum(axis=0)
+            moments[cell_type] = share_sum / CALIBRATION_CELLS, share_squares / CALIBRATION_CELLS
+        return moments
+
+    def calibrate(self, share_moments: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Calibration]:
+        """Per type, each gene's factor from its mean decoded share to its share of the training counts
+        and, for ``type_moments``, the dispersion that brings its variance to the training cells'."""
+        calibrations = {}
+        for cell_type, (mean_share, mean_square) in share_moments.items():
+            real_mean, real_variance = self.training_moments[cell_type]
             # A gene the decoder never expresses in this type cannot be scaled up: it stays at zero.
-            factors[cell_type] = np.divide(self.training_shares[cell_type], decoded_shares,
-                                           out=np.zeros(len(self.pixel)), where=decoded_shares > 0)
-        log.info("calibrated the mean expression of %d cell types on %d decoded cells each",
-                 len(cell_types), CALIBRATION_CELLS)
-        return factors
+            factors = np.divide(real_mean / max(real_mean.sum(), 1e-300), mean_share, out=np.zeros(len(self.pixel)),
+                                where=mean_share > 0)
+            dispersion = None
+            if self.calibration == "type_moments":
+                # Expected count mu = library x share x factor, the library drawn independently of the
+                # share: a Poisson around mu varies by E[mu] + Var[mu]; a negative binomial adds E[mu^2] / theta.
+                libraries = self.training_libraries[cell_type].astype(np.float64)
+                mu_mean = libraries.mean() * mean_share * factors
+                mu_square = (libraries**2).mean() * mean_square * factors**2
+                shortfall = real_variance - (mu_mean + mu_square - mu_mean**2)
+                # Genes never drawn (mu = 0) stay Poisson: a zero dispersion would divide by zero.
+                dispersion = np.divide(mu_square, shortfall, out=np.full(len(self.pixel), np.inf),
+                                       where=(shortfall > 0) & (mu_square > 0))
+            calibrations[cell_type] = Calibration(factors, dispersion)
+        log.info("calibrated %d cell types (%s) on %d decoded cells each%s", len(calibrations), self.calibration,
+                 CALIBRATION_CELLS, " (saved with the posteriors)" if self.saved_share_moments else "")
+        return calibrations
 
     def draw_latent(self, cell_type: str, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = len(labels)
@@ -217,21 +256,33 @@ class Simulator:
                 "latent": self.latent, "calibration": self.calibration}
 
 
-def gene_shares_by_type(store: ad.AnnData, rows: np.ndarray, chunk_size: int = 4096) -> dict[str, np.ndarray]:
-    """Each cell type's share of every gene in the pooled counts of ``rows`` (ascending; read a chunk at a time)."""
+@dataclass(frozen=True)
+class Calibration:
+    """One cell type's per-gene factors on the decoded profiles and, optionally, negative-binomial dispersions."""
+
+    factors: np.ndarray
+    dispersion: np.ndarray | None = None  # inf: Poisson
+
+
+def gene_moments_by_type(store: ad.AnnData, rows: np.ndarray, chunk_size: int = 4096
+                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each cell type's per-gene mean and variance of the counts of its cells among ``rows`` (ascending;
+    the store is read a chunk at a time)."""
     cell_types = store.obs["cell_type"].cat.categories
     codes = store.obs["cell_type"].cat.codes.to_numpy()
     scale, scaling = store.var["scale"].to_numpy(), store.uns["image"]["scaling"]
-    sums = np.zeros((len(cell_types), store.n_vars))
+    sums, squares = np.zeros((len(cell_types), store.n_vars)), np.zeros((len(cell_types), store.n_vars))
     for start in range(0, len(rows), chunk_size):
         chunk = rows[start:start + chunk_size]
         counts = unscale_counts(sp.csr_matrix(store.X[chunk]), scale, scaling)
         membership = sp.csr_matrix((np.ones(len(chunk)), (codes[chunk], np.arange(len(chunk)))),
                                    shape=(len(cell_types), len(chunk)))
         sums += (membership @ counts).toarray()
-    totals = sums.sum(axis=1, keepdims=True)
-    shares = np.divide(sums, totals, out=np.zeros_like(sums), where=totals > 0)
-    return dict(zip(cell_types, shares))
+        squares += (membership @ counts.multiply(counts)).toarray()
+    n_cells = np.maximum(np.bincount(codes[rows], minlength=len(cell_types)), 1)[:, np.newaxis]
+    means = sums / n_cells
+    return {name: (mean, np.maximum(square / n - mean**2, 0.0))
+            for name, mean, square, n in zip(cell_types, means, squares, n_cells)}
 
 
 def encode_cells(encoder, values, rows: np.ndarray, labels: np.ndarray, pixel: np.ndarray, side: int,
@@ -255,20 +306,43 @@ class Posteriors:
     z_mean: np.ndarray
     z_log_var: np.ndarray
     source: str = "posteriors"  # for messages
+    # Cell types x genes: the mean share and mean squared share of each gene in cells decoded from
+    # these posteriors, for calibrated simulations (see Simulator.share_moments); optional.
+    share_mean: np.ndarray | None = None
+    share_square: np.ndarray | None = None
 
     @classmethod
-    def of_training_cells(cls, model: ConditionalConvVAE, store: ad.AnnData, batch_size: int = 256) -> "Posteriors":
+    def of_training_cells(cls, model: ConditionalConvVAE, store: ad.AnnData, batch_size: int = 256,
+                          seed: int = 0) -> "Posteriors":
+        """Encodes every training cell, then decodes cells of each type for the calibration's share
+        moments (seeded), so that simulations need not decode them each time."""
         rows = np.flatnonzero((store.obs["split"] == "train").to_numpy())
         codes = store.obs["cell_type"].cat.codes.to_numpy()[rows]
         labels = np.eye(len(store.obs["cell_type"].cat.categories), dtype=np.float32)[codes]
         # Read from the store a batch at a time: a copy of PBMC68k's training cells would take 0.5 GB.
         z_mean, z_log_var = encode_cells(model.encoder, store.X, rows, labels, store.var["pixel"].to_numpy(),
                                          int(store.uns["image"]["side"]), batch_size)
-        return cls(store.obs_names[rows].to_numpy(dtype=str), z_mean, z_log_var)
+        posteriors = cls(store.obs_names[rows].to_numpy(dtype=str), z_mean, z_log_var)
+        simulator = Simulator(model, store, batch_size, latent="posterior", posteriors=posteriors)
+        moments = simulator.share_moments(list(simulator.training_libraries), np.random.default_rng(seed))
+        empty = np.zeros(len(simulator.pixel))  # a type without training cells is never simulated
+        return replace(posteriors,
+                       share_mean=np.stack([moments.get(name, (empty, empty))[0] for name in simulator.cell_types]),
+                       share_square=np.stack([moments.get(name, (empty, empty))[1] for name in simulator.cell_types]))
+
+    def share_moments_by_type(self, cell_types: list[str], n_genes: int
+                              ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        if self.share_mean is None or self.share_square is None:
+            return None
+        if self.share_mean.shape != (len(cell_types), n_genes) or self.share_square.shape != self.share_mean.shape:
+            raise InputError(f"{self.source}: its decoded share moments have shape {self.share_mean.shape}, the store "
+                             f"has {len(cell_types)} types x {n_genes} genes; rerun the train rule")
+        return {name: (self.share_mean[i], self.share_square[i]) for i, name in enumerate(cell_types)}
 
     def save(self, path) -> None:
+        moments = {} if self.share_mean is None else {"share_mean": self.share_mean, "share_square": self.share_square}
         with open(path, "wb") as handle:  # a handle: np.savez would add ".npz" to a temporary name
-            np.savez(handle, cells=self.cells, z_mean=self.z_mean, z_log_var=self.z_log_var)
+            np.savez(handle, cells=self.cells, z_mean=self.z_mean, z_log_var=self.z_log_var, **moments)
 
     @classmethod
     def load(cls, path) -> "Posteriors":
@@ -276,7 +350,10 @@ class Posteriors:
             raise InputError(f"{path}: no such file")
         try:
             with np.load(path, allow_pickle=False) as arrays:
-                return cls(arrays["cells"], arrays["z_mean"], arrays["z_log_var"], str(path))
+                # Files written before the share moments were saved have none: simulations decode them.
+                moments = ((arrays["share_mean"], arrays["share_square"]) if "share_mean" in arrays.files
+                           else (None, None))
+                return cls(arrays["cells"], arrays["z_mean"], arrays["z_log_var"], str(path), *moments)
         except (OSError, ValueError, KeyError) as error:
             raise InputError(f"{path}: not a posteriors file written by the train rule ({error})") from error
 

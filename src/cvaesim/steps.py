@@ -87,7 +87,7 @@ def train(store: str, model_path: str, history_tsv: str, history_plot: str, sett
         model.save(temporary)
     if posteriors is not None:
         with atomic_output(posteriors) as temporary:
-            Posteriors.of_training_cells(model, images).save(temporary)
+            Posteriors.of_training_cells(model, images, seed=seed).save(temporary)
     with atomic_output(history_tsv) as temporary:
         history.to_csv(temporary, sep="\t", index=False)
     with atomic_output(history_plot) as temporary:
