@@ -126,6 +126,11 @@ def test_negative_binomial_model_draws_with_its_dispersions(store):
     assert (overdispersed == 0).mean() > (poisson == 0).mean() + 0.1
     assert overdispersed.var(axis=0).sum() > 1.5 * poisson.var(axis=0).sum()
     assert abs((nearly_poisson == 0).mean() - (poisson == 0).mean()) < 0.01
+    # Calibrated means keep the model's own negative-binomial draw.
+    model.dispersion.set_weights([np.full(store.n_vars, np.log(0.5), dtype=np.float32)])
+    calibrated = simulate(model, store, wanted, seed=0, count_sampling="negative_binomial",
+                          calibration="type_means").X.toarray()
+    assert (calibrated == 0).mean() > (poisson == 0).mean() + 0.1
 
 
 def test_original_table_layout(store):

@@ -173,9 +173,9 @@ class Simulator:
             totals = profiles.sum(axis=1)
         if calibration is None:
             return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
-        profiles = profiles * calibration.factors
+        profiles = profiles * calibration.factors  # float64, as the factors
         if calibration.dispersion is None:
-            return draw_counts(profiles, totals, self.count_sampling, rng), cell_type
+            return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
         return draw_counts(profiles, totals, "negative_binomial", rng, calibration.dispersion), cell_type
 
     def share_moments(self, cell_types: list[str], rng: np.random.Generator
