@@ -128,7 +128,7 @@ class Simulator:
         """Yield (integer counts of up to ``batch_size`` cells, their cell type), seeded.
 
         Each batch draws from its own random stream (spawned from ``seed``), so the next batch
-        is decoded in a second thread while this one's counts are drawn and written.
+        is decoded (and calibrated) in a second thread while this one's counts are drawn and written.
         """
         self.check(cells_per_type)
         plan = [(cell_type, min(self.batch_size, n_cells - start))
@@ -144,10 +144,11 @@ class Simulator:
         with ThreadPoolExecutor(max_workers=1) as decoding:
             for (cell_type, n), stream in zip(plan, streams):
                 rng = np.random.default_rng(stream)
-                decoded = decoding.submit(self.decode, cell_type, n, rng)
+                calibration = calibrations.get(cell_type)
+                expected = decoding.submit(self.expected_profiles, cell_type, n, rng, calibration)
                 if pending is not None:
                     yield self.draw_cells(*pending)
-                pending = decoded, cell_type, rng, calibrations.get(cell_type)
+                pending = expected, cell_type, rng, calibration
             if pending is not None:
                 yield self.draw_cells(*pending)
         log.info("simulated %s", ", ".join(f"{n} cells of {name}" for name, n in cells_per_type.items()))
@@ -163,17 +164,24 @@ class Simulator:
             return np.exp(decoded - decoded.max(axis=1, keepdims=True))
         return np.maximum(unscale(decoded.astype(np.float64), self.scale, self.scaling), 0.0)
 
-    def draw_cells(self, decoded: Future, cell_type: str, rng: np.random.Generator,
-                   calibration: Calibration | None = None) -> tuple[sp.csr_matrix, str]:
-        """Integer counts around the decoded profiles of one batch."""
-        profiles = decoded.result()
+    def expected_profiles(self, cell_type: str, n: int, rng: np.random.Generator,
+                          calibration: Calibration | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded (and calibrated) profiles of ``n`` cells with their library sizes."""
+        profiles = self.decode(cell_type, n, rng)
         if self.library_sizes == "resampled":
             totals = rng.choice(self.training_libraries[cell_type], size=len(profiles))
         else:
             totals = profiles.sum(axis=1)
+        if calibration is not None:
+            profiles = profiles * calibration.factors  # float64, as the factors
+        return profiles, totals
+
+    def draw_cells(self, expected: Future, cell_type: str, rng: np.random.Generator,
+                   calibration: Calibration | None = None) -> tuple[sp.csr_matrix, str]:
+        """Integer counts around the expected profiles of one batch."""
+        profiles, totals = expected.result()
         if calibration is None:
             return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
-        profiles = profiles * calibration.factors  # float64, as the factors
         if calibration.dispersion is None:
             return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
         return draw_counts(profiles, totals, "negative_binomial", rng, calibration.dispersion), cell_type
