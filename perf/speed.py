@@ -228,7 +228,8 @@ def main() -> None:
         return
     if arguments.measure:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        extra = {"simulate_workflow": (arguments.batch_size, arguments.store, arguments.calibration), "decode_only": (arguments.batch_size,),
+        extra = {"simulate_workflow": (arguments.batch_size, arguments.store, arguments.calibration),
+                 "decode_only": (arguments.batch_size,),
                  "train_original": (arguments.batch_size, arguments.epochs),
                  "train_workflow": (arguments.batch_size, arguments.epochs, arguments.workers)}.get(arguments.measure, ())
         result = MEASURES[arguments.measure](arguments.n, *extra)
@@ -244,8 +245,8 @@ def main() -> None:
         runs = {"simulate_original": measure("simulate_original", arguments.original_simulated_cells, store_path)}
         for size in arguments.simulate_batch_sizes:
             for calibration in arguments.calibrations:
-                runs[simulation_row(size, calibration)] = measure("simulate_workflow", arguments.simulated_cells, store_path, size,
-                                     calibration=calibration)
+                runs[simulation_row(size, calibration)] = measure(
+                    "simulate_workflow", arguments.simulated_cells, store_path, size, calibration=calibration)
         if arguments.decode_cells:
             runs[f"decode_only b{arguments.decode_batch_size}"] = measure(
                 "decode_only", arguments.decode_cells, store_path, arguments.decode_batch_size)

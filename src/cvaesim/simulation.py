@@ -180,11 +180,9 @@ class Simulator:
                    calibration: Calibration | None = None) -> tuple[sp.csr_matrix, str]:
         """Integer counts around the expected profiles of one batch."""
         profiles, totals = expected.result()
-        if calibration is None:
-            return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
-        if calibration.dispersion is None:
-            return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
-        return draw_counts(profiles, totals, "negative_binomial", rng, calibration.dispersion), cell_type
+        if calibration is not None and calibration.dispersion is not None:  # type_moments
+            return draw_counts(profiles, totals, "negative_binomial", rng, calibration.dispersion), cell_type
+        return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
 
     def share_moments(self, cell_types: list[str], rng: np.random.Generator
                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
