@@ -15,6 +15,14 @@ def check_simulation_settings():
             f"a {loss} model decodes proportions, not totals"
         )
     if (
+        config["simulate"]["library_sizes"] == "decoded"
+        and config["image"]["scaling"] == "log1p_cp10k_gene_max"
+    ):
+        raise ValueError(
+            "config: simulate.library_sizes 'decoded' cannot be used with image.scaling "
+            "'log1p_cp10k_gene_max': its images, and so the decoder, carry no library size"
+        )
+    if (
         config["simulate"]["count_sampling"] == "negative_binomial"
         and loss != "negative_binomial"
     ):

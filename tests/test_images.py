@@ -5,7 +5,7 @@ import scipy.sparse as sp
 
 from cvaesim import InputError
 from cvaesim.images import (build_image_store, fit_scale, from_images, gene_pixels, image_side, scale_counts,
-                            stratified_split, to_images, unscale)
+                            stratified_split, to_images, unscale, unscale_counts)
 
 
 @pytest.mark.parametrize(("n_genes", "side"), [(765, 28), (20387, 144), (16, 4), (17, 8), (784, 28), (785, 32)])
@@ -31,6 +31,27 @@ def test_scaling_maps_to_unit_interval_and_inverts_exactly(small_cells, method):
     recovered = unscale(scaled.toarray().astype(np.float64), scale, method)
     assert np.allclose(recovered, counts.toarray(), rtol=1e-5, atol=1e-4)
     assert np.array_equal(np.rint(recovered), counts.toarray())
+
+
+def test_library_normalised_scaling_removes_depth_and_gives_the_counts_back_with_the_library_sizes(small_cells):
+    counts = sp.csr_matrix(small_cells.X)
+    # A copy of the first cells at three times their depth: same composition, other library sizes.
+    deeper = sp.vstack([counts, counts[:20] * 3], format="csr")
+    totals = np.asarray(deeper.sum(axis=1)).ravel()
+    method = "log1p_cp10k_gene_max"
+    scale = fit_scale(counts, method)
+    scaled = scale_counts(deeper, scale, method)
+    assert scaled.nnz == deeper.nnz and scaled.data.min() > 0 and scaled.data.max() <= 1
+    assert np.allclose(scaled[-20:].toarray(), scaled[:20].toarray(), atol=1e-6)  # depth gone from the images
+    by_counts = scale_counts(deeper, fit_scale(counts, "log1p_gene_max"), "log1p_gene_max").toarray()
+    assert not np.allclose(by_counts[-20:], by_counts[:20])  # the default scaling keeps it
+    recovered = unscale_counts(scaled, scale, method, totals)
+    assert np.array_equal(recovered.toarray(), deeper.toarray())
+    # Without the library sizes the values are counts per 10,000, not counts.
+    per_10k = unscale(scaled.toarray().astype(np.float64), scale, method)
+    assert np.allclose(per_10k.sum(axis=1), 1e4, rtol=1e-4)
+    with pytest.raises(ValueError, match="need each cell's library size"):
+        unscale_counts(scaled, scale, method)
 
 
 def test_split_reproduces_the_original_sizes_and_is_stratified():

@@ -139,6 +139,24 @@ def test_multinomial_loss_is_the_count_likelihood_over_gene_pixels(store):
     assert history["reconstruction_loss"].iloc[-1] < history["reconstruction_loss"].iloc[0]
 
 
+def test_library_normalised_images_train_on_each_cells_own_counts(small_cells):
+    from cvaesim.training import initial_gene_offsets
+
+    small_cells.obs["cell_type"] = pd.Categorical(small_cells.obs["cell_type"])
+    store = build_image_store(small_cells, None, "log1p_cp10k_gene_max", 0.4, seed=0)
+    pixel = store.var["pixel"].to_numpy()
+    batches = batches_for(store, "train", batch_size=16, seed=0, with_counts=True)
+    (images, labels, counts), = batches[0]
+    own = small_cells[store.obs_names[batches.order[:16]]].X.toarray()
+    assert np.array_equal(counts.reshape(16, -1)[:, pixel], own)
+    training = small_cells[store.obs_names[store.obs["split"] == "train"]].X.toarray().sum(axis=0)
+    offsets = initial_gene_offsets(store, "multinomial").reshape(-1)[pixel]
+    assert np.allclose(np.exp(offsets) / np.exp(offsets).sum(), training / training.sum(), atol=1e-6)
+    settings = TrainingSettings(epochs=2, batch_size=16, filters=4, latent_dim=4, reconstruction_loss="multinomial")
+    _, history = train(store, settings, seed=0)
+    assert history["reconstruction_loss"].iloc[-1] < history["reconstruction_loss"].iloc[0]
+
+
 def small_counts_of(store, rows):
     from cvaesim.images import unscale
 

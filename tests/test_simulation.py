@@ -156,6 +156,20 @@ def test_resampled_libraries_come_from_training_cells_of_the_type(store):
     assert (decoded.X != simulated.X).nnz > 0
 
 
+def test_library_normalised_stores_draw_library_sizes_from_the_training_cells(small_cells):
+    small_cells.obs["cell_type"] = pd.Categorical(small_cells.obs["cell_type"])
+    store = build_image_store(small_cells, None, "log1p_cp10k_gene_max", 0.4, seed=0)
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0)  # an MSE model: it decodes values
+    # The decoder's totals are counts per 10,000, not library sizes.
+    with pytest.raises(ValueError, match="library-normalised images decodes counts per 10,000"):
+        simulate(model, store, {AWKWARD_TYPES[2]: 5}, seed=0, library_sizes="decoded")
+    simulated = simulate(model, store, {AWKWARD_TYPES[2]: 200}, seed=0, count_sampling="round")
+    of_type = (store.obs["cell_type"] == AWKWARD_TYPES[2]) & (store.obs["split"] == "train")
+    real = store.obs["total_counts"][of_type].to_numpy()
+    totals = np.asarray(simulated.X.sum(axis=1)).ravel()
+    assert (totals >= real.min() - store.n_vars / 2).all() and (totals <= real.max() + store.n_vars / 2).all()
+
+
 def test_counts_follow_the_profile_scaled_to_the_library_size():
     profiles = np.array([[1.0, 3.0], [0.0, 0.0]])
     rounded = draw_counts(profiles, np.array([100, 50]), "round", np.random.default_rng(0))
@@ -231,7 +245,10 @@ def test_posteriors_saved_after_training_replace_encoding(store, tmp_path):
         Posteriors.load(tmp_path / "absent.npz")
 
 
-def test_training_moments_are_those_of_the_training_counts_of_each_type(store, small_cells):
+@pytest.mark.parametrize("scaling", ["log1p_gene_max", "log1p_cp10k_gene_max"])
+def test_training_moments_are_those_of_the_training_counts_of_each_type(small_cells, scaling):
+    small_cells.obs["cell_type"] = pd.Categorical(small_cells.obs["cell_type"])
+    store = build_image_store(small_cells, None, scaling, 0.4, seed=0)
     training = (store.obs["split"] == "train").to_numpy()
     moments = gene_moments_by_type(store, np.flatnonzero(training), chunk_size=7)  # chunks split the types
     counts = small_cells[store.obs_names].X.toarray()

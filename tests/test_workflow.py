@@ -143,6 +143,9 @@ def test_invalid_config_is_refused_with_the_key(workdir):
     ({"simulate": {"library_sizes": "decoded"}}, "simulate.library_sizes 'decoded' needs train.reconstruction_loss"),
     ({"simulate": {"calibration": "type_moments", "count_sampling": "round"}},
      "simulate.calibration 'type_moments' draws its own negative binomial in place of"),
+    ({"train": {"reconstruction_loss": "mse"}, "image": {"scaling": "log1p_cp10k_gene_max"},
+      "simulate": {"library_sizes": "decoded"}},
+     "simulate.library_sizes 'decoded' cannot be used with image.scaling 'log1p_cp10k_gene_max'"),
 ])
 def test_settings_the_simulate_job_would_refuse_are_refused_before_training(workdir, settings, message):
     overlay = write_config(workdir / "mismatch.yaml", {"train": {"reconstruction_loss": "multinomial"}, **settings})

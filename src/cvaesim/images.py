@@ -20,7 +20,7 @@ from . import InputError
 
 log = logging.getLogger(__name__)
 
-SCALINGS = ("global_max", "log1p_gene_max")
+SCALINGS = ("global_max", "log1p_gene_max", "log1p_cp10k_gene_max")
 GENE_ORDERS = ("matrix", "correlation")
 
 
@@ -39,13 +39,24 @@ def image_side(n_genes: int, side: int | None = None, multiple: int = 4) -> int:
     return side
 
 
+def normalise_libraries(counts: sp.csr_matrix, dtype=np.float64) -> sp.csr_matrix:
+    """Counts per 10,000 (CP10k) of each cell's library, on a single copy of the nonzero values."""
+    normalised = sp.csr_matrix(counts, dtype=dtype, copy=True)
+    totals = np.maximum(np.asarray(normalised.sum(axis=1)).ravel(), 1)
+    normalised.data *= np.repeat((1e4 / totals).astype(dtype), np.diff(normalised.indptr))
+    return normalised
+
+
 def fit_scale(counts: sp.csr_matrix, method: str) -> np.ndarray:
     """Per-gene divisors that map the fitted cells' values into [0, 1]."""
     if method == "global_max":
         # The original: one divisor, the largest count.
         return np.full(counts.shape[1], max(counts.max(), 1), dtype=np.float64)
-    if method == "log1p_gene_max":
+    if method in ("log1p_gene_max", "log1p_cp10k_gene_max"):
+        if method == "log1p_cp10k_gene_max":
+            counts = normalise_libraries(counts)
         gene_max = np.asarray(counts.max(axis=0).todense()).ravel().astype(np.float64)
+        # At least log1p(1): a gene the fitted cells never express keeps a finite divisor.
         return np.log1p(np.maximum(gene_max, 1))
     raise ValueError(f"unknown scaling {method!r}; choose one of {SCALINGS}")
 
@@ -53,8 +64,11 @@ def fit_scale(counts: sp.csr_matrix, method: str) -> np.ndarray:
 def scale_counts(counts: sp.csr_matrix, scale: np.ndarray, method: str) -> sp.csr_matrix:
     """Counts to [0, 1], keeping zeros zero (so the matrix stays sparse)."""
     # In place on one float32 copy of the nonzero values: PBMC68k has 55 million of them.
-    values = sp.csr_matrix(counts, dtype=np.float32, copy=True)
-    if method == "log1p_gene_max":
+    if method == "log1p_cp10k_gene_max":
+        values = normalise_libraries(counts, np.float32)
+    else:
+        values = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    if method != "global_max":
         np.log1p(values.data, out=values.data)
     values.data /= scale.astype(np.float32)[values.indices]
     np.clip(values.data, 0.0, 1.0, out=values.data)  # test cells may exceed the training cells' maximum
@@ -62,26 +76,35 @@ def scale_counts(counts: sp.csr_matrix, scale: np.ndarray, method: str) -> sp.cs
 
 
 def unscale(values: np.ndarray, scale: np.ndarray, method: str) -> np.ndarray:
-    """The exact inverse of :func:`scale_counts`: scaled values back to expected counts."""
+    """The inverse of :func:`scale_counts`: scaled values back to expected counts or, for
+    ``log1p_cp10k_gene_max``, to counts per 10,000 (see :func:`unscale_counts` for counts)."""
     if method == "global_max":
         return values * scale
-    if method == "log1p_gene_max":
+    if method in ("log1p_gene_max", "log1p_cp10k_gene_max"):
         return np.expm1(values * scale)
     raise ValueError(f"unknown scaling {method!r}; choose one of {SCALINGS}")
 
 
-def unscale_counts(values: sp.csr_matrix, scale: np.ndarray, method: str) -> sp.csr_matrix:
-    """Integer counts (as floats) of sparse scaled values; zeros stay zero, so only nonzeros are touched."""
+def unscale_counts(values: sp.csr_matrix, scale: np.ndarray, method: str, totals: np.ndarray | None = None
+                   ) -> sp.csr_matrix:
+    """Integer counts (as floats) of sparse scaled values; zeros stay zero, so only nonzeros are touched.
+
+    ``totals``: each row's library size (the store's ``obs['total_counts']``), needed by the
+    library-normalised scaling only.
+    """
     counts = sp.csr_matrix(values, dtype=np.float64, copy=True)
-    counts.data = np.rint(unscale(counts.data, scale[counts.indices], method))
+    counts.data = unscale(counts.data, scale[counts.indices], method)
+    if method == "log1p_cp10k_gene_max":
+        if totals is None:
+            raise ValueError("log1p_cp10k_gene_max values need each cell's library size to become counts")
+        counts.data *= np.repeat(np.asarray(totals, dtype=np.float64) / 1e4, np.diff(counts.indptr))
+    counts.data = np.rint(counts.data)
     return counts
 
 
 def log_normalise(counts: sp.csr_matrix, dtype=np.float64) -> sp.csr_matrix:
     """log1p(CP10k) of sparse counts, computed on a single copy of the nonzero values."""
-    normalised = sp.csr_matrix(counts, dtype=dtype, copy=True)
-    totals = np.maximum(np.asarray(normalised.sum(axis=1)).ravel(), 1)
-    normalised.data *= np.repeat((1e4 / totals).astype(dtype), np.diff(normalised.indptr))
+    normalised = normalise_libraries(counts, dtype)
     np.log1p(normalised.data, out=normalised.data)
     return normalised
 

@@ -71,6 +71,9 @@ class Simulator:
         self.proportions = loss in COUNT_LOSSES
         if self.proportions and library_sizes == "decoded":
             raise ValueError(f"a {loss} model decodes proportions, not totals: library sizes must be 'resampled'")
+        if library_sizes == "decoded" and store_meta.uns["image"]["scaling"] == "log1p_cp10k_gene_max":
+            raise ValueError("a model of library-normalised images decodes counts per 10,000, not totals: "
+                             "library sizes must be 'resampled'")
         if count_sampling == "negative_binomial" and loss != "negative_binomial":
             raise ValueError(f"negative-binomial count sampling needs the dispersions of a model trained with the "
                              f"negative_binomial loss; this one was trained with {loss}")
@@ -277,10 +280,11 @@ def gene_moments_by_type(store: ad.AnnData, rows: np.ndarray, chunk_size: int = 
     cell_types = store.obs["cell_type"].cat.categories
     codes = store.obs["cell_type"].cat.codes.to_numpy()
     scale, scaling = store.var["scale"].to_numpy(), store.uns["image"]["scaling"]
+    totals = store.obs["total_counts"].to_numpy()
     sums, squares = np.zeros((len(cell_types), store.n_vars)), np.zeros((len(cell_types), store.n_vars))
     for start in range(0, len(rows), chunk_size):
         chunk = rows[start:start + chunk_size]
-        counts = unscale_counts(sp.csr_matrix(store.X[chunk]), scale, scaling)
+        counts = unscale_counts(sp.csr_matrix(store.X[chunk]), scale, scaling, totals[chunk])
         membership = sp.csr_matrix((np.ones(len(chunk)), (codes[chunk], np.arange(len(chunk)))),
                                    shape=(len(cell_types), len(chunk)))
         sums += (membership @ counts).toarray()

@@ -51,8 +51,9 @@ class ImageBatches(keras.utils.PyDataset):
 
     def __init__(self, values: sp.csr_matrix, rows: np.ndarray, codes: np.ndarray, n_cell_types: int,
                  pixel: np.ndarray, side: int, batch_size: int, seed: int | None = None,
-                 to_counts: Callable[[sp.csr_matrix], sp.csr_matrix] | None = None, **kwargs):
-        """``to_counts`` (the store's inverse scaling), when given, adds each batch's counts as images."""
+                 to_counts: Callable[[sp.csr_matrix, np.ndarray], sp.csr_matrix] | None = None, **kwargs):
+        """``to_counts(values, rows)`` (the store's inverse scaling), when given, adds each batch's counts
+        as images."""
         super().__init__(**kwargs)
         self.to_counts = to_counts
         self.values = values
@@ -82,7 +83,7 @@ class ImageBatches(keras.utils.PyDataset):
         if self.to_counts is None:
             return (images, labels),
         # Unscaled while sparse: the nonzero values are a few percent of the pixels.
-        return (images, labels, to_images(self.to_counts(values), self.pixel, self.side)),
+        return (images, labels, to_images(self.to_counts(values, rows), self.pixel, self.side)),
 
     def on_epoch_end(self):
         self.start_at_epoch(self.epoch + 1)
@@ -108,8 +109,9 @@ def batches_for(store: ad.AnnData, split: str, batch_size: int, seed: int | None
     side 144 on 2 CPU cores with 2); a GPU consumes them faster than two threads prepare them.
     """
     scale, scaling = store.var["scale"].to_numpy(), store.uns["image"]["scaling"]
+    totals = store.obs["total_counts"].to_numpy()  # the library-normalised scaling's counts need them
     return ImageBatches(
-        to_counts=(lambda values: unscale_counts(values, scale, scaling)) if with_counts else None,
+        to_counts=(lambda values, rows: unscale_counts(values, scale, scaling, totals[rows])) if with_counts else None,
         values=sp.csr_matrix(store.X),  # shares the arrays of a CSR X: no copy
         rows=np.flatnonzero((store.obs["split"] == split).to_numpy()),
         codes=store.obs["cell_type"].cat.codes.to_numpy(),
@@ -132,12 +134,14 @@ def initial_gene_offsets(store: ad.AnnData, reconstruction_loss: str) -> np.ndar
     values = sp.csr_matrix(store.X)
     rows = np.flatnonzero((store.obs["split"] == "train").to_numpy())
     proportions = reconstruction_loss in COUNT_LOSSES
+    totals = store.obs["total_counts"].to_numpy()
     sums = np.zeros(store.n_vars)
     # In chunks of rows: a copy of every training cell would cost PBMC68k's training job 0.5 GB.
     for start in range(0, len(rows), 4096):
         chunk = values[rows[start:start + 4096]]
         if proportions:
-            chunk = unscale_counts(chunk, store.var["scale"].to_numpy(), store.uns["image"]["scaling"])
+            chunk = unscale_counts(chunk, store.var["scale"].to_numpy(), store.uns["image"]["scaling"],
+                                   totals[rows[start:start + 4096]])
         sums += np.asarray(chunk.sum(axis=0)).ravel()
     image = np.zeros(side * side)
     if proportions:
