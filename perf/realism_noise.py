@@ -2,8 +2,8 @@
 
 A finished run (``results/<name>/`` with its model, posteriors, image store, filtered
 matrix and simulated cells) is simulated again with other seeds, the simulation settings
-read from its ``simulated.h5ad`` unless given here; each draw is scored like the ``evaluate`` rule does
-(same evaluation seed, so the test cells, the control and the baselines stay fixed and only
+read from its ``simulated.h5ad`` unless given here; each draw is scored as the ``evaluate``
+rule does (same evaluation seed, so the test cells, the control and the baselines stay fixed and only
 the simulated cells change). Draws of the negative-binomial baseline with other seeds are
 scored the same way, in the model's place. Prints, per overall metric, the mean, standard
 deviation and range over the draws of each, and in how many paired draws the model is
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--library-sizes", choices=LIBRARY_SIZES, help="default: the run's")
     parser.add_argument("--calibration", choices=CALIBRATIONS, help="default: the run's")
     arguments = parser.parse_args()
+    if arguments.draws < 2:
+        parser.error("--draws: at least 2, for a standard deviation")
     run = arguments.run
     recorded = ad.read_h5ad(run / "simulated" / "simulated.h5ad", backed="r")
     simulation = dict(recorded.uns["simulation"])
