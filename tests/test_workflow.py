@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import (AWKWARD_TYPES, CELLS_PER_TYPE, EPOCHS, QUICK_RUN, planned_jobs, random_counts, snakemake,
-                      write_10x_h5, write_annotation, write_config, write_tarball)
+from conftest import (AWKWARD_TYPES, CELLS_PER_TYPE, EPOCHS, QUICK_RUN, copy_repository, planned_jobs, random_counts,
+                      snakemake, write_10x_h5, write_annotation, write_config, write_tarball)
 
 pytestmark = pytest.mark.workflow
 
@@ -196,3 +196,26 @@ def test_lint_format_and_report(workdir):
     snakemake(workdir, *QUICK_RUN, "--report", "report.html")
     html = (workdir / "report.html").read_text(errors="replace")
     assert "umap.png" in html and "history.png" in html
+
+
+def test_original_preset_runs_the_original_design_end_to_end(tmp_path):
+    """The README's command for the original design, with a few epochs, in a fresh copy."""
+    from cvaesim.steps import load_model
+
+    root = copy_repository(tmp_path / "repo")
+    few = write_config(root / "few.yaml", {"train": {"epochs": 3}, "simulate": {"cells_per_type": 20},
+                                           "qc": {"max_real_cells": 200}})
+    snakemake(root, "--configfile", "config/config.yaml", "config/presets/original.yaml", few)
+    results = root / "results" / "pbmc68k_reduced"
+    store = ad.read_h5ad(results / "images" / "images.h5ad", backed="r")
+    assert store.uns["image"]["scaling"] == "global_max" and store.uns["image"]["gene_order"] == "matrix"
+    assert store.var["pixel"].tolist() == list(range(store.n_vars))  # genes row by row, in matrix order
+    model = load_model(str(results / "model" / "cvae.keras"))
+    assert model.latent_dim == 2 and model.reconstruction_loss == "mse"
+    simulated = ad.read_h5ad(results / "simulated" / "simulated.h5ad")
+    assert dict(simulated.uns["simulation"]) == {"seed": 0, "count_sampling": "round", "library_sizes": "decoded",
+                                                 "latent": "prior", "calibration": "none"}
+    assert simulated.shape == (10 * 20, 765) and simulated.X.dtype == np.int32
+    overall = pd.read_csv(results / "evaluation" / "overall.tsv", sep="\t", index_col="metric")
+    assert overall.loc[["rf_auc", "mmd"], "cvae"].notna().all()
+    assert (results / "qc" / "summary.tsv").exists()
