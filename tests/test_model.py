@@ -8,7 +8,7 @@ import pytest
 from cvaesim.images import build_image_store
 from cvaesim.model import ConditionalConvVAE
 from cvaesim.steps import load_model
-from cvaesim.training import TrainingSettings, batches_for, train
+from cvaesim.training import TrainingSettings, batches_for, initial_gene_offsets, train
 
 
 @pytest.fixture
@@ -140,8 +140,6 @@ def test_multinomial_loss_is_the_count_likelihood_over_gene_pixels(store):
 
 
 def test_library_normalised_images_train_on_each_cells_own_counts(small_cells):
-    from cvaesim.training import initial_gene_offsets
-
     small_cells.obs["cell_type"] = pd.Categorical(small_cells.obs["cell_type"])
     store = build_image_store(small_cells, None, "log1p_cp10k_gene_max", 0.4, seed=0)
     pixel = store.var["pixel"].to_numpy()
