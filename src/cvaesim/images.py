@@ -92,11 +92,11 @@ def unscale_counts(values: sp.csr_matrix, scale: np.ndarray, method: str, totals
     ``totals``: each row's library size (the store's ``obs['total_counts']``), needed by the
     library-normalised scaling only.
     """
+    if method == "log1p_cp10k_gene_max" and totals is None:
+        raise ValueError("log1p_cp10k_gene_max values need each cell's library size to become counts")
     counts = sp.csr_matrix(values, dtype=np.float64, copy=True)
     counts.data = unscale(counts.data, scale[counts.indices], method)
     if method == "log1p_cp10k_gene_max":
-        if totals is None:
-            raise ValueError("log1p_cp10k_gene_max values need each cell's library size to become counts")
         counts.data *= np.repeat(np.asarray(totals, dtype=np.float64) / 1e4, np.diff(counts.indptr))
     counts.data = np.rint(counts.data)
     return counts

@@ -134,14 +134,15 @@ def initial_gene_offsets(store: ad.AnnData, reconstruction_loss: str) -> np.ndar
     values = sp.csr_matrix(store.X)
     rows = np.flatnonzero((store.obs["split"] == "train").to_numpy())
     proportions = reconstruction_loss in COUNT_LOSSES
+    scale, scaling = store.var["scale"].to_numpy(), store.uns["image"]["scaling"]
     totals = store.obs["total_counts"].to_numpy()
     sums = np.zeros(store.n_vars)
     # In chunks of rows: a copy of every training cell would cost PBMC68k's training job 0.5 GB.
     for start in range(0, len(rows), 4096):
-        chunk = values[rows[start:start + 4096]]
+        chunk_rows = rows[start:start + 4096]
+        chunk = values[chunk_rows]
         if proportions:
-            chunk = unscale_counts(chunk, store.var["scale"].to_numpy(), store.uns["image"]["scaling"],
-                                   totals[rows[start:start + 4096]])
+            chunk = unscale_counts(chunk, scale, scaling, totals[chunk_rows])
         sums += np.asarray(chunk.sum(axis=0)).ravel()
     image = np.zeros(side * side)
     if proportions:
