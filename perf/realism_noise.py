@@ -7,9 +7,12 @@ rule does (same evaluation seed, so the test cells, the control and the baseline
 the simulated cells change). Draws of the negative-binomial baseline with other seeds are
 scored the same way, in the model's place. Prints, per overall metric, the mean, standard
 deviation and range over the draws of each, and in how many paired draws the model is
-closer to the real cells than the baseline.
+closer to the real cells than the baseline. With ``--training-cells``, samples of the real
+training cells (as many of each type as simulated, all of a type with fewer) are scored in
+the model's place too: what handing back the training data scores, the floor of the distances
+that any simulator fitted on those cells can hope to reach on these test cells.
 
-    .venv/bin/python perf/realism_noise.py results/pbmc68k_reduced --draws 5
+    .venv/bin/python perf/realism_noise.py results/pbmc68k_reduced --draws 5 --training-cells
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 import yaml
 
-from cvaesim.evaluation import EvaluationSettings, baseline, evaluate, overall_table
+from cvaesim.evaluation import EvaluationSettings, baseline, evaluate, overall_table, training_sample
 from cvaesim.simulation import CALIBRATIONS, LIBRARY_SIZES
 from cvaesim.steps import simulate
 
@@ -51,6 +54,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--library-sizes", choices=LIBRARY_SIZES, help="default: the run's")
     parser.add_argument("--calibration", choices=CALIBRATIONS, help="default: the run's")
+    parser.add_argument("--training-cells", action="store_true",
+                        help="also score samples of the training cells (the floor of the distances)")
     arguments = parser.parse_args()
     if arguments.draws < 2:
         parser.error("--draws: at least 2, for a standard deviation")
@@ -64,8 +69,10 @@ def main() -> None:
     real = ad.read_h5ad(run / "filtered.h5ad")
     split = ad.read_h5ad(run / "images" / "images.h5ad", backed="r").obs["split"]
     is_test = (split == "test").to_numpy()
-    settings = EvaluationSettings(**yaml.safe_load(arguments.config.read_text())["evaluate"],
-                                  seed=int(simulation["seed"]), n_jobs=arguments.threads)
+    # Each source is scored in the model's place: the evaluation's own training-cell column would
+    # be the same sample at every draw.
+    settings = EvaluationSettings(**{**yaml.safe_load(arguments.config.read_text())["evaluate"],
+                                     "training_cells": False}, seed=int(simulation["seed"]), n_jobs=arguments.threads)
     labels = real.obs["cell_type"].astype(str).to_numpy()
     train, train_labels = sp.csr_matrix(real.X)[~is_test], labels[~is_test]
 
@@ -85,10 +92,15 @@ def main() -> None:
             rows.append(model_scores["cvae"].rename(("model", seed)))
             nb_cells = baseline(train, train_labels, plan, "nb", seed)
             rows.append(score(real, is_test, nb_cells, settings)["cvae"].rename(("nb", seed)))
+            if arguments.training_cells:
+                copies = training_sample(train, train_labels, plan, seed)
+                rows.append(score(real, is_test, copies, settings)["cvae"].rename(("training cells", seed)))
             print(f"draw {draw + 1}/{arguments.draws} (seed {seed}): {time.perf_counter() - started:.1f} s", flush=True)
     table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples([row.name for row in rows]))
     print(f"\n{run}: {simulation}; {arguments.draws} draws each, evaluation seed {settings.seed}")
-    print(f"{'metric':28s} {'model mean ± sd [min, max]':34s} {'nb mean ± sd [min, max]':34s} model closer")
+    columns = ["model", "nb", *(["training cells"] if arguments.training_cells else [])]
+    print(f"{'metric':28s} " + " ".join(f"{name + ' mean ± sd [min, max]':34s}" for name in columns)
+          + " model closer than nb")
     for metric in table.columns:
         model, nb = table.loc["model", metric].to_numpy(), table.loc["nb", metric].to_numpy()
         if metric in HIGHER_IS_BETTER:
@@ -96,9 +108,10 @@ def main() -> None:
         else:
             target = control[metric] if metric in TOWARD_CONTROL else 0.5 if metric == "rf_auc" else 0.0
             closer = int(np.sum(np.abs(model - target) < np.abs(nb - target)))
-        print(f"{metric:28s} {model.mean():.4f} ± {model.std(ddof=1):.4f} [{model.min():.4f}, {model.max():.4f}]"
-              f"   {nb.mean():.4f} ± {nb.std(ddof=1):.4f} [{nb.min():.4f}, {nb.max():.4f}]   "
-              f"{closer}/{len(model)}")
+        summaries = (table.loc[name, metric].to_numpy() for name in columns)
+        print(f"{metric:28s} " + " ".join(f"{values.mean():.4f} ± {values.std(ddof=1):.4f} "
+                                          f"[{values.min():.4f}, {values.max():.4f}]  " for values in summaries)
+              + f" {closer}/{len(model)}")
 
 
 if __name__ == "__main__":

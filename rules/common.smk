@@ -23,6 +23,14 @@ def check_simulation_settings():
             "'log1p_cp10k_gene_max': its images, and so the decoder, carry no library size"
         )
     if (
+        config["simulate"]["library_sizes"] == "paired"
+        and config["simulate"]["latent"] != "posterior"
+    ):
+        raise ValueError(
+            "config: simulate.library_sizes 'paired' takes the library size of the training cell whose "
+            "posterior gives the latent; it needs simulate.latent 'posterior'"
+        )
+    if (
         config["simulate"]["count_sampling"] == "negative_binomial"
         and loss != "negative_binomial"
     ):

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cvaesim.evaluation import (CONTROL, EvaluationSettings, baseline, evaluate, forest_auc, mmd, overall_table,
-                                properties)
+from cvaesim.evaluation import (CONTROL, TRAINING, EvaluationSettings, baseline, evaluate, forest_auc, mmd,
+                                overall_table, properties, training_sample)
 
 from conftest import random_counts
 
@@ -69,18 +69,42 @@ def scored():
 def test_evaluation_scores_every_source_type_and_metric(scored):
     real, is_test, copies, settings, result = scored
     metrics = result.metrics
-    assert set(metrics["source"]) == {"cvae", "poisson", "nb", CONTROL}
+    assert set(metrics["source"]) == {"cvae", "poisson", "nb", TRAINING, CONTROL}
     assert set(metrics["cell_type"]) == {*TYPES, "overall"}
     overall = overall_table(metrics)
-    assert list(overall.columns) == ["cvae", "nb", "poisson", CONTROL]
+    assert list(overall.columns) == ["cvae", "nb", "poisson", TRAINING, CONTROL]
     for metric in ("rf_auc", "mmd", "fidelity_accuracy", "marker_correlation", "marker_overlap", "memorisation_ratio",
                    "ks_library_size", "ks_gene_mean_log2cpm"):
         assert overall.loc[metric].notna().all(), metric
     assert abs(overall.loc["rf_auc", CONTROL] - 0.5) < 0.15
     # Copies of training cells sit on training cells: the memorisation ratio says so.
     assert overall.loc["memorisation_ratio", "cvae"] < 0.2 < overall.loc["memorisation_ratio", CONTROL]
+    assert overall.loc["memorisation_ratio", TRAINING] == 0.0  # each is its own nearest training cell
     confusion = result.confusion
     assert confusion[confusion["source"] == "cvae"]["cells"].sum() == copies.n_obs
+
+
+def test_training_cells_are_sampled_per_type_without_repeats():
+    cells = random_counts(200, 20, TYPES, seed=4)
+    labels = cells.obs["cell_type"].to_numpy()
+    available = {name: int((labels == name).sum()) for name in TYPES}
+    plan = {TYPES[0]: 10, TYPES[1]: available[TYPES[1]] + 50}  # more than the type has: all of them
+    # A first column holding each cell's row number tells which cells were copied.
+    numbered = sp.hstack([sp.csr_matrix(np.arange(len(labels))[:, None]), sp.csr_matrix(cells.X)], format="csr")
+    copies = training_sample(numbered, labels, plan, seed=0)
+    assert copies.obs["cell_type"].value_counts().to_dict() == {TYPES[0]: 10, TYPES[1]: available[TYPES[1]]}
+    rows = copies.X[:, 0].toarray().ravel()
+    assert (copies.X != numbered[rows]).nnz == 0
+    assert (labels[rows] == copies.obs["cell_type"].to_numpy()).all()
+    assert len(set(rows)) == len(rows)
+
+
+def test_training_cells_are_scored_last_and_leave_the_other_sources_unchanged(scored):
+    real, is_test, copies, settings, result = scored
+    without = evaluate(real, is_test, copies, EvaluationSettings(**{**settings.__dict__, "training_cells": False}))
+    assert TRAINING not in set(without.metrics["source"])
+    kept = result.metrics[result.metrics["source"] != TRAINING].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, without.metrics)
 
 
 def test_evaluation_is_deterministic_for_a_seed(scored):

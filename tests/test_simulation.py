@@ -195,6 +195,26 @@ def test_multinomial_model_and_posterior_draws(store):
     assert (totals >= real.min() - store.n_vars / 2).all() and (totals <= real.max() + store.n_vars / 2).all()
 
 
+def test_paired_libraries_are_those_of_the_training_cells_whose_posteriors_gave_the_latents(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    with pytest.raises(ValueError, match="they need posterior latent draws"):
+        Simulator(model, store, library_sizes="paired", latent="prior")
+    simulator = Simulator(model, store, library_sizes="paired", latent="posterior")
+    cell_type = AWKWARD_TYPES[1]
+    _, totals = simulator.expected_profiles(cell_type, 50, np.random.default_rng(7))
+    labels = np.eye(4, dtype=np.float32)[np.full(50, simulator.cell_types.index(cell_type))]
+    _, origins = simulator.draw_latent(cell_type, labels, np.random.default_rng(7))  # the same draws again
+    assert set(origins) <= set(simulator.training_rows[cell_type])
+    training = store.obs[store.obs["split"] == "train"]
+    assert np.array_equal(totals, training["total_counts"].to_numpy()[origins])
+    assert (training["cell_type"].to_numpy()[origins] == cell_type).all()
+    # Each library stays with its cell: resampling draws them independently of the latents.
+    _, resampled = Simulator(model, store, latent="posterior").expected_profiles(cell_type, 50,
+                                                                               np.random.default_rng(7))
+    assert not np.array_equal(resampled, totals)
+
+
 def test_posterior_draws_encode_each_training_cell_once(store):
     model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
                                reconstruction_loss="multinomial", n_genes=store.n_vars)

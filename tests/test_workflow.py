@@ -53,9 +53,12 @@ def test_embedded_run_outputs_are_checked(workdir):
         assert (results / "qc" / f"{figure}.png").stat().st_size > 10_000
 
     overall = pd.read_csv(results / "evaluation" / "overall.tsv", sep="\t", index_col="metric")
-    assert list(overall.columns) == ["cvae", "nb", "poisson", "real_vs_real"]
+    assert list(overall.columns) == ["cvae", "nb", "poisson", "training_cells", "real_vs_real"]
     assert overall.loc[["rf_auc", "mmd", "fidelity_accuracy", "memorisation_ratio"]].notna().all().all()
     assert 0.3 < overall.loc["rf_auc", "real_vs_real"] < 0.7
+    # Real training cells sit far closer to the test cells than independent Poisson genes do.
+    assert overall.loc["mmd", "training_cells"] < overall.loc["mmd", "poisson"] / 5
+    assert overall.loc["memorisation_ratio", "training_cells"] == 0
     per_type = pd.read_csv(results / "evaluation" / "metrics.tsv", sep="\t")
     assert set(per_type["cell_type"]) - {"overall"} <= set(cell_types)
 
@@ -146,6 +149,8 @@ def test_invalid_config_is_refused_with_the_key(workdir):
     ({"train": {"reconstruction_loss": "mse"}, "image": {"scaling": "log1p_cp10k_gene_max"},
       "simulate": {"library_sizes": "decoded"}},
      "simulate.library_sizes 'decoded' cannot be used with image.scaling 'log1p_cp10k_gene_max'"),
+    ({"simulate": {"library_sizes": "paired", "latent": "prior"}},
+     "simulate.library_sizes 'paired' takes the library size of the training cell whose posterior"),
 ])
 def test_settings_the_simulate_job_would_refuse_are_refused_before_training(workdir, settings, message):
     overlay = write_config(workdir / "mismatch.yaml", {"train": {"reconstruction_loss": "multinomial"}, **settings})

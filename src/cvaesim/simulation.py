@@ -20,7 +20,7 @@ from .model import COUNT_LOSSES, ConditionalConvVAE
 
 log = logging.getLogger(__name__)
 
-LIBRARY_SIZES = ("resampled", "decoded")
+LIBRARY_SIZES = ("resampled", "paired", "decoded")
 LATENT_DRAWS = ("prior", "posterior")
 CALIBRATIONS = ("none", "type_means", "type_moments")
 # Decoded cells per type whose mean expression is compared with the training cells' (4 batches of 256).
@@ -38,7 +38,9 @@ class Simulator:
     (see :class:`Posteriors`, or the path of its file; used by posterior draws only) no cell is
     encoded here, otherwise each drawn cell is, once. With
     ``library_sizes='resampled'`` each cell's expected counts are rescaled to the library
-    size of a random training cell of its type; ``'decoded'`` keeps the decoder's own total
+    size of a random training cell of its type; ``'paired'`` (posterior draws only) to the library
+    size of the training cell whose posterior gave its latent, so that depth stays with the cell
+    state it came with; ``'decoded'`` keeps the decoder's own total
     (only for models whose decoder gives counts, not proportions). ``count_sampling`` (see
     :func:`~cvaesim.counts.draw_counts`) defaults to the model's own likelihood: negative
     binomial with its learned dispersions for a ``negative_binomial`` model, else Poisson.
@@ -63,6 +65,9 @@ class Simulator:
             raise ValueError(f"unknown library sizes {library_sizes!r}; choose one of {LIBRARY_SIZES}")
         if latent not in LATENT_DRAWS:
             raise ValueError(f"unknown latent draws {latent!r}; choose one of {LATENT_DRAWS}")
+        if library_sizes == "paired" and latent != "posterior":
+            raise ValueError("paired library sizes come with the training cell whose posterior gives the latent: "
+                             "they need posterior latent draws")
         if calibration not in CALIBRATIONS:
             raise ValueError(f"unknown calibration {calibration!r}; choose one of {CALIBRATIONS}")
         if calibration == "type_moments" and count_sampling != "poisson":
@@ -94,6 +99,7 @@ class Simulator:
                            if count_sampling == "negative_binomial" else None)
         is_training = (store_meta.obs["split"] == "train").to_numpy()
         training = store_meta.obs[is_training]
+        self.training_totals = training["total_counts"].to_numpy()
         self.training_libraries = {
             name: group["total_counts"].to_numpy() for name, group in training.groupby("cell_type", observed=True)
         }
@@ -156,23 +162,26 @@ class Simulator:
                 yield self.draw_cells(*pending)
         log.info("simulated %s", ", ".join(f"{n} cells of {name}" for name, n in cells_per_type.items()))
 
-    def decode(self, cell_type: str, n: int, rng: np.random.Generator) -> np.ndarray:
-        """Expression profiles of ``n`` cells of the type, in the genes' order (rows need not sum to one)."""
+    def decode(self, cell_type: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        """Expression profiles of ``n`` cells of the type, in the genes' order (rows need not sum to one),
+        and the training cells (rows of the training split) whose posteriors gave their latents (prior: None)."""
         labels = np.broadcast_to(np.eye(len(self.cell_types), dtype=np.float32)[self.cell_types.index(cell_type)],
                                  (n, len(self.cell_types)))
-        images = self.model.decoder.predict_on_batch([self.draw_latent(cell_type, labels, rng), labels])
-        decoded = from_images(np.asarray(images), self.pixel)
+        latent, origins = self.draw_latent(cell_type, labels, rng)
+        decoded = from_images(np.asarray(self.model.decoder.predict_on_batch([latent, labels])), self.pixel)
         if self.proportions:
             # Softmax without the division: draw_counts normalises each row itself.
-            return np.exp(decoded - decoded.max(axis=1, keepdims=True))
-        return np.maximum(unscale(decoded.astype(np.float64), self.scale, self.scaling), 0.0)
+            return np.exp(decoded - decoded.max(axis=1, keepdims=True)), origins
+        return np.maximum(unscale(decoded.astype(np.float64), self.scale, self.scaling), 0.0), origins
 
     def expected_profiles(self, cell_type: str, n: int, rng: np.random.Generator,
                           calibration: Calibration | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Decoded (and calibrated) profiles of ``n`` cells with their library sizes."""
-        profiles = self.decode(cell_type, n, rng)
+        profiles, origins = self.decode(cell_type, n, rng)
         if self.library_sizes == "resampled":
             totals = rng.choice(self.training_libraries[cell_type], size=len(profiles))
+        elif self.library_sizes == "paired":
+            totals = self.training_totals[origins]
         else:
             totals = profiles.sum(axis=1)
         if calibration is not None:
@@ -195,7 +204,7 @@ class Simulator:
         for cell_type in cell_types:
             share_sum, share_squares = np.zeros(len(self.pixel)), np.zeros(len(self.pixel))
             for start in range(0, CALIBRATION_CELLS, self.batch_size):
-                profiles = self.decode(cell_type, min(self.batch_size, CALIBRATION_CELLS - start), rng)
+                profiles, _ = self.decode(cell_type, min(self.batch_size, CALIBRATION_CELLS - start), rng)
                 sums = profiles.sum(axis=1, keepdims=True)
                 shares = profiles / np.where(sums > 0, sums, 1.0)
                 share_sum += shares.sum(axis=0)
@@ -228,15 +237,17 @@ class Simulator:
                  CALIBRATION_CELLS, " (saved with the posteriors)" if self.saved_share_moments else "")
         return calibrations
 
-    def draw_latent(self, cell_type: str, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def draw_latent(self, cell_type: str, labels: np.ndarray, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Latent draws, with the training cells whose posteriors they came from (prior draws: None)."""
         n = len(labels)
         epsilon = rng.standard_normal((n, self.model.latent_dim))
         if self.latent == "prior":
-            return epsilon.astype(np.float32)
+            return epsilon.astype(np.float32), None
         rows = rng.choice(self.training_rows[cell_type], size=n)
         self.encode(np.unique(rows[~self.is_encoded[rows]]), labels[0])
         z_mean, z_log_var = self.z_mean[rows].astype(np.float64), self.z_log_var[rows].astype(np.float64)
-        return (z_mean + np.exp(0.5 * z_log_var) * epsilon).astype(np.float32)
+        return (z_mean + np.exp(0.5 * z_log_var) * epsilon).astype(np.float32), rows
 
     def encode(self, rows: np.ndarray, label: np.ndarray) -> None:
         """Posterior mean and log-variance of these training cells (all of one type)."""
