@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pbmc68k-scale"))
     parser.add_argument("--simulated-cells", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=2, help="as the evaluate rule's threads")
-    parser.add_argument("--without-training-cells", action="store_true",
-                        help="evaluate.training_cells: false (no training-cell column)")
+    parser.add_argument("--training-cells", action="store_true",
+                        help="evaluate.training_cells: true (score a sample of the training cells too)")
     arguments = parser.parse_args()
     filtered = arguments.workdir / "results" / "pbmc68k_shaped" / "filtered.h5ad"
     if not filtered.exists():
@@ -49,7 +49,7 @@ def main() -> None:
     simulated = baseline(counts[~is_test], labels[~is_test], plan, "nb", seed=1)
     simulated.var_names = real.var_names
     started = time.perf_counter()
-    settings = EvaluationSettings(n_jobs=arguments.threads, training_cells=not arguments.without_training_cells)
+    settings = EvaluationSettings(n_jobs=arguments.threads, training_cells=arguments.training_cells)
     result = evaluate(real, is_test, simulated, settings)
     seconds = time.perf_counter() - started
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {is_test.sum()} real test cells, "

@@ -151,7 +151,8 @@ def write_config(path: Path, settings: dict) -> str:
     return str(path)
 
 
-QUICK = {"train": {"epochs": EPOCHS}, "simulate": {"cells_per_type": CELLS_PER_TYPE}, "qc": {"max_real_cells": 400}}
+QUICK = {"train": {"epochs": EPOCHS}, "simulate": {"cells_per_type": CELLS_PER_TYPE}, "qc": {"max_real_cells": 400},
+         "evaluate": {"training_cells": True}}
 QUICK_RUN = ["--configfile", "config/config.yaml", "quick.yaml"]
 
 

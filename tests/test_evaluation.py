@@ -62,7 +62,7 @@ def scored():
     is_test = np.random.default_rng(0).random(900) < 0.4
     copies = real[~is_test][:300].copy()  # a "simulator" that hands back training cells
     copies.obs_names = [f"copy_{i}" for i in range(copies.n_obs)]
-    settings = EvaluationSettings(n_trees=30, n_components=10, n_markers=5)
+    settings = EvaluationSettings(n_trees=30, n_components=10, n_markers=5, training_cells=True)
     return real, is_test, copies, settings, evaluate(real, is_test, copies, settings)
 
 

@@ -223,4 +223,5 @@ def test_original_preset_runs_the_original_design_end_to_end(tmp_path):
     assert simulated.shape == (10 * 20, 765) and simulated.X.dtype == np.int32
     overall = pd.read_csv(results / "evaluation" / "overall.tsv", sep="\t", index_col="metric")
     assert overall.loc[["rf_auc", "mmd"], "cvae"].notna().all()
+    assert list(overall.columns) == ["cvae", "nb", "poisson", "real_vs_real"]  # no training cells by default
     assert (results / "qc" / "summary.tsv").exists()
