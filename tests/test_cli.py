@@ -43,11 +43,22 @@ def test_h5ad_is_written_batch_by_batch_and_matches_in_memory_simulation(trained
     store = ad.read_h5ad(trained / "images.h5ad", backed="r")
     plan = dict.fromkeys(store.obs["cell_type"].cat.categories, per_type)
     expected = simulate(load_model(str(trained / "cvae.keras")), store, plan, seed=3, batch_size=batch_size,
-                        latent="posterior", calibration="type_means")
+                        latent="posterior", calibration="type_means", library_sizes="paired")
     assert (written.X != expected.X).nnz == 0
     assert list(written.obs_names) == list(expected.obs_names)
     assert written.uns["simulation"]["seed"] == 3
     assert written.uns["simulation"]["calibration"] == "type_means"
+    assert written.uns["simulation"]["library_sizes"] == "paired"
+
+
+def test_prior_draws_resample_library_sizes_unless_told_otherwise(trained, tmp_path, capsys):
+    output = tmp_path / "prior.h5ad"
+    assert run(trained, "--output", str(output), "--cells-per-type", "5", "--latent", "prior") == 0
+    assert ad.read_h5ad(output).uns["simulation"]["library_sizes"] == "resampled"
+    refused = tmp_path / "refused.h5ad"
+    assert run(trained, "--output", str(refused), "--latent", "prior", "--library-sizes", "paired") == 2
+    assert "they need posterior latent draws" in capsys.readouterr().err
+    assert not refused.exists()
 
 
 def test_10x_folder_reads_back_with_scanpy(trained, tmp_path):

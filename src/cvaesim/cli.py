@@ -60,8 +60,9 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     if posteriors is None and (arguments.model.parent / "posteriors.npz").is_file():
         posteriors = arguments.model.parent / "posteriors.npz"
     meta = ad.read_h5ad(arguments.store, backed="r")
+    library_sizes = arguments.library_sizes or ("paired" if arguments.latent == "posterior" else "resampled")
     simulator = Simulator(load_model(str(arguments.model)), meta, arguments.batch_size, arguments.count_sampling,
-                          arguments.library_sizes, arguments.latent, posteriors, arguments.calibration)
+                          library_sizes, arguments.latent, posteriors, arguments.calibration)
     real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
     plan = plan_cells(simulator.cell_types, real_counts, arguments.cells_per_type, arguments.cells,
@@ -103,7 +104,9 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--count-sampling", choices=COUNT_SAMPLING,
                          help="default: the model's own likelihood (negative_binomial for a model trained with "
                               "it, else poisson)")
-    command.add_argument("--library-sizes", choices=LIBRARY_SIZES, default="resampled")
+    command.add_argument("--library-sizes", choices=LIBRARY_SIZES,
+                         help="default: paired with posterior latent draws (each cell keeps the library size of the "
+                              "training cell its latent came from), resampled with prior draws")
     command.add_argument("--latent", choices=LATENT_DRAWS, default="posterior",
                          help="z from N(0, I), or from the posterior of a random training cell of the type")
     command.add_argument("--calibration", choices=CALIBRATIONS, default="type_means",

@@ -75,10 +75,10 @@ class Simulator:
                              f"sampling; it cannot be combined with {count_sampling!r} count sampling")
         self.proportions = loss in COUNT_LOSSES
         if self.proportions and library_sizes == "decoded":
-            raise ValueError(f"a {loss} model decodes proportions, not totals: library sizes must be 'resampled'")
+            raise ValueError(f"a {loss} model decodes proportions, not totals: library sizes must be 'resampled' or 'paired'")
         if library_sizes == "decoded" and store_meta.uns["image"]["scaling"] == "log1p_cp10k_gene_max":
             raise ValueError("a model of library-normalised images decodes counts per 10,000, not totals: "
-                             "library sizes must be 'resampled'")
+                             "library sizes must be 'resampled' or 'paired'")
         if count_sampling == "negative_binomial" and loss != "negative_binomial":
             raise ValueError(f"negative-binomial count sampling needs the dispersions of a model trained with the "
                              f"negative_binomial loss; this one was trained with {loss}")
