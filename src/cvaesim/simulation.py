@@ -75,7 +75,8 @@ class Simulator:
                              f"sampling; it cannot be combined with {count_sampling!r} count sampling")
         self.proportions = loss in COUNT_LOSSES
         if self.proportions and library_sizes == "decoded":
-            raise ValueError(f"a {loss} model decodes proportions, not totals: library sizes must be 'resampled' or 'paired'")
+            raise ValueError(f"a {loss} model decodes proportions, not totals: library sizes must be 'resampled' "
+                             f"or 'paired'")
         if library_sizes == "decoded" and store_meta.uns["image"]["scaling"] == "log1p_cp10k_gene_max":
             raise ValueError("a model of library-normalised images decodes counts per 10,000, not totals: "
                              "library sizes must be 'resampled' or 'paired'")
@@ -223,8 +224,9 @@ class Simulator:
                                 where=mean_share > 0)
             dispersion = None
             if self.calibration == "type_moments":
-                # Expected count mu = library x share x factor, the library drawn independently of the
-                # share: a Poisson around mu varies by E[mu] + Var[mu]; a negative binomial adds E[mu^2] / theta.
+                # Expected count mu = library x share x factor, the library taken as independent of the
+                # share (paired libraries are not quite): a Poisson around mu varies by E[mu] + Var[mu];
+                # a negative binomial adds E[mu^2] / theta.
                 libraries = self.training_libraries[cell_type].astype(np.float64)
                 mu_mean = libraries.mean() * mean_share * factors
                 mu_square = (libraries**2).mean() * mean_square * factors**2
