@@ -87,8 +87,11 @@ def training_sample(counts: sp.csr_matrix, labels: np.ndarray, plan: dict[str, i
     """Training cells standing in for a simulator: ``plan[type]`` of each type (all, where it has fewer),
     drawn without replacement: repeated cells would be told apart by the forest as copies."""
     rng = np.random.default_rng(seed)
-    rows = np.concatenate([rng.choice(members, size=min(n_cells, len(members)), replace=False)
-                           for members, n_cells in ((np.flatnonzero(labels == name), n) for name, n in plan.items())])
+    chosen = []
+    for cell_type, n_cells in plan.items():
+        members = np.flatnonzero(labels == cell_type)
+        chosen.append(rng.choice(members, size=min(n_cells, len(members)), replace=False))
+    rows = np.concatenate(chosen)
     return ad.AnnData(X=counts[rows], obs=pd.DataFrame({"cell_type": labels[rows]},
                                                        index=[f"{TRAINING}_{i}" for i in range(len(rows))]))
 
