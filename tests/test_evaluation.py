@@ -111,3 +111,10 @@ def test_evaluation_is_deterministic_for_a_seed(scored):
     real, is_test, copies, settings, result = scored
     again = evaluate(real, is_test, copies, settings)
     pd.testing.assert_frame_equal(result.metrics, again.metrics)
+
+
+def test_forests_fitted_in_worker_processes_give_the_same_metrics(scored):
+    real, is_test, copies, settings, result = scored
+    assert settings.n_jobs == 1  # every forest fitted in this process
+    beside = evaluate(real, is_test, copies, EvaluationSettings(**{**settings.__dict__, "n_jobs": 3}))
+    pd.testing.assert_frame_equal(result.metrics, beside.metrics)

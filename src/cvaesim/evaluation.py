@@ -22,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from joblib import Parallel, delayed
+from joblib.externals.loky import get_reusable_executor
 from scipy.stats import ks_2samp, pearsonr
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
@@ -51,7 +51,7 @@ class EvaluationSettings:
     n_markers: int = 20
     min_cells: int = 10  # types with fewer real test cells get no per-type score
     seed: int = 0
-    n_jobs: int = 1  # processes for the forests
+    n_jobs: int = 1  # cores: the scoring and n_jobs - 1 processes fitting forests beside it
     training_cells: bool = False  # score a sample of the training cells too (one more source's time)
 
 
@@ -116,6 +116,35 @@ def forest_auc(real: np.ndarray, simulated: np.ndarray, settings: EvaluationSett
     forest = RandomForestClassifier(n_estimators=settings.n_trees, random_state=settings.seed)
     scores = cross_val_predict(forest, features, target, cv=folds, method="predict_proba")[:, 1]
     return float(roc_auc_score(target, scores))
+
+
+class Forests:
+    """Real-vs-simulated forests, fitted while the scoring goes on: forests of small trees spend most
+    of their time in Python, so ``n_jobs - 1`` worker processes fit them (the scoring keeps the last
+    core), and those not yet started when the scoring ends are fitted here. Each forest is seeded, so
+    the AUCs do not depend on where it was fitted."""
+
+    def __init__(self, settings: EvaluationSettings):
+        self.settings = settings
+        self.workers = get_reusable_executor(max_workers=settings.n_jobs - 1) if settings.n_jobs > 1 else None
+        self.pending = []  # (key, future or None, real, simulated)
+
+    def add(self, key, real: np.ndarray, simulated: np.ndarray) -> None:
+        future = self.workers.submit(forest_auc, real, simulated, self.settings) if self.workers else None
+        self.pending.append((key, future, real, simulated))
+
+    def aucs(self) -> list[tuple]:
+        """(key, AUC) of every forest, in the order added."""
+        fitted_here = {}
+        # The workers take the forests from the front of the queue, this process from the back,
+        # until it meets one that a worker has started.
+        for index in reversed(range(len(self.pending))):
+            _, future, real, simulated = self.pending[index]
+            if future is not None and not future.cancel():
+                break
+            fitted_here[index] = forest_auc(real, simulated, self.settings)
+        return [(key, fitted_here[index] if index in fitted_here else future.result())
+                for index, (key, future, _, _) in enumerate(self.pending)]
 
 
 def subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -240,7 +269,7 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     reference[CONTROL] = (test[~half], test_labels[~half])
     real_properties_of = {}  # (reference, cell type) -> properties: the three simulators share the test cells
     types = sorted(set(test_labels))
-    forests = []  # (source, cell type, real cells, simulated cells): fitted together at the end
+    forests = Forests(settings)
     for source, (source_counts, source_labels) in entries.items():
         source_normalised = test_normalised[half] if source == CONTROL else log_normalise(source_counts)
         real_normalised = test_normalised[~half] if source == CONTROL else test_normalised
@@ -274,7 +303,7 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
             sample = a[subsample(len(a), 500, rng)]
             pairwise = np.sqrt(np.maximum(((sample[:, None, :] - sample[None, :, :]) ** 2).sum(-1), 0))
             bandwidths = np.median(pairwise[pairwise > 0]) * np.array([0.5, 1.0, 2.0, 4.0])
-            forests.append((source, cell_type, a, b))
+            forests.add((source, cell_type), a, b)
             scores = {
                 "mmd": mmd(a, b, bandwidths),
                 "fidelity_accuracy": float(np.mean(predicted[in_source] == cell_type)),
@@ -289,11 +318,9 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
             scores.update(marker_scores(reference_view, source_view, reference_tops, source_tops, cell_type))
             rows.extend((source, cell_type, metric, value) for metric, value in scores.items())
         log.info("scored %s", source)
-    # Forests of small trees spend most of their time in Python, so separate processes, one
-    # forest each, use the cores better than threads within each forest.
-    aucs = Parallel(n_jobs=settings.n_jobs)(delayed(forest_auc)(a, b, settings) for _, _, a, b in forests)
-    rows.extend((source, cell_type, "rf_auc", auc) for (source, cell_type, _, _), auc in zip(forests, aucs))
-    log.info("fitted %d forests", len(forests))
+    aucs = forests.aucs()
+    rows.extend((source, cell_type, "rf_auc", auc) for (source, cell_type), auc in aucs)
+    log.info("fitted %d forests", len(aucs))
     metrics = pd.DataFrame(rows, columns=["source", "cell_type", "metric", "value"])
     weights = pd.Series(test_labels).value_counts(normalize=True)
     per_type = metrics[metrics["cell_type"] != "overall"].copy()
