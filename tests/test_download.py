@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from cvaesim.download import USER_AGENT, DownloadError, fetch
+from cvaesim.steps import download
 
 from conftest import EMBEDDED_TARBALL
 
@@ -118,3 +119,21 @@ def test_local_path_and_file_url(tmp_path):
         fetch(str(tmp_path / "absent.tsv"), tmp_path / "c.tsv")
     with pytest.raises(DownloadError, match="unsupported address scheme 'ftp'"):
         fetch("ftp://example.org/x", tmp_path / "d.tsv")
+
+
+@pytest.mark.parametrize("name", ["matrix.h5ad", "matrix.tar.gz"])
+def test_a_truncated_source_is_refused_under_its_own_name(tmp_path, small_cells, name):
+    whole = tmp_path / f"whole_{name}"
+    if name.endswith(".h5ad"):
+        small_cells.write_h5ad(whole)
+    else:
+        whole.write_bytes(EMBEDDED_TARBALL.read_bytes())
+    cut = tmp_path / f"cut_{name}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    download(str(whole), str(tmp_path / "good" / name))
+    assert (tmp_path / "good" / name).read_bytes() == whole.read_bytes()
+    target = tmp_path / "bad" / name
+    with pytest.raises(DownloadError, match=f"^{cut}: not a readable .* as {name} must be") as error:
+        download(str(cut), str(target))
+    assert str(target) in str(error.value)
+    assert list(target.parent.iterdir()) == []

@@ -15,6 +15,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -46,10 +47,12 @@ def fetch(
     retries: int = 5,
     timeout: float = 60.0,
     backoff_seconds: float = 2.0,
+    check: Callable[[Path], str | None] | None = None,
 ) -> str:
     """Put ``source`` at ``destination`` and return its SHA-256.
 
     ``<destination>.sha256`` records the digest and size, so a user can pin them in the config.
+    ``check`` returns why a complete file cannot be used (or None); such a file is deleted.
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +80,10 @@ def fetch(
             f"{destination}: SHA-256 mismatch for {source}: expected {sha256.lower()}, "
             f"got {digest} ({size} bytes); the file was deleted"
         )
+    problem = check(partial) if check else None
+    if problem:
+        partial.unlink()
+        raise DownloadError(f"{source}: {problem}; nothing was written to {destination}")
     log.info("%s: %d bytes, SHA-256 %s%s", destination, size, digest, " (verified)" if sha256 else "")
     partial.replace(destination)
     destination.with_name(destination.name + ".sha256").write_text(

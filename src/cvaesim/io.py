@@ -54,6 +54,28 @@ def _safe_member_name(archive: Path, member: tarfile.TarInfo) -> PurePosixPath:
     return name
 
 
+def container_problem(path: str | Path, name: str) -> str | None:
+    """Why ``path`` cannot be the file ``name`` says (HDF5 for .h5/.h5ad, a tar archive for .tar.gz), or None.
+
+    Only the container is checked, in seconds; its content is the filter step's. Run on a
+    download before it is put in place, so that a truncated or wrong file is reported under
+    the source the user gave.
+    """
+    if name.endswith((".h5", ".h5ad")):
+        try:
+            with h5py.File(path, "r"):
+                return None
+        except OSError as error:
+            return f"not a readable HDF5 file, as {name} must be ({error})"
+    if name.endswith((".tar.gz", ".tar")):
+        try:
+            with tarfile.open(path, "r:*") as archive:
+                archive.getmembers()  # reads to the end, so a truncated archive shows here
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+            return f"not a readable tar archive, as {name} must be ({error})"
+    return None
+
+
 def read_10x_tarball(path: str | Path) -> ad.AnnData:
     """Read a 10x Genomics matrix (v2 ``genes.tsv`` or v3 ``features.tsv.gz``) from a tarball.
 

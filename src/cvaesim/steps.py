@@ -6,6 +6,7 @@ Every output is written to a temporary file and renamed, so a failed step leaves
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -17,7 +18,8 @@ from . import InputError
 from .download import fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from .images import build_image_store, layout_table
-from .io import atomic_output, read_10x_h5, read_10x_tarball, read_annotation, read_h5ad_counts, write_h5ad
+from .io import (atomic_output, container_problem, read_10x_h5, read_10x_tarball, read_annotation, read_h5ad_counts,
+                 write_h5ad)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ FORMATS = ("10x_tarball", "10x_h5", "h5ad")
 
 
 def download(source: str, output: str, sha256: str | None = None) -> None:
-    fetch(source, output, sha256)
+    fetch(source, output, sha256, check=functools.partial(container_problem, name=Path(output).name))
 
 
 def filter_dataset(
