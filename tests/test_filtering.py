@@ -24,6 +24,17 @@ def test_defaults_keep_every_labelled_cell_and_drop_undetected_genes(small_cells
     assert filtered.X.dtype == np.int32
 
 
+def test_blank_and_missing_labels_name_no_cell_type(small_cells, caplog):
+    cells = small_cells.copy()
+    cells.obs["cell_type"] = cells.obs["cell_type"].astype(object)
+    cells.obs.iloc[:3, cells.obs.columns.get_loc("cell_type")] = ["", "  ", None]
+    with caplog.at_level(logging.WARNING):
+        filtered = filter_cells_and_genes(cells, FilterThresholds(), "cells.h5ad")
+    assert filtered.n_obs == cells.n_obs - 3
+    assert list(filtered.obs["cell_type"].cat.categories) == sorted(set(small_cells.obs["cell_type"]))
+    assert "3 of 120 cells have no label" in caplog.text
+
+
 def test_thresholds_drop_cells_genes_and_small_types(small_cells):
     totals = np.asarray(small_cells.X.sum(axis=1)).ravel()
     cutoff = int(np.median(totals))

@@ -51,7 +51,9 @@ def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, anno
 
 def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, source: str | Path) -> ad.AnnData:
     """Drop unlabelled cells, then cells, genes and cell types under the thresholds."""
-    labelled = adata.obs["cell_type"].notna().to_numpy()
+    labels = adata.obs["cell_type"]
+    # A blank label ('' in an .h5ad, spaces in a table) names no cell type.
+    labelled = (labels.notna() & labels.astype(str).str.strip().ne("")).to_numpy()
     if not labelled.all():
         log.warning("%s: %d of %d cells have no label and are dropped", source, (~labelled).sum(), adata.n_obs)
     counts = adata.X
