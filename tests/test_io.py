@@ -1,3 +1,4 @@
+import gzip
 import tarfile
 
 import anndata as ad
@@ -99,6 +100,16 @@ def test_annotation_errors_name_the_file_and_columns(tmp_path):
     csv.write_text("barcodes,celltype\nA-1,T cell\nB-1,\n")
     labels = read_annotation(csv, "barcodes", "celltype")
     assert labels["A-1"] == "T cell" and pd.isna(labels["B-1"])
+    # As users export them: semicolons (spreadsheets in many locales), gzipped, or both.
+    semicolons = tmp_path / "semicolons.tsv"
+    semicolons.write_text("barcodes;celltype\nA-1;T cell\nB-1;\n")
+    zipped = tmp_path / "zipped.tsv"
+    zipped.write_bytes(gzip.compress(csv.read_bytes()))
+    for table in (semicolons, zipped):
+        assert read_annotation(table, "barcodes", "celltype").equals(labels)
+    zipped.write_bytes(gzip.compress(csv.read_bytes())[:20])
+    with pytest.raises(InputError, match="zipped.tsv: could not be read as a table"):
+        read_annotation(zipped, "barcodes", "celltype")
 
 
 def test_h5ad_must_hold_counts(tmp_path, small_cells):

@@ -258,14 +258,17 @@ def check_counts(matrix: sp.spmatrix | np.ndarray, source: str | Path) -> None:
 
 
 def read_annotation(path: str | Path, barcode_column: str, label_column: str) -> pd.Series:
-    """Read a barcode-to-cell-type table (tab- or comma-separated, with a header)."""
+    """Read a barcode-to-cell-type table (tab-, comma- or semicolon-separated, with a header; gzipped or not)."""
     path = Path(path)
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        header = handle.readline()
-    separator = "\t" if "\t" in header else ","
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"  # the download keeps the name annotation.tsv whatever the source's
     try:
-        table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        with (gzip.open if gzipped else open)(path, "rt", encoding="utf-8", errors="replace") as handle:
+            header = handle.readline()
+        separator = next((candidate for candidate in "\t,;" if candidate in header), "\t")
+        table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=[""],
+                            compression="gzip" if gzipped else None)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError, EOFError) as error:
         raise InputError(f"{path}: could not be read as a table ({error})") from error
     missing = [column for column in (barcode_column, label_column) if column not in table.columns]
     if missing:
