@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cvaesim.evaluation import (CONTROL, TRAINING, EvaluationSettings, baseline, evaluate, forest_auc, mmd,
+from cvaesim.evaluation import (CONTROL, TRAINING, EvaluationSettings, Space, baseline, evaluate, forest_auc, mmd,
                                 overall_table, properties, training_sample)
 
 from conftest import random_counts
@@ -24,6 +24,25 @@ def test_forest_auc_is_half_for_one_distribution_and_one_for_disjoint():
     settings = EvaluationSettings(n_trees=50)
     assert abs(forest_auc(rng.normal(size=(200, 4)), rng.normal(size=(200, 4)), settings) - 0.5) < 0.1
     assert forest_auc(rng.normal(size=(200, 4)), rng.normal(size=(200, 4)) + 5, settings) > 0.99
+
+
+def test_the_pca_space_keeps_the_real_cells_mix_of_types_whatever_was_simulated():
+    """A type simulated far beyond its real share must not take the components over."""
+    rng = np.random.default_rng(3)
+    real = np.zeros((100, 4))
+    real[:90, 0] = rng.normal(size=90)  # the common type varies along gene 0
+    real[90:, 1] = rng.normal(size=10)  # the rare one along gene 1
+    simulated = np.zeros((1000, 4))
+    simulated[:100, 0] = rng.normal(size=100)
+    simulated[100:, 1] = 5 * rng.normal(size=900)  # 900 cells of the rare type, and more spread
+    labels = np.array(["common"] * 90 + ["rare"] * 10)
+    simulated_labels = np.array(["common"] * 100 + ["rare"] * 900)
+    space = Space(sp.csr_matrix(real), labels, sp.csr_matrix(simulated), simulated_labels, 2, seed=0)
+    assert space.pca.n_samples_ == 200  # 90 + 10 of each side
+    assert np.argmax(np.abs(space.pca.components_[0])) == 0
+    # With no type in common, as many cells of each side.
+    elsewhere = Space(sp.csr_matrix(real), labels, sp.csr_matrix(simulated), np.array(["other"] * 1000), 2, seed=0)
+    assert elsewhere.pca.n_samples_ == 200
 
 
 def test_baselines_follow_type_profiles_and_library_sizes():

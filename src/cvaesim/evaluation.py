@@ -209,13 +209,29 @@ def labelled_view(normalised: sp.csr_matrix, labels: np.ndarray, genes: pd.Index
 
 
 class Space:
-    """PCA of log1p(CP10k) fitted on as many real as compared cells (at most 5,000 each), on the
-    ``MAX_PCA_GENES`` genes most variable among them (all genes of a smaller panel); takes normalised cells."""
+    """PCA of log1p(CP10k) fitted on as many real as compared cells of each cell type (at most 5,000
+    on each side), on the ``MAX_PCA_GENES`` genes most variable among them (all genes of a smaller
+    panel); takes normalised cells.
 
-    def __init__(self, real: sp.csr_matrix, compared: sp.csr_matrix, n_components: int, seed: int):
+    Matching the types keeps the space the same whatever mix of types was simulated: with all the
+    compared cells, a type simulated far beyond its real share would pull components its way.
+    """
+
+    def __init__(self, real: sp.csr_matrix, real_labels: np.ndarray, compared: sp.csr_matrix,
+                 compared_labels: np.ndarray, n_components: int, seed: int):
         rng = np.random.default_rng(seed)
-        each = min(real.shape[0], compared.shape[0], 5_000)
-        fit_on = sp.vstack([real[subsample(real.shape[0], each, rng)], compared[subsample(compared.shape[0], each, rng)]],
+        if not np.isin(compared_labels, real_labels).any():  # no type in common: match the numbers only
+            real_labels, compared_labels = np.zeros(len(real_labels)), np.zeros(len(compared_labels))
+        shared = {name: min(np.sum(real_labels == name), np.sum(compared_labels == name))
+                  for name in np.unique(real_labels)}
+        shrink = min(1.0, 5_000 / max(sum(shared.values()), 1))
+        rows = {side: [] for side in ("real", "compared")}
+        for name, n_shared in shared.items():
+            each = int(n_shared * shrink)
+            for side, labels in (("real", real_labels), ("compared", compared_labels)):
+                members = np.flatnonzero(labels == name)
+                rows[side].append(members[subsample(len(members), each, rng)])
+        fit_on = sp.vstack([real[np.concatenate(rows["real"])], compared[np.concatenate(rows["compared"])]],
                            format="csr")
         # As scanpy's workflows do: the components come from the variable genes, and the fit
         # on PBMC68k's 20,387 genes would take most of the evaluation's time.
@@ -275,13 +291,13 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
         real_normalised = test_normalised[~half] if source == CONTROL else test_normalised
         real_counts, real_type_labels = reference[source]
         reference_name = CONTROL if source == CONTROL else "test"
-        space = Space(real_normalised, source_normalised, settings.n_components, settings.seed)
+        space = Space(real_normalised, real_type_labels, source_normalised, source_labels, settings.n_components,
+                      settings.seed)
         real_pcs, source_pcs = space.project(real_normalised), space.project(source_normalised)
         train_pcs = space.project(train_normalised)
         nearest_train = NearestNeighbors(n_neighbors=1).fit(train_pcs)
         classifier = KNeighborsClassifier(n_neighbors=5).fit(train_pcs, train_labels)
         predicted = classifier.predict(source_pcs)
-        rows.append((source, "overall", "fidelity_accuracy", float(np.mean(predicted == source_labels))))
         matrix = confusion_matrix(source_labels, predicted, labels=types)
         for i, conditioned in enumerate(types):
             for j, called in enumerate(types):
@@ -328,7 +344,6 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     overall = (per_type.dropna(subset=["value"]).groupby(["source", "metric"])
                .apply(lambda group: np.average(group["value"], weights=group["weight"]), include_groups=False)
                .rename("value").reset_index())
-    overall = overall[overall["metric"] != "fidelity_accuracy"]  # already overall, over every cell
     overall.insert(1, "cell_type", "overall")
     metrics = pd.concat([metrics, overall], ignore_index=True)
     return Evaluation(metrics, pd.DataFrame(confusion, columns=["source", "conditioned_type", "predicted_type", "cells"]),
