@@ -2,7 +2,7 @@
 
 Simulated cells are compared with the held-out real **test** cells (never the training
 cells) on log1p(CP10k) data projected on principal components fitted, for each comparison,
-on both compared sides in equal numbers: components fitted on one side only follow that
+on both compared sides in equal numbers of each cell type: components fitted on one side only follow that
 side's own noise and make the two sides look more different than they are.
 Every measure comes with its real-versus-real control (two random halves of the test
 cells), and two naive per-type baselines are scored beside the model: counts drawn
