@@ -222,17 +222,15 @@ class Space:
         rng = np.random.default_rng(seed)
         if not np.isin(compared_labels, real_labels).any():  # no type in common: match the numbers only
             real_labels, compared_labels = np.zeros(len(real_labels)), np.zeros(len(compared_labels))
-        shared = {name: min(np.sum(real_labels == name), np.sum(compared_labels == name))
-                  for name in np.unique(real_labels)}
-        shrink = min(1.0, 5_000 / max(sum(shared.values()), 1))
-        rows = {side: [] for side in ("real", "compared")}
-        for name, n_shared in shared.items():
-            each = int(n_shared * shrink)
-            for side, labels in (("real", real_labels), ("compared", compared_labels)):
-                members = np.flatnonzero(labels == name)
-                rows[side].append(members[subsample(len(members), each, rng)])
-        fit_on = sp.vstack([real[np.concatenate(rows["real"])], compared[np.concatenate(rows["compared"])]],
-                           format="csr")
+        members = {name: (np.flatnonzero(real_labels == name), np.flatnonzero(compared_labels == name))
+                   for name in np.unique(real_labels)}
+        shrink = min(1.0, 5_000 / max(sum(min(len(r), len(c)) for r, c in members.values()), 1))
+        real_rows, compared_rows = [], []
+        for real_members, compared_members in members.values():
+            each = int(min(len(real_members), len(compared_members)) * shrink)
+            real_rows.append(real_members[subsample(len(real_members), each, rng)])
+            compared_rows.append(compared_members[subsample(len(compared_members), each, rng)])
+        fit_on = sp.vstack([real[np.concatenate(real_rows)], compared[np.concatenate(compared_rows)]], format="csr")
         # As scanpy's workflows do: the components come from the variable genes, and the fit
         # on PBMC68k's 20,387 genes would take most of the evaluation's time.
         variance = np.asarray(fit_on.multiply(fit_on).mean(axis=0)).ravel() - np.asarray(fit_on.mean(axis=0)).ravel() ** 2

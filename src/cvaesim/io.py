@@ -54,6 +54,10 @@ def _safe_member_name(archive: Path, member: tarfile.TarInfo) -> PurePosixPath:
     return name
 
 
+# What a truncated, corrupt or wrong archive raises when opened.
+TAR_OPEN_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
 def container_problem(path: str | Path, name: str) -> str | None:
     """Why ``path`` cannot be the file ``name`` says (HDF5 for .h5/.h5ad, a tar archive for .tar.gz), or None.
 
@@ -71,7 +75,7 @@ def container_problem(path: str | Path, name: str) -> str | None:
         try:
             with tarfile.open(path, "r:*") as archive:
                 archive.getmembers()  # reads to the end, so a truncated archive shows here
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        except TAR_OPEN_ERRORS as error:
             return f"not a readable tar archive, as {name} must be ({error})"
     return None
 
@@ -85,7 +89,7 @@ def read_10x_tarball(path: str | Path) -> ad.AnnData:
     path = Path(path)
     try:
         archive = tarfile.open(path, "r:*")
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+    except TAR_OPEN_ERRORS as error:
         raise InputError(f"{path}: not a readable tar archive ({error}); is the download complete?") from error
     try:
         with archive:
