@@ -372,3 +372,20 @@ class CountingEncoder:
     def predict_on_batch(self, inputs):
         self.cells += len(inputs[0])
         return self.encoder.predict_on_batch(inputs)
+
+
+def test_asking_for_more_cells_than_a_type_has_training_cells_is_warned(store, caplog):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    simulator = Simulator(model, store, latent="posterior")
+    rare, common = AWKWARD_TYPES[1], AWKWARD_TYPES[0]
+    n_rare = int(((store.obs["cell_type"] == rare) & (store.obs["split"] == "train")).sum())
+    list(simulator.batches({rare: n_rare, common: 1}, seed=0))
+    assert not caplog.records
+    list(simulator.batches({rare: n_rare + 1, common: 1}, seed=0))
+    assert [record.levelname for record in caplog.records] == ["WARNING"]
+    assert f"{rare}: {n_rare + 1} from {n_rare}" in caplog.text and f"{common}:" not in caplog.text
+    caplog.clear()
+    # Prior draws take no training cell's posterior.
+    list(Simulator(model, store, latent="prior").batches({rare: 3 * n_rare}, seed=0))
+    assert not caplog.records

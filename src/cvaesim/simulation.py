@@ -141,6 +141,14 @@ class Simulator:
         is decoded (and calibrated) in a second thread while this one's counts are drawn and written.
         """
         self.check(cells_per_type)
+        if self.latent == "posterior":
+            # Beyond one cell per training cell, posteriors repeat: cells drawn from one posterior
+            # cluster together, and the type varies less than its real cells (README, ninth session).
+            repeated = [f"{name}: {n} from {len(self.training_rows[name])}" for name, n in cells_per_type.items()
+                        if n > len(self.training_rows[name])]
+            if repeated:
+                log.warning("more cells asked than the type has training cells (%s): posterior draws repeat "
+                            "training cells, so these types will vary less than real cells", ", ".join(repeated))
         plan = [(cell_type, min(self.batch_size, n_cells - start))
                 for cell_type, n_cells in cells_per_type.items() for start in range(0, n_cells, self.batch_size)]
         # One more stream for the calibration: the others stay those of an uncalibrated run.
