@@ -105,6 +105,14 @@ def check_local_sources(names):
             source = entry["source"]
             if "://" in source or Path(downloaded(name, role)).exists():
                 continue
+            if Path(source).is_dir():
+                # Cell Ranger's matrix folder: the download job packs it into the tarball.
+                if dataset(name)["format"] == "10x_tarball" and role == "matrix":
+                    continue
+                raise ValueError(
+                    f"config: dataset {name}: {role} source {source} is a folder; only a "
+                    f"10x_tarball matrix may be a folder (of matrix.mtx, barcodes, genes or features)"
+                )
             if not Path(source).is_file():
                 raise ValueError(
                     f"config: dataset {name}: {role} source {source} does not exist"

@@ -1,6 +1,7 @@
 """Downloads against a real HTTP server on 127.0.0.1."""
 
 import hashlib
+import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -9,7 +10,9 @@ import pytest
 from cvaesim.download import USER_AGENT, DownloadError, fetch
 from cvaesim.steps import download
 
-from conftest import EMBEDDED_TARBALL
+from cvaesim.io import read_10x_tarball
+
+from conftest import EMBEDDED_TARBALL, write_tarball
 
 
 class Server:
@@ -136,4 +139,42 @@ def test_a_truncated_source_is_refused_under_its_own_name(tmp_path, small_cells,
     with pytest.raises(DownloadError, match=f"^{cut}: not a readable .* as {name} must be") as error:
         download(str(cut), str(target))
     assert str(target) in str(error.value)
+    assert list(target.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("v3", [False, True])
+def test_a_cell_ranger_folder_is_packed_into_the_tarball_the_filter_reads(tmp_path, small_cells, v3):
+    # Cell Ranger's outs/: the matrix folder beside files that must not be packed.
+    outs = tmp_path / "outs"
+    folder = "filtered_feature_bc_matrix" if v3 else "filtered_gene_bc_matrices/hg19"
+    with tarfile.open(write_tarball(tmp_path / "source.tar.gz", small_cells, folder=folder, v3=v3)) as archive:
+        archive.extractall(outs, filter="data")
+    (outs / "possorted_genome_bam.bam").write_bytes(b"\0" * 1000)
+    (outs / "web_summary.html").write_text("<html></html>")
+    first, second = tmp_path / "first" / "matrix.tar.gz", tmp_path / "second" / "matrix.tar.gz"
+    download(str(outs), str(first))
+    download((outs / folder).as_uri(), str(second))  # the matrix folder itself, by file:// address
+    packed = read_10x_tarball(first)
+    assert list(packed.obs_names) == list(small_cells.obs_names)
+    assert list(packed.var_names) == list(small_cells.var_names)
+    assert (packed.X != small_cells.X).nnz == 0
+    with tarfile.open(first) as archive:
+        assert all(not name.endswith((".bam", ".html")) for name in archive.getnames())
+    assert (read_10x_tarball(second).X != small_cells.X).nnz == 0
+    # The same files give the same bytes, so the digest can be pinned in the config.
+    again = tmp_path / "again.tar.gz"
+    download(str(outs), str(again), sha256=hashlib.sha256(first.read_bytes()).hexdigest())
+    assert again.read_bytes() == first.read_bytes()
+
+
+def test_a_folder_without_a_matrix_or_for_another_format_is_refused(tmp_path):
+    empty = tmp_path / "outs"
+    empty.mkdir()
+    (empty / "barcodes.tsv").write_text("AAAC-1\n")
+    target = tmp_path / "resources" / "matrix.tar.gz"
+    with pytest.raises(DownloadError, match=f"^{empty}: a folder source must hold a 10x matrix"):
+        download(str(empty), str(target))
+    assert list(target.parent.iterdir()) == []
+    with pytest.raises(DownloadError, match=f"^{empty}: a folder, but matrix.h5ad must be a file"):
+        download(str(empty), str(tmp_path / "resources" / "matrix.h5ad"))
     assert list(target.parent.iterdir()) == []

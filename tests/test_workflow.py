@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import anndata as ad
@@ -131,6 +132,30 @@ def test_missing_local_source_fails_before_any_job(workdir):
     result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay, check=False)
     assert result.returncode != 0
     assert "dataset absent: matrix source nowhere/cells.h5ad does not exist" in result.stdout + result.stderr
+
+
+def test_a_cell_ranger_folder_is_a_source_and_other_folders_are_refused_before_any_job(workdir, tmp_path):
+    cells = random_counts(60, 40, AWKWARD_TYPES, seed=5)
+    with tarfile.open(write_tarball(tmp_path / "cells.tar.gz", cells, folder="filtered_feature_bc_matrix",
+                                    v3=True)) as archive:
+        archive.extractall(workdir / "outs", filter="data")
+    write_annotation(workdir / "outs.tsv", cells)
+    overlay = write_config(workdir / "folders.yaml", {
+        "dataset": "from_folder",
+        "datasets": {
+            "from_folder": {"format": "10x_tarball", "matrix": {"source": "outs"},
+                            "annotation": {"source": "outs.tsv"}, "label_column": "celltype"},
+            "folder_as_h5ad": {"format": "h5ad", "matrix": {"source": "outs"}, "label_column": "celltype"},
+        },
+    })
+    snakemake(workdir, "results/from_folder/filtered.h5ad", "--configfile", "config/config.yaml", overlay)
+    filtered = ad.read_h5ad(workdir / "results" / "from_folder" / "filtered.h5ad")
+    assert set(filtered.obs_names) <= set(cells.obs_names) and filtered.n_obs > 0
+    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay,
+                       "--config", "dataset=folder_as_h5ad", check=False)
+    assert result.returncode != 0
+    assert ("dataset folder_as_h5ad: matrix source outs is a folder; only a 10x_tarball matrix may be a folder"
+            in result.stdout + result.stderr)
 
 
 def test_invalid_config_is_refused_with_the_key(workdir):

@@ -1,4 +1,5 @@
-"""Fetch a dataset's input file from https://, http://, file:// or a local path.
+"""Fetch a dataset's input file from https://, http://, file:// or a local path (a local
+folder of 10x matrix files is packed into a tarball).
 
 The file is written to ``<destination>.part`` and renamed into place only when it is
 complete (and matches the expected SHA-256), so a failed or killed download never
@@ -19,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from . import __version__
+from . import InputError, __version__
+from .io import pack_10x_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,23 @@ def fetch(
         _download(source, partial, retries=retries, timeout=timeout, backoff_seconds=backoff_seconds)
     elif parsed.scheme in ("file", ""):
         local = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(source)
-        if not local.is_file():
+        if local.is_dir():
+            # Cell Ranger's matrix folder: packed into the tarball that a 10x_tarball dataset reads.
+            if not destination.name.endswith(".tar.gz"):
+                raise DownloadError(f"{source}: a folder, but {destination.name} must be a file; only a "
+                                    f"10x_tarball dataset's matrix may be a folder (of matrix.mtx, barcodes, "
+                                    f"genes or features)")
+            log.info("packing the 10x matrix files under %s into %s", local, destination)
+            try:
+                pack_10x_folder(local, partial)
+            except InputError as error:
+                partial.unlink(missing_ok=True)
+                raise DownloadError(str(error)) from error
+        elif not local.is_file():
             raise DownloadError(f"{source}: no such file")
-        log.info("copying %s to %s", local, destination)
-        shutil.copyfile(local, partial)
+        else:
+            log.info("copying %s to %s", local, destination)
+            shutil.copyfile(local, partial)
     else:
         raise DownloadError(
             f"{source}: unsupported address scheme {parsed.scheme!r}; "

@@ -80,6 +80,29 @@ def container_problem(path: str | Path, name: str) -> str | None:
     return None
 
 
+def pack_10x_folder(folder: str | Path, destination: str | Path) -> None:
+    """Pack the 10x matrix files under ``folder`` (Cell Ranger's ``filtered_feature_bc_matrix/``, or a
+    folder above it) into the tarball :func:`read_10x_tarball` reads.
+
+    Only files with 10x names are packed (an ``outs/`` folder's BAMs are not), links followed, and
+    times, owners, modes and the file name left out of the archive, so that the same files always give the
+    same bytes and SHA-256.
+    """
+    folder = Path(folder)
+    wanted = set(MATRIX_NAMES + GENE_NAMES + BARCODE_NAMES)
+    files = sorted(path for path in folder.rglob("*") if path.name in wanted and path.is_file())
+    if not any(path.name in MATRIX_NAMES for path in files):
+        raise InputError(f"{folder}: a folder source must hold a 10x matrix (matrix.mtx or matrix.mtx.gz, with "
+                         f"barcodes and genes or features), and none was found under it")
+    with open(destination, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed, \
+            tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for path in files:
+            member = tarfile.TarInfo((PurePosixPath(folder.name) / path.relative_to(folder).as_posix()).as_posix())
+            member.size, member.mode = path.stat().st_size, 0o644
+            with open(path, "rb") as handle:
+                archive.addfile(member, handle)
+
+
 def read_10x_tarball(path: str | Path) -> ad.AnnData:
     """Read a 10x Genomics matrix (v2 ``genes.tsv`` or v3 ``features.tsv.gz``) from a tarball.
 
