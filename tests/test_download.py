@@ -167,14 +167,24 @@ def test_a_cell_ranger_folder_is_packed_into_the_tarball_the_filter_reads(tmp_pa
     assert again.read_bytes() == first.read_bytes()
 
 
-def test_a_folder_without_a_matrix_or_for_another_format_is_refused(tmp_path):
-    empty = tmp_path / "outs"
-    empty.mkdir()
-    (empty / "barcodes.tsv").write_text("AAAC-1\n")
+def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_path):
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    (outs / "barcodes.tsv").write_text("AAAC-1\n")
     target = tmp_path / "resources" / "matrix.tar.gz"
-    with pytest.raises(DownloadError, match=f"^{empty}: a folder source must hold a 10x matrix"):
-        download(str(empty), str(target))
+    with pytest.raises(DownloadError, match=f"^{outs}: a folder source must hold a 10x matrix"):
+        download(str(outs), str(target))
     assert list(target.parent.iterdir()) == []
-    with pytest.raises(DownloadError, match=f"^{empty}: a folder, but matrix.h5ad must be a file"):
-        download(str(empty), str(tmp_path / "resources" / "matrix.h5ad"))
+    with pytest.raises(DownloadError, match=f"^{outs}: a folder, but matrix.h5ad must be a file"):
+        download(str(outs), str(tmp_path / "resources" / "matrix.h5ad"))
+    (outs / "matrix.mtx").write_text("%%MatrixMarket matrix coordinate integer general\n1 1 0\n")
+    with pytest.raises(DownloadError, match=f"^{outs}: no gene file .* beside the matrix"):
+        download(str(outs), str(target))
+    for matrix_folder in ("filtered_feature_bc_matrix", "raw_feature_bc_matrix"):
+        (outs / matrix_folder).mkdir()
+        for name in ("matrix.mtx", "barcodes.tsv", "features.tsv"):
+            (outs / matrix_folder / name).write_text("")
+    with pytest.raises(DownloadError, match="holds more than one 10x matrix folder "
+                                            r"\(\., filtered_feature_bc_matrix, raw_feature_bc_matrix\)"):
+        download(str(outs), str(target))
     assert list(target.parent.iterdir()) == []

@@ -91,9 +91,18 @@ def pack_10x_folder(folder: str | Path, destination: str | Path) -> None:
     folder = Path(folder)
     wanted = set(MATRIX_NAMES + GENE_NAMES + BARCODE_NAMES)
     files = sorted(path for path in folder.rglob("*") if path.name in wanted and path.is_file())
-    if not any(path.name in MATRIX_NAMES for path in files):
+    matrix_folders = sorted({path.parent for path in files if path.name in MATRIX_NAMES})
+    if not matrix_folders:
         raise InputError(f"{folder}: a folder source must hold a 10x matrix (matrix.mtx or matrix.mtx.gz, with "
                          f"barcodes and genes or features), and none was found under it")
+    if len(matrix_folders) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix
+        found = ", ".join(str(path.relative_to(folder)) for path in matrix_folders)
+        raise InputError(f"{folder}: holds more than one 10x matrix folder ({found}); give the one to use")
+    names = {path.name for path in files if path.parent == matrix_folders[0]}
+    for candidates, what in ((BARCODE_NAMES, "barcode"), (GENE_NAMES, "gene")):
+        if not names & set(candidates):
+            raise InputError(f"{matrix_folders[0]}: no {what} file ({' or '.join(candidates)}) beside the matrix")
+    files = [path for path in files if path.parent == matrix_folders[0]]
     with open(destination, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed, \
             tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for path in files:
