@@ -64,6 +64,32 @@ def test_no_shared_barcode_is_an_error(small_cells):
         attach_labels(small_cells, labels, "m.tar.gz", "a.tsv")
 
 
+@pytest.mark.parametrize("side", ["annotation", "matrix"])
+def test_barcodes_are_joined_where_only_one_side_carries_the_gem_well_suffix(small_cells, caplog, side):
+    labels = small_cells.obs["cell_type"].copy()
+    labels.index = small_cells.obs_names.str.replace("-1", "")  # as tools that drop the suffix write them
+    cells = small_cells
+    if side == "matrix":  # the annotation keeps the suffix and the matrix has none
+        labels.index, cells = small_cells.obs_names, small_cells.copy()
+        cells.obs_names = small_cells.obs_names.str.replace("-1", "")
+    with caplog.at_level(logging.WARNING):
+        labelled = attach_labels(cells, labels, "m.tar.gz", "a.tsv")
+    assert list(labelled.obs_names) == list(cells.obs_names)
+    assert list(labelled.obs["cell_type"]) == list(small_cells.obs["cell_type"])
+    assert "a.tsv: its barcodes match those of m.tar.gz only without the '-1' suffix" in caplog.text
+
+
+def test_barcodes_of_other_gem_wells_or_ambiguous_ones_are_not_joined(small_cells):
+    two_wells = small_cells.copy()
+    two_wells.obs_names = [f"CELL{i // 2:05d}-{1 + i % 2}" for i in range(two_wells.n_obs)]  # each core in both wells
+    labels = pd.Series("T", index=[f"CELL{i:05d}" for i in range(60)])
+    with pytest.raises(InputError, match="none of its 60 labelled barcodes"):
+        attach_labels(two_wells, labels, "m.tar.gz", "a.tsv")
+    other_well = pd.Series("T", index=small_cells.obs_names.str.replace("-1", "-2"))
+    with pytest.raises(InputError, match="none of its 120 labelled barcodes"):
+        attach_labels(small_cells, other_well, "m.tar.gz", "a.tsv")
+
+
 def test_embedded_dataset_filters_like_the_original():
     adata = attach_labels(read_10x_tarball(EMBEDDED_TARBALL),
                           read_annotation(EMBEDDED_ANNOTATION, "barcodes", "celltype"),

@@ -14,6 +14,8 @@ from . import InputError
 
 log = logging.getLogger(__name__)
 
+GEM_SUFFIX = r"-\d+$"  # Cell Ranger's barcode suffix: the GEM well (library) the cell came from
+
 
 @dataclass(frozen=True)
 class FilterThresholds:
@@ -32,6 +34,11 @@ def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, anno
         raise InputError(f"{matrix}: {len(duplicated)} barcodes appear more than once (e.g. {duplicated[0]!r})")
     labels = labels.dropna()
     shared = adata.obs_names.intersection(labels.index)
+    if len(shared) == 0 and (matched := labels_across_gem_suffix(adata.obs_names, labels)) is not None:
+        log.warning("%s: its barcodes match those of %s only without the '-1' suffix that one of them carries; "
+                    "joined that way", annotation, matrix)
+        labels = matched
+        shared = adata.obs_names.intersection(labels.index)
     if len(shared) == 0:
         raise InputError(
             f"{annotation}: none of its {len(labels)} labelled barcodes is in {matrix} "
@@ -47,6 +54,24 @@ def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, anno
     labelled = adata[keep].copy()
     labelled.obs["cell_type"] = labels.reindex(labelled.obs_names).to_numpy()
     return labelled
+
+
+def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> pd.Series | None:
+    """The labels under the matrix's barcodes where one side carries Cell Ranger's GEM-well suffix
+    ('AAACATACAACCAC-1') and the other none (tools that drop it), or None where that is not the case or
+    leaves barcodes ambiguous. Suffixes that differ ('-1' against '-2') are different cells: not joined."""
+    barcodes, names = pd.Index(barcodes.astype(str)), pd.Index(labels.index.astype(str))
+    matrix_suffixed, labels_suffixed = (index.str.contains(GEM_SUFFIX, regex=True) for index in (barcodes, names))
+    if matrix_suffixed.all() and not labels_suffixed.any():
+        matrix_keys, label_keys = barcodes.str.replace(GEM_SUFFIX, "", regex=True), names
+    elif labels_suffixed.all() and not matrix_suffixed.any():
+        matrix_keys, label_keys = barcodes, names.str.replace(GEM_SUFFIX, "", regex=True)
+    else:
+        return None
+    if not (matrix_keys.is_unique and label_keys.is_unique):
+        return None
+    by_key = pd.Series(labels.to_numpy(), index=label_keys)
+    return pd.Series(by_key.reindex(matrix_keys).to_numpy(), index=barcodes, name=labels.name).dropna()
 
 
 def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, source: str | Path) -> ad.AnnData:
