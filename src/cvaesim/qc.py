@@ -73,7 +73,9 @@ def embed(combined: ad.AnnData, seed: int) -> ad.AnnData:
     sc.pp.log1p(normalised)
     n_components = max(2, min(30, normalised.n_obs - 1, normalised.n_vars - 1))
     sc.pp.pca(normalised, n_comps=n_components, random_state=seed)
-    sc.pp.neighbors(normalised, n_neighbors=min(15, normalised.n_obs - 1), random_state=seed)
+    # Exact neighbours at every size: from 8,192 cells scanpy 1.11 would use pynndescent, whose sparse
+    # arrays (0.7+) it cannot read ('csr_array' has no 'getnnz'), and brute force takes seconds on 30 PCs.
+    sc.pp.neighbors(normalised, n_neighbors=min(15, normalised.n_obs - 1), transformer="sklearn", random_state=seed)
     sc.tl.umap(normalised, random_state=seed)
     return normalised
 

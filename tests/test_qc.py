@@ -1,0 +1,27 @@
+"""The QC step's joint embedding of real and simulated cells, at the sizes PBMC68k runs reach."""
+
+import numpy as np
+import pandas as pd
+
+from cvaesim.qc import combine, embed
+
+from conftest import random_counts
+
+
+def test_the_embedding_works_past_scanpys_approximate_neighbour_threshold():
+    # PBMC68k's default QC embeds 10,000 real and 1,100 simulated cells; from 8,192 cells scanpy
+    # switches to approximate neighbours, whose output it could not read with current libraries.
+    types = ["T", "B", "NK"]
+    real, simulated = random_counts(7000, 60, types, seed=1), random_counts(1300, 60, types, seed=2)
+    simulated.obs_names = [f"simulated_{i}" for i in range(simulated.n_obs)]
+    for cells in (real, simulated):
+        cells.obs["cell_type"] = pd.Categorical(cells.obs["cell_type"], categories=types)
+    combined = combine(real, simulated, max_real_cells=10_000, seed=0)
+    normalised = embed(combined, seed=0)
+    assert normalised.obsm["X_umap"].shape == (8300, 2) and np.isfinite(normalised.obsm["X_umap"]).all()
+    # Exact neighbours on the PCs (scanpy takes them for more than 50 genes): 14 per cell, itself left out.
+    distances = normalised.obsp["distances"]
+    assert (np.diff(distances.indptr) == 14).all()
+    pcs = normalised.obsm["X_pca"]
+    to_others = np.sqrt(((np.delete(pcs, 0, axis=0) - pcs[0]) ** 2).sum(axis=1))
+    np.testing.assert_allclose(np.sort(distances[0].data), np.sort(to_others)[:14], rtol=1e-4)
