@@ -8,10 +8,11 @@ Counts are multinomial draws from per-type gene profiles, with log-normal librar
 chosen so that cells have a few hundred to a thousand detected genes, as PBMC68k's do.
 
 It then runs the workflow (``download`` from a file:// address, ``filter``, ``reshape``,
-``train`` for one epoch) and prints wall time and peak resident memory per step, read from
+``train`` for one epoch; with ``--whole-workflow`` also ``simulate``, ``original_table``, ``qc``
+and ``evaluate``) and prints wall time and peak resident memory per step, read from
 Snakemake's benchmark files.
 
-    .venv/bin/python perf/pbmc68k_scale.py --workdir /tmp/pbmc68k-scale
+    .venv/bin/python perf/pbmc68k_scale.py --workdir /tmp/pbmc68k-scale [--whole-workflow]
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pbmc68k-scale"))
     parser.add_argument("--cores", type=int, default=os.cpu_count())
-    workdir = parser.parse_args().workdir.resolve()
+    parser.add_argument("--whole-workflow", action="store_true", help="on to simulate, qc and evaluate")
+    arguments = parser.parse_args()
+    workdir = arguments.workdir.resolve()
     tarball, annotation = generate(workdir / "input")
     overlay = workdir / "benchmark.yaml"
     overlay.write_text(yaml.safe_dump({
@@ -135,13 +138,14 @@ def main() -> None:
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-         "--configfile", str(REPO / "config" / "config.yaml"), str(overlay), "--cores", str(parser.parse_args().cores),
-         "--forceall", "results/pbmc68k_shaped/model/cvae.keras"],
+         "--configfile", str(REPO / "config" / "config.yaml"), str(overlay), "--cores", str(arguments.cores),
+         "--forceall", *([] if arguments.whole_workflow else ["results/pbmc68k_shaped/model/cvae.keras"])],
         check=True,
     )
     total = time.perf_counter() - started
     rows = []
-    for step in ("download_matrix.tar.gz", "download_annotation.tsv", "filter", "reshape", "train"):
+    steps = ["download_matrix.tar.gz", "download_annotation.tsv", "filter", "reshape", "train"]
+    for step in steps + (["simulate", "original_table", "qc", "evaluate"] if arguments.whole_workflow else []):
         measured = pd.read_csv(workdir / "benchmarks" / "pbmc68k_shaped" / f"{step}.tsv", sep="\t")
         rows.append({"step": step, "wall_s": measured["s"].iloc[0], "peak_rss_MB": measured["max_rss"].iloc[0]})
     import anndata as ad

@@ -89,6 +89,8 @@ rule original_table:
         "results/{dataset}/simulated/simulated_table.h5",
     log:
         "logs/{dataset}/original_table.log",
+    benchmark:
+        "benchmarks/{dataset}/original_table.tsv"
     conda:
         "../envs/scanpy.yaml"
     resources:
