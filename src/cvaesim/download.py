@@ -73,8 +73,7 @@ def fetch(
             log.info("packing the 10x matrix files under %s into %s", local, destination)
             try:
                 pack_10x_folder(local, partial)
-            except InputError as error:
-                partial.unlink(missing_ok=True)
+            except InputError as error:  # raised before anything is written
                 raise DownloadError(str(error)) from error
         elif not local.is_file():
             raise DownloadError(f"{source}: no such file")

@@ -98,15 +98,14 @@ def pack_10x_folder(folder: str | Path, destination: str | Path) -> None:
     if len(matrix_folders) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix
         found = ", ".join(str(path.relative_to(folder)) for path in matrix_folders)
         raise InputError(f"{folder}: holds more than one 10x matrix folder ({found}); give the one to use")
-    names = {path.name for path in files if path.parent == matrix_folders[0]}
-    for candidates, what in ((BARCODE_NAMES, "barcode"), (GENE_NAMES, "gene")):
-        if not names & set(candidates):
-            raise InputError(f"{matrix_folders[0]}: no {what} file ({' or '.join(candidates)}) beside the matrix")
     files = [path for path in files if path.parent == matrix_folders[0]]
+    for candidates, what in ((BARCODE_NAMES, "barcode"), (GENE_NAMES, "gene")):
+        if not {path.name for path in files} & set(candidates):
+            raise InputError(f"{matrix_folders[0]}: no {what} file ({' or '.join(candidates)}) beside the matrix")
     with open(destination, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed, \
             tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for path in files:
-            member = tarfile.TarInfo((PurePosixPath(folder.name) / path.relative_to(folder).as_posix()).as_posix())
+            member = tarfile.TarInfo((Path(folder.name) / path.relative_to(folder)).as_posix())
             member.size, member.mode = path.stat().st_size, 0o644
             with open(path, "rb") as handle:
                 archive.addfile(member, handle)
