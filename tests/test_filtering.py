@@ -24,6 +24,19 @@ def test_defaults_keep_every_labelled_cell_and_drop_undetected_genes(small_cells
     assert filtered.X.dtype == np.int32
 
 
+def test_cells_without_counts_are_dropped_at_the_default_thresholds(small_cells, caplog):
+    cells = small_cells.copy()
+    dense = cells.X.toarray()
+    dense[[4, 7]] = 0  # barcodes that kept no count, as after subsetting an .h5ad to some genes
+    cells.X = sp.csr_matrix(dense)
+    with caplog.at_level(logging.WARNING):
+        filtered = filter_cells_and_genes(cells, FilterThresholds(), "cells.h5ad")
+    assert filtered.n_obs == cells.n_obs - 2
+    assert cells.obs_names[4] not in filtered.obs_names and cells.obs_names[7] not in filtered.obs_names
+    assert np.asarray(filtered.X.sum(axis=1)).min() > 0
+    assert "cells.h5ad: 2 of 120 labelled cells have no counts and are dropped" in caplog.text
+
+
 def test_blank_and_missing_labels_name_no_cell_type(small_cells, caplog):
     cells = small_cells.copy()
     cells.obs["cell_type"] = cells.obs["cell_type"].astype(object)

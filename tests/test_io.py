@@ -118,7 +118,9 @@ def test_h5ad_must_hold_counts(tmp_path, small_cells):
     logged.layers["counts"] = small_cells.X.copy()
     path = tmp_path / "logged.h5ad"
     logged.write_h5ad(path)
-    with pytest.raises(InputError, match="logged.h5ad: the count matrix holds non-integer values"):
+    # The usual scanpy file: log-normalised X, counts kept in a layer; the error says which one.
+    with pytest.raises(InputError, match="logged.h5ad: X holds non-integer values .*; 'counts' of this file holds "
+                                         "integer counts: name it as counts_layer"):
         read_h5ad_counts(path, "cell_type", None)
     adata = read_h5ad_counts(path, "cell_type", "counts")
     assert adata.X.dtype == np.int32 and adata.shape == small_cells.shape
@@ -126,6 +128,17 @@ def test_h5ad_must_hold_counts(tmp_path, small_cells):
         read_h5ad_counts(path, "celltype", "counts")
     with pytest.raises(InputError, match="no layer 'spliced'; its layers are 'counts'"):
         read_h5ad_counts(path, "cell_type", "spliced")
+    # Counts only in .raw, and a file with no counts anywhere.
+    logged.raw = small_cells
+    del logged.layers["counts"]
+    logged.write_h5ad(path)
+    with pytest.raises(InputError, match="X holds non-integer values .*; 'raw' of this file holds integer counts"):
+        read_h5ad_counts(path, "cell_type", None)
+    assert (read_h5ad_counts(path, "cell_type", "raw").X != small_cells.X).nnz == 0
+    logged.raw = None
+    logged.write_h5ad(path)
+    with pytest.raises(InputError, match=r"X holds non-integer values .*; raw counts are needed \(counts_layer names"):
+        read_h5ad_counts(path, "cell_type", None)
 
 
 def test_atomic_output_leaves_nothing_when_the_writer_fails(tmp_path):

@@ -82,9 +82,15 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
     if not labelled.all():
         log.warning("%s: %d of %d cells have no label and are dropped", source, (~labelled).sum(), adata.n_obs)
     counts = adata.X
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    # A barcode without a single count has no expression profile to learn, whatever the thresholds say.
+    empty = labelled & (totals == 0)
+    if empty.any():
+        log.warning("%s: %d of %d labelled cells have no counts and are dropped", source, empty.sum(), labelled.sum())
     keep_cells = (
         labelled
-        & (np.asarray(counts.sum(axis=1)).ravel() >= thresholds.min_counts_per_cell)
+        & ~empty
+        & (totals >= thresholds.min_counts_per_cell)
         & (np.diff(counts.indptr) >= thresholds.min_genes_per_cell)
     )
     type_sizes = pd.Series(adata.obs["cell_type"].to_numpy()[keep_cells]).value_counts()

@@ -276,20 +276,25 @@ def integer_counts(matrix, source: str | Path) -> sp.csr_matrix:
 
 def check_counts(matrix: sp.spmatrix | np.ndarray, source: str | Path) -> None:
     """Refuse matrices that are not raw counts (negative, fractional or non-finite values)."""
+    problem = counts_problem(matrix)
+    if problem is not None:
+        raise InputError(f"{source}: the count matrix holds {problem}; raw counts are needed (for an .h5ad, "
+                         "counts_layer names the layer that holds them)")
+
+
+def counts_problem(matrix: sp.spmatrix | np.ndarray) -> str | None:
+    """What makes ``matrix`` not raw counts, or None."""
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
     if values.size == 0:
-        return
+        return None
     if not np.all(np.isfinite(values)):
-        raise InputError(f"{source}: the count matrix holds NaN or infinite values")
+        return "NaN or infinite values"
     if values.min() < 0:
-        raise InputError(f"{source}: the count matrix holds negative values (min {values.min()}); raw counts are needed")
+        return f"negative values (min {values.min()})"
     fractional = values != np.round(values)
     if np.any(fractional):
-        example = values[fractional][0]
-        raise InputError(
-            f"{source}: the count matrix holds non-integer values (e.g. {example:g}); raw counts are needed, "
-            "not normalised or log-transformed data (for an .h5ad, name the layer that holds counts)"
-        )
+        return f"non-integer values (e.g. {values[fractional][0]:g}), as normalised or log-transformed data do"
+    return None
 
 
 def read_annotation(path: str | Path, barcode_column: str, label_column: str) -> pd.Series:
@@ -331,20 +336,28 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
             f"{path}: obs has no label column {label_column!r}; its columns are "
             f"{', '.join(map(repr, source.obs.columns)) or 'none'}"
         )
-    if counts_layer is None:
-        counts, var = source.X, source.var
-    elif counts_layer == "raw":
-        if source.raw is None:
+    candidates = {None: (source.X, source.var), **{name: (layer, source.var) for name, layer in source.layers.items()}}
+    if source.raw is not None:
+        candidates["raw"] = (source.raw.X, source.raw.var)
+    if counts_layer not in candidates:
+        if counts_layer == "raw":
             raise InputError(f"{path}: counts_layer is 'raw' but the file has no .raw")
-        counts, var = source.raw.X, source.raw.var
-    elif counts_layer in source.layers:
-        counts, var = source.layers[counts_layer], source.var
-    else:
         raise InputError(
             f"{path}: no layer {counts_layer!r}; its layers are {', '.join(map(repr, source.layers)) or 'none'}"
         )
+    counts, var = candidates[counts_layer]
+    problem = counts_problem(counts)
+    if problem is not None:
+        where = "X" if counts_layer is None else f"counts_layer {counts_layer!r}"
+        holding_counts = [repr(name) for name, (matrix, _) in candidates.items()
+                          if name not in (None, counts_layer) and counts_problem(matrix) is None]
+        hint = (f"; {' and '.join(holding_counts)} of this file hold{'s' if len(holding_counts) == 1 else ''} "
+                f"integer counts: name {'it' if len(holding_counts) == 1 else 'one'} as counts_layer in the dataset's "
+                "config entry" if holding_counts else " (counts_layer names the layer or 'raw' that holds them)")
+        raise InputError(f"{path}: {where} holds {problem}; raw counts are needed{hint}")
+    counts = integer_counts(counts, path)
     adata = ad.AnnData(
-        X=integer_counts(counts, path),
+        X=counts,
         obs=pd.DataFrame({"cell_type": source.obs[label_column].astype(str).where(source.obs[label_column].notna())},
                          index=source.obs_names),
         var=pd.DataFrame(index=var.index.astype(str)),
