@@ -3,8 +3,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cvaesim.evaluation import (CONTROL, TRAINING, EvaluationSettings, Space, baseline, evaluate, forest_auc, mmd,
-                                overall_table, properties, training_sample)
+from cvaesim.evaluation import (CONTROL, METRICS, TRAINING, EvaluationSettings, Space, baseline, evaluate, forest_auc,
+                                mmd, overall_table, properties, training_sample)
+from cvaesim.plots import plot_per_type
 
 from conftest import random_counts
 
@@ -90,6 +91,7 @@ def test_evaluation_scores_every_source_type_and_metric(scored):
     metrics = result.metrics
     assert set(metrics["source"]) == {"cvae", "poisson", "nb", TRAINING, CONTROL}
     assert set(metrics["cell_type"]) == {*TYPES, "overall"}
+    assert set(metrics["metric"]) == set(METRICS)
     overall = overall_table(metrics)
     assert list(overall.columns) == ["cvae", "nb", "poisson", TRAINING, CONTROL]
     for metric in ("rf_auc", "mmd", "fidelity_accuracy", "marker_correlation", "marker_overlap", "memorisation_ratio",
@@ -101,6 +103,27 @@ def test_evaluation_scores_every_source_type_and_metric(scored):
     assert overall.loc["memorisation_ratio", TRAINING] == 0.0  # each is its own nearest training cell
     confusion = result.confusion
     assert confusion[confusion["source"] == "cvae"]["cells"].sum() == copies.n_obs
+
+
+def test_too_few_cells_to_score_any_type_give_nan_metrics_and_say_why(tmp_path, caplog):
+    # A first try on a small subset: no type has evaluate.min_cells test cells.
+    real = random_counts(40, 30, TYPES, seed=5)
+    is_test = np.arange(40) % 3 == 0
+    simulated = real[~is_test].copy()
+    simulated.obs_names = [f"sim_{i}" for i in range(simulated.n_obs)]
+    settings = EvaluationSettings(n_trees=10, n_components=5, n_markers=5)
+    with caplog.at_level("WARNING"):
+        result = evaluate(real, is_test, simulated, settings)
+    assert "all of 3 cell types get no score: fewer than evaluate.min_cells = 10" in caplog.text
+    assert "every metric is NaN" in caplog.text
+    overall = overall_table(result.metrics)
+    assert list(overall.index) == sorted(METRICS) and list(overall.columns) == ["cvae", "nb", "poisson", CONTROL]
+    assert overall.isna().all().all()
+    plot_per_type(result.metrics, tmp_path / "per_type.png")
+    assert (tmp_path / "per_type.png").stat().st_size > 0
+    # With a lower threshold the same cells are scored.
+    lower = evaluate(real, is_test, simulated, EvaluationSettings(**{**settings.__dict__, "min_cells": 4}))
+    assert overall_table(lower.metrics).loc[["mmd", "rf_auc"], "cvae"].notna().all()
 
 
 def test_training_cells_are_sampled_per_type_without_repeats():

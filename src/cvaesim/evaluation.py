@@ -41,6 +41,8 @@ MAX_PCA_GENES = 2_000
 BASELINE_BLOCK = 256  # cells drawn at a time by the baselines
 PROPERTIES = ["library_size", "detected_genes", "cell_fraction_zeros", "gene_mean_log2cpm", "gene_variance_log2cpm",
               "gene_fraction_zeros"]
+METRICS = ("rf_auc", "mmd", "fidelity_accuracy", "marker_correlation", "marker_overlap",
+           *(f"ks_{name}" for name in PROPERTIES), "memorisation_ratio")
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,14 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     reference[CONTROL] = (test[~half], test_labels[~half])
     real_properties_of = {}  # (reference, cell type) -> properties: the three simulators share the test cells
     types = sorted(set(test_labels))
+    unscored = {cell_type: (int((test_labels == cell_type).sum()), plan.get(cell_type, 0)) for cell_type in types}
+    unscored = {cell_type: sizes for cell_type, sizes in unscored.items() if min(sizes) < settings.min_cells}
+    if unscored:
+        log.warning("%s of %d cell types get no score: fewer than evaluate.min_cells = %d real test cells or "
+                    "simulated cells (%s)%s", "all" if len(unscored) == len(types) else len(unscored), len(types),
+                    settings.min_cells, ", ".join(f"{name}: {test} test, {simulated} simulated"
+                                                  for name, (test, simulated) in unscored.items()),
+                    "; every metric is NaN" if len(unscored) == len(types) else "")
     forests = Forests(settings)
     for source, (source_counts, source_labels) in entries.items():
         source_normalised = test_normalised[half] if source == CONTROL else log_normalise(source_counts)
@@ -339,10 +349,9 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     weights = pd.Series(test_labels).value_counts(normalize=True)
     per_type = metrics[metrics["cell_type"] != "overall"].copy()
     per_type["weight"] = per_type["cell_type"].map(weights)
-    overall = (per_type.dropna(subset=["value"]).groupby(["source", "metric"])
-               .apply(lambda group: np.average(group["value"], weights=group["weight"]), include_groups=False)
-               .rename("value").reset_index())
-    overall.insert(1, "cell_type", "overall")
+    overall = pd.DataFrame([(source, "overall", metric, np.average(group["value"], weights=group["weight"]))
+                            for (source, metric), group in per_type.dropna(subset=["value"])
+                            .groupby(["source", "metric"])], columns=metrics.columns)
     metrics = pd.concat([metrics, overall], ignore_index=True)
     return Evaluation(metrics, pd.DataFrame(confusion, columns=["source", "conditioned_type", "predicted_type", "cells"]),
                       gene_statistics)
@@ -351,5 +360,7 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
 def overall_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per metric: the model, the baselines and the real-versus-real control side by side."""
     overall = metrics[metrics["cell_type"] == "overall"].pivot(index="metric", columns="source", values="value")
-    return overall.reindex(columns=[name for name in ("cvae", "nb", "poisson", TRAINING, CONTROL)
-                                    if name in overall.columns])
+    # Every metric and simulator has its row and column, NaN where no cell type could be scored.
+    sources = [name for name in ("cvae", "nb", "poisson", TRAINING, CONTROL) if name != TRAINING
+               or name in set(metrics["source"])]
+    return overall.reindex(index=pd.Index(sorted(METRICS), name="metric"), columns=pd.Index(sources, name="source"))
