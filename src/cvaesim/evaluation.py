@@ -290,7 +290,7 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     if unscored:
         log.warning("%s of %d cell types get no score: fewer than evaluate.min_cells = %d real test cells or "
                     "simulated cells (%s)%s", "all" if len(unscored) == len(types) else len(unscored), len(types),
-                    settings.min_cells, ", ".join(f"{name}: {test} test, {simulated} simulated"
+                    settings.min_cells, "; ".join(f"{name}: {test} test and {simulated} simulated"
                                                   for name, (test, simulated) in unscored.items()),
                     "; every metric is NaN" if len(unscored) == len(types) else "")
     forests = Forests(settings)
