@@ -54,13 +54,28 @@ def add_member(archive: tarfile.TarFile, name: str, payload: bytes, kind: bytes 
     archive.addfile(member, io.BytesIO(payload))
 
 
+def with_antibodies(adata: ad.AnnData, antibodies: int) -> tuple[sp.csr_matrix, list, list, list]:
+    """Counts, feature ids, names and types of ``adata`` followed by ``antibodies`` Antibody Capture
+    features, as Cell Ranger 3+ writes a CITE-seq matrix."""
+    counts = sp.csr_matrix(adata.X)
+    ids = [f"ENSG{j:011d}" for j in range(adata.n_vars)] + [f"ADT{j}_TotalSeqB" for j in range(antibodies)]
+    names = list(adata.var_names) + [f"ADT{j}" for j in range(antibodies)]
+    types = ["Gene Expression"] * adata.n_vars + ["Antibody Capture"] * antibodies
+    if antibodies:
+        extra = sp.csr_matrix(np.arange(adata.n_obs * antibodies).reshape(adata.n_obs, antibodies) % 7)
+        counts = sp.hstack([counts, extra], format="csr")
+    return counts, ids, names, types
+
+
 def write_tarball(path: Path, adata: ad.AnnData, folder: str = "filtered_matrices_mex/hg19", v3: bool = False,
-                  extra: dict[str, bytes] | None = None) -> Path:
-    """A 10x tarball in the v2 (genes.tsv) or v3 (gzipped features.tsv.gz) layout."""
-    coo = sp.coo_matrix(adata.X.T)
+                  extra: dict[str, bytes] | None = None, antibodies: int = 0) -> Path:
+    """A 10x tarball in the v2 (genes.tsv) or v3 (gzipped features.tsv.gz, with ``antibodies`` extra
+    Antibody Capture features) layout."""
+    counts, ids, names, types = with_antibodies(adata, antibodies)
+    coo = sp.coo_matrix(counts.T)
     mtx = "%%MatrixMarket matrix coordinate integer general\n%\n" + f"{coo.shape[0]} {coo.shape[1]} {coo.nnz}\n"
     mtx += "".join(f"{g + 1} {c + 1} {v}\n" for g, c, v in zip(coo.row, coo.col, coo.data))
-    genes = "".join(f"ENSG{j:011d}\t{name}\tGene Expression\n" for j, name in enumerate(adata.var_names))
+    genes = "".join(f"{gene_id}\t{name}\t{kind}\n" for gene_id, name, kind in zip(ids, names, types))
     barcodes = "".join(f"{name}\n" for name in adata.obs_names)
     files = {"matrix.mtx": mtx, "genes.tsv": genes, "barcodes.tsv": barcodes}
     if v3:
@@ -79,12 +94,7 @@ def write_10x_h5(path: Path, adata: ad.AnnData, v3: bool = True, antibodies: int
     features) or v2 (one genome group), genes x cells compressed by cell, names as bytes."""
     import h5py
 
-    counts = sp.csr_matrix(adata.X)
-    names = list(adata.var_names) + [f"ADT{j}" for j in range(antibodies)]
-    ids = [f"ENSG{j:011d}" for j in range(adata.n_vars)] + [f"ADT{j}_TotalSeqB" for j in range(antibodies)]
-    if antibodies:
-        extra = sp.csr_matrix(np.arange(adata.n_obs * antibodies).reshape(adata.n_obs, antibodies) % 7)
-        counts = sp.hstack([counts, extra], format="csr")
+    counts, ids, names, types = with_antibodies(adata, antibodies)
     with h5py.File(path, "w") as h5:
         group = h5.create_group("matrix" if v3 else "hg19")
         group["data"], group["indices"], group["indptr"] = counts.data, counts.indices, counts.indptr
@@ -93,8 +103,7 @@ def write_10x_h5(path: Path, adata: ad.AnnData, v3: bool = True, antibodies: int
         if v3:
             features = group.create_group("features")
             features["id"], features["name"] = np.array(ids, dtype="S"), np.array(names, dtype="S")
-            features["feature_type"] = np.array(["Gene Expression"] * adata.n_vars + ["Antibody Capture"] * antibodies,
-                                                dtype="S")
+            features["feature_type"] = np.array(types, dtype="S")
         else:
             group["genes"], group["gene_names"] = np.array(ids, dtype="S"), np.array(names, dtype="S")
     return path

@@ -162,10 +162,33 @@ def test_10x_h5_reads_as_the_same_matrix_in_a_tarball(tmp_path, v3):
     assert adata.var["gene_ids"].iloc[0] == "ENSG00000000000"
 
 
-def test_10x_h5_keeps_gene_expression_features_only(tmp_path, small_cells):
-    adata = read_10x_h5(write_10x_h5(tmp_path / "m.h5", small_cells, antibodies=3))
+@pytest.mark.parametrize("container", ["h5", "tarball"])
+def test_cite_seq_matrices_keep_gene_expression_features_only(tmp_path, small_cells, container, caplog):
+    if container == "h5":
+        path = write_10x_h5(tmp_path / "m.h5", small_cells, antibodies=3)
+        read = read_10x_h5
+    else:
+        path = write_tarball(tmp_path / "m.tar.gz", small_cells, v3=True, antibodies=3)
+        read = read_10x_tarball
+    with caplog.at_level("INFO"):
+        adata = read(path)
     assert list(adata.var_names) == list(small_cells.var_names)
     assert np.array_equal(adata.X.toarray(), small_cells.X.toarray())
+    assert f"keeping the {small_cells.n_vars} Gene Expression features of {small_cells.n_vars + 3}" in caplog.text
+
+
+def test_a_matrix_without_gene_expression_features_is_refused(tmp_path, small_cells):
+    source = write_tarball(tmp_path / "m.tar.gz", small_cells, v3=True)
+    path = tmp_path / "antibodies_only.tar.gz"
+    with tarfile.open(source) as original, tarfile.open(path, "w:gz") as relabelled:
+        for member in original.getmembers():
+            payload = original.extractfile(member).read()
+            if member.name.endswith("features.tsv.gz"):
+                payload = gzip.compress(gzip.decompress(payload).replace(b"Gene Expression", b"Antibody Capture"))
+            add_member(relabelled, member.name, payload)
+    with pytest.raises(InputError, match="antibodies_only.tar.gz: none of its 50 features is of type Gene Expression "
+                                         r"\(types: Antibody Capture\)"):
+        read_10x_tarball(path)
 
 
 def test_broken_10x_h5_files_are_clear_errors(tmp_path, small_cells):

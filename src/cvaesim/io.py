@@ -155,7 +155,8 @@ def read_10x_tarball(path: str | Path) -> ad.AnnData:
             f"{len(genes)} genes and {len(barcodes)} barcodes"
         )
     symbols = genes[1] if genes.shape[1] > 1 else genes[0]
-    return _cells_by_genes(counts, barcodes.to_numpy(), genes[0].to_numpy(), symbols.to_numpy(), path)
+    feature_types = genes[2].to_numpy() if genes.shape[1] > 2 else None  # v3: Gene Expression, Antibody Capture, ...
+    return _cells_by_genes(counts, barcodes.to_numpy(), genes[0].to_numpy(), symbols.to_numpy(), path, feature_types)
 
 
 def read_10x_h5(path: str | Path) -> ad.AnnData:
@@ -198,13 +199,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
     if (len(barcodes), len(gene_ids)) != counts.shape:
         raise InputError(f"{path}: matrix is {n_genes} genes x {n_cells} cells but the file lists "
                          f"{len(gene_ids)} features and {len(barcodes)} barcodes")
-    if feature_types is not None:
-        expression = feature_types == "Gene Expression"
-        if not expression.all():
-            log.info("%s: keeping the %d Gene Expression features of %d (dropped: %s)", path, expression.sum(),
-                     len(expression), ", ".join(sorted(set(feature_types[~expression]))))
-            counts, gene_ids, symbols = counts[:, expression], gene_ids[expression], symbols[expression]
-    return _cells_by_genes(counts, barcodes, gene_ids, symbols, path)
+    return _cells_by_genes(counts, barcodes, gene_ids, symbols, path, feature_types)
 
 
 def _strings(group: h5py.Group, name: str, path: Path) -> np.ndarray:
@@ -214,8 +209,20 @@ def _strings(group: h5py.Group, name: str, path: Path) -> np.ndarray:
                     dtype=object)
 
 
-def _cells_by_genes(counts: sp.csr_matrix, barcodes, gene_ids, symbols, path: Path) -> ad.AnnData:
-    """Cells x genes with symbols as gene names (made unique) and the ids beside them."""
+def _cells_by_genes(counts: sp.csr_matrix, barcodes, gene_ids, symbols, path: Path,
+                    feature_types: np.ndarray | None = None) -> ad.AnnData:
+    """Cells x genes with symbols as gene names (made unique) and the ids beside them; of a Cell Ranger 3+
+    matrix only the Gene Expression features (antibody capture, CRISPR guides and the like are dropped)."""
+    if feature_types is not None:
+        expression = np.asarray(feature_types, dtype=str) == "Gene Expression"
+        if not expression.any():
+            raise InputError(f"{path}: none of its {len(expression)} features is of type Gene Expression "
+                             f"(types: {', '.join(sorted(set(map(str, feature_types))))})")
+        if not expression.all():
+            log.info("%s: keeping the %d Gene Expression features of %d (dropped: %s)", path, expression.sum(),
+                     len(expression), ", ".join(sorted(set(np.asarray(feature_types, dtype=str)[~expression]))))
+            counts, gene_ids, symbols = counts[:, expression], np.asarray(gene_ids)[expression], \
+                np.asarray(symbols)[expression]
     var = pd.DataFrame({"gene_ids": np.asarray(gene_ids, dtype=str)},
                        index=pd.Index(np.asarray(symbols, dtype=str), name=None))
     adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(np.asarray(barcodes, dtype=str))), var=var)
