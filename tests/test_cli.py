@@ -119,4 +119,13 @@ def test_bad_requests_are_clear_errors(trained, tmp_path, capsys):
     assert main(["simulate", "--model", str(tmp_path / "absent.keras"), "--store", str(trained / "images.h5ad"),
                  "--output", str(tmp_path / "x.h5ad")]) == 2
     assert "absent.keras: no such file" in capsys.readouterr().err
+    # A suffix that names no format would have become a folder named cells.csv.
+    assert run(trained, "--output", str(tmp_path / "cells.csv")) == 2
+    assert "cells.csv: the output format follows the suffix" in capsys.readouterr().err
+    assert run(trained, "--output", str(tmp_path / "x.h5ad"), "--cell-type", "B cell (memory) #2=0") == 2
+    assert "no cells asked for" in capsys.readouterr().err
+    for option in ("--cells", "--cells-per-type", "--batch-size"):
+        with pytest.raises(SystemExit):
+            run(trained, "--output", str(tmp_path / "x.h5ad"), option, "0")
+        assert f"argument {option}: must be at least 1, not 0" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

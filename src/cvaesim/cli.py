@@ -48,11 +48,29 @@ def plan_cells(cell_types: list[str], real_counts: dict[str, int], per_type: int
     return dict.fromkeys(cell_types, per_type)
 
 
+def output_format_of(output: Path) -> str:
+    """The format a suffix names: .h5ad, .h5 (the original's table), or none for a 10x folder."""
+    formats = {".h5ad": "h5ad", ".h5": "table", "": "10x"}
+    if output.suffix not in formats:  # 'cells.csv' would otherwise become a folder of that name
+        raise InputError(f"{output}: the output format follows the suffix (.h5ad, .h5 for the original's table, "
+                         f"none for a 10x folder), and {output.suffix!r} is none of them; --format 10x writes a "
+                         "10x folder of this name")
+    return formats[output.suffix]
+
+
+def at_least_one(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def simulate_command(arguments: argparse.Namespace) -> None:
     from .simulation import Simulator
     from .steps import load_model
     from .writers import MAX_TABLE_ENTRIES, write_10x, write_h5ad, write_table
 
+    output_format = arguments.format or output_format_of(arguments.output)
     for path in (arguments.model, arguments.store):
         if not path.exists():
             raise InputError(f"{path}: no such file")
@@ -68,8 +86,9 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     plan = plan_cells(simulator.cell_types, real_counts, arguments.cells_per_type, arguments.cells,
                       arguments.cell_type)
     simulator.check(plan)
-    output_format = arguments.format or {".h5ad": "h5ad", ".h5": "table"}.get(arguments.output.suffix, "10x")
     n_cells = sum(plan.values())
+    if n_cells == 0:
+        raise InputError("no cells asked for: every --cell-type number is 0")
     if output_format == "table" and n_cells * len(simulator.var) > MAX_TABLE_ENTRIES:
         raise InputError(f"{arguments.output}: {n_cells} cells x {len(simulator.var)} genes is too large for the "
                          f"original's dense table (limit {MAX_TABLE_ENTRIES:,} entries); write .h5ad or 10x")
@@ -92,15 +111,15 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--store", type=Path, required=True,
                          help="the image store the model was trained on (images.h5ad): types, genes, scaling")
     command.add_argument("--output", type=Path, required=True,
-                         help="an .h5ad file, an .h5 file (the original's table) or a folder (10x)")
+                         help="an .h5ad file, an .h5 file (the original's table) or a folder without suffix (10x)")
     command.add_argument("--format", choices=FORMATS, help="default: from the output's suffix")
     which = command.add_mutually_exclusive_group()
-    which.add_argument("--cells-per-type", type=int, default=100, help="cells of every type (default 100)")
-    which.add_argument("--cells", type=int, help="a total, split by the real data's cell-type proportions")
+    which.add_argument("--cells-per-type", type=at_least_one, default=100, help="cells of every type (default 100)")
+    which.add_argument("--cells", type=at_least_one, help="a total, split by the real data's cell-type proportions")
     which.add_argument("--cell-type", action="append", default=[], metavar="NAME=N",
                        help="N cells of type NAME (repeatable)")
     command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--batch-size", type=int, default=256, help="cells per decoder call")
+    command.add_argument("--batch-size", type=at_least_one, default=256, help="cells per decoder call")
     command.add_argument("--count-sampling", choices=COUNT_SAMPLING,
                          help="default: the model's own likelihood (negative_binomial for a model trained with "
                               "it, else poisson)")
