@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from cvaesim.qc import combine, embed
+from cvaesim.qc import add_qc_metrics, combine, embed, qc_summary
 
 from conftest import random_counts
 
@@ -25,3 +25,21 @@ def test_the_embedding_works_past_scanpys_approximate_neighbour_threshold():
     pcs = normalised.obsm["X_pca"]
     to_others = np.sqrt(((np.delete(pcs, 0, axis=0) - pcs[0]) ** 2).sum(axis=1))
     np.testing.assert_allclose(np.sort(distances[0].data), np.sort(to_others)[:14], rtol=1e-4)
+
+
+def test_qc_metrics_include_the_mitochondrial_share_of_human_and_mouse_genes():
+    types = ["T", "B"]
+    real, simulated = random_counts(40, 12, types, seed=1), random_counts(30, 12, types, seed=2)
+    names = ["MT-CO1", "mt-Nd1", "MTOR", *[f"GENE{j}" for j in range(9)]]  # MTOR is no mitochondrial gene
+    for cells in (real, simulated):
+        cells.var_names = names
+        cells.obs["cell_type"] = pd.Categorical(cells.obs["cell_type"], categories=types)
+    simulated.obs_names = [f"simulated_{i}" for i in range(simulated.n_obs)]
+    combined = combine(real, simulated, max_real_cells=100, seed=0)
+    add_qc_metrics(combined)
+    counts = combined.X.toarray()
+    expected = 100 * counts[:, :2].sum(axis=1) / counts.sum(axis=1)
+    np.testing.assert_allclose(combined.obs["pct_counts_mt"], expected, rtol=1e-5)
+    summary = qc_summary(combined).set_index(["source", "cell_type"])
+    real_t = combined.obs[(combined.obs["source"] == "real") & (combined.obs["cell_type"] == "T")]
+    assert summary.loc[("real", "T"), "median_pct_counts_mt"] == np.median(real_t["pct_counts_mt"])

@@ -16,6 +16,8 @@ import scanpy as sc  # noqa: E402
 log = logging.getLogger(__name__)
 
 SOURCES = ["real", "simulated"]
+MITOCHONDRIAL_PREFIXES = ("MT-", "mt-")  # human and mouse symbols, as scanpy's QC tutorials flag them
+QC_METRICS = ["total_counts", "n_genes_by_counts", "pct_counts_mt", "fraction_zeros"]
 
 
 def combine(real: ad.AnnData, simulated: ad.AnnData, max_real_cells: int, seed: int) -> ad.AnnData:
@@ -39,26 +41,33 @@ def combine(real: ad.AnnData, simulated: ad.AnnData, max_real_cells: int, seed: 
 
 
 def add_qc_metrics(combined: ad.AnnData) -> None:
-    sc.pp.calculate_qc_metrics(combined, percent_top=None, log1p=False, inplace=True)
+    """scanpy's per-cell QC metrics, with the share of counts on mitochondrial genes (pct_counts_mt), whose
+    excess marks damaged cells, and the fraction of genes not detected."""
+    combined.var["mt"] = combined.var_names.str.startswith(MITOCHONDRIAL_PREFIXES)
+    if not combined.var["mt"].any():
+        log.info("no mitochondrial genes (names starting with %s): pct_counts_mt is 0",
+                 " or ".join(MITOCHONDRIAL_PREFIXES))
+    sc.pp.calculate_qc_metrics(combined, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
     combined.obs["fraction_zeros"] = 1.0 - combined.obs["n_genes_by_counts"] / combined.n_vars
 
 
 def qc_summary(combined: ad.AnnData) -> pd.DataFrame:
-    """Per source and cell type: cell count, median library size and detected genes, zero fraction."""
+    """Per source and cell type: cell count, median library size, detected genes and mitochondrial share,
+    zero fraction."""
     grouped = combined.obs.groupby(["source", "cell_type"], observed=False)
     summary = grouped.agg(
         cells=("total_counts", "size"),
         median_total_counts=("total_counts", "median"),
         median_genes_detected=("n_genes_by_counts", "median"),
+        median_pct_counts_mt=("pct_counts_mt", "median"),
         mean_fraction_zeros=("fraction_zeros", "mean"),
     )
     return summary.reset_index()
 
 
 def plot_violins(combined: ad.AnnData, path) -> None:
-    metrics = ["total_counts", "n_genes_by_counts", "fraction_zeros"]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4))
-    for axis, metric in zip(axes, metrics):
+    figure, axes = plt.subplots(1, len(QC_METRICS), figsize=(4 * len(QC_METRICS), 4))
+    for axis, metric in zip(axes, QC_METRICS):
         sc.pl.violin(combined, metric, groupby="source", ax=axis, show=False, stripplot=False)
         axis.set_title(metric)
     figure.tight_layout()
