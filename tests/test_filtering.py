@@ -48,6 +48,18 @@ def test_blank_and_missing_labels_name_no_cell_type(small_cells, caplog):
     assert "3 of 120 cells have no label" in caplog.text
 
 
+def test_spaces_around_labels_do_not_make_another_cell_type(small_cells, caplog):
+    cells = small_cells.copy()
+    cells.obs["cell_type"] = cells.obs["cell_type"].astype(object)
+    first = cells.obs["cell_type"].iloc[0]
+    cells.obs.iloc[:2, cells.obs.columns.get_loc("cell_type")] = [f"{first} ", f"  {first}"]
+    with caplog.at_level(logging.WARNING):
+        filtered = filter_cells_and_genes(cells, FilterThresholds(), "cells.h5ad")
+    assert list(filtered.obs["cell_type"].cat.categories) == sorted(set(small_cells.obs["cell_type"]))
+    assert list(filtered.obs["cell_type"]) == [first, first, *small_cells.obs["cell_type"].iloc[2:]]
+    assert "cells.h5ad: 2 labels had spaces around them" in caplog.text
+
+
 def test_thresholds_drop_cells_genes_and_small_types(small_cells):
     totals = np.asarray(small_cells.X.sum(axis=1)).ravel()
     cutoff = int(np.median(totals))

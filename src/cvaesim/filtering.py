@@ -76,9 +76,17 @@ def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> pd.Series
 
 def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, source: str | Path) -> ad.AnnData:
     """Drop unlabelled cells, then cells, genes and cell types under the thresholds."""
-    labels = adata.obs["cell_type"]
+    labels = adata.obs["cell_type"].astype(object)
+    named = labels.notna()
+    # 'T cell ' and 'T cell' name one type, as spreadsheets and hand-made tables leave them.
+    stripped = labels[named].astype(str).str.strip()
+    padded = stripped.ne(labels[named].astype(str))
+    if padded.any():
+        log.warning("%s: %d labels had spaces around them (e.g. %r), removed", source, padded.sum(),
+                    labels[named][padded].iloc[0])
+    labels = stripped.reindex(labels.index)
     # A blank label ('' in an .h5ad, spaces in a table) names no cell type.
-    labelled = (labels.notna() & labels.astype(str).str.strip().ne("")).to_numpy()
+    labelled = (labels.notna() & labels.ne("")).to_numpy()
     if not labelled.all():
         log.warning("%s: %d of %d cells have no label and are dropped", source, (~labelled).sum(), adata.n_obs)
     counts = adata.X
@@ -93,12 +101,12 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
         & (totals >= thresholds.min_counts_per_cell)
         & (np.diff(counts.indptr) >= thresholds.min_genes_per_cell)
     )
-    type_sizes = pd.Series(adata.obs["cell_type"].to_numpy()[keep_cells]).value_counts()
+    type_sizes = pd.Series(labels.to_numpy()[keep_cells]).value_counts()
     small_types = type_sizes.index[type_sizes < thresholds.min_cells_per_type]
     if len(small_types):
         log.warning("%s: dropping cell types with fewer than %d cells: %s", source,
                     thresholds.min_cells_per_type, ", ".join(map(str, small_types)))
-        keep_cells &= ~adata.obs["cell_type"].isin(small_types).to_numpy()
+        keep_cells &= ~labels.isin(small_types).to_numpy()
     filtered = adata[keep_cells]
     detected_in = np.bincount(filtered.X.indices, minlength=filtered.n_vars)
     filtered = filtered[:, detected_in >= thresholds.min_cells_per_gene].copy()
@@ -107,7 +115,7 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
             f"{source}: no cells or genes pass the filter thresholds {thresholds} "
             f"({filtered.n_obs} cells x {filtered.n_vars} genes left)"
         )
-    filtered.obs["cell_type"] = pd.Categorical(filtered.obs["cell_type"].astype(str))
+    filtered.obs["cell_type"] = pd.Categorical(labels.to_numpy()[keep_cells].astype(str))
     filtered.X = filtered.X.astype(np.int32)
     log.info("%s: kept %d of %d cells and %d of %d genes; %d cell types", source, filtered.n_obs, adata.n_obs,
              filtered.n_vars, adata.n_vars, filtered.obs["cell_type"].cat.categories.size)
