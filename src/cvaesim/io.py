@@ -221,8 +221,8 @@ def _cells_by_genes(counts: sp.csr_matrix, barcodes, gene_ids, symbols, path: Pa
         if not expression.all():
             log.info("%s: keeping the %d Gene Expression features of %d (dropped: %s)", path, expression.sum(),
                      len(expression), ", ".join(sorted(set(np.asarray(feature_types, dtype=str)[~expression]))))
-            counts, gene_ids, symbols = counts[:, expression], np.asarray(gene_ids)[expression], \
-                np.asarray(symbols)[expression]
+            counts, gene_ids, symbols = (counts[:, expression], np.asarray(gene_ids)[expression],
+                                         np.asarray(symbols)[expression])
     var = pd.DataFrame({"gene_ids": np.asarray(gene_ids, dtype=str)},
                        index=pd.Index(np.asarray(symbols, dtype=str), name=None))
     adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(np.asarray(barcodes, dtype=str))), var=var)
