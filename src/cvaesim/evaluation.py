@@ -285,8 +285,8 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     reference[CONTROL] = (test[~half], test_labels[~half])
     real_properties_of = {}  # (reference, cell type) -> properties: the three simulators share the test cells
     types = sorted(set(test_labels))
-    unscored = {cell_type: (int((test_labels == cell_type).sum()), plan.get(cell_type, 0)) for cell_type in types}
-    unscored = {cell_type: sizes for cell_type, sizes in unscored.items() if min(sizes) < settings.min_cells}
+    sizes = {cell_type: (int((test_labels == cell_type).sum()), plan.get(cell_type, 0)) for cell_type in types}
+    unscored = {cell_type: pair for cell_type, pair in sizes.items() if min(pair) < settings.min_cells}
     if unscored:
         log.warning("%s of %d cell types get no score: fewer than evaluate.min_cells = %d real test cells or "
                     "simulated cells (%s)%s", "all" if len(unscored) == len(types) else len(unscored), len(types),
@@ -361,6 +361,6 @@ def overall_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per metric: the model, the baselines and the real-versus-real control side by side."""
     overall = metrics[metrics["cell_type"] == "overall"].pivot(index="metric", columns="source", values="value")
     # Every metric and simulator has its row and column, NaN where no cell type could be scored.
-    sources = [name for name in ("cvae", "nb", "poisson", TRAINING, CONTROL) if name != TRAINING
-               or name in set(metrics["source"])]
+    scored = set(metrics["source"])
+    sources = [name for name in ("cvae", "nb", "poisson", TRAINING, CONTROL) if name != TRAINING or name in scored]
     return overall.reindex(index=pd.Index(sorted(METRICS), name="metric"), columns=pd.Index(sources, name="source"))

@@ -79,11 +79,12 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
     labels = adata.obs["cell_type"].astype(object)
     named = labels.notna()
     # 'T cell ' and 'T cell' name one type, as spreadsheets and hand-made tables leave them.
-    stripped = labels[named].astype(str).str.strip()
-    padded = stripped.ne(labels[named].astype(str))
+    text = labels[named].astype(str)
+    stripped = text.str.strip()
+    padded = stripped.ne(text)
     if padded.any():
         log.warning("%s: %d labels had spaces around them (e.g. %r), removed", source, padded.sum(),
-                    labels[named][padded].iloc[0])
+                    text[padded].iloc[0])
     labels = stripped.reindex(labels.index)
     # A blank label ('' in an .h5ad, spaces in a table) names no cell type.
     labelled = (labels.notna() & labels.ne("")).to_numpy()

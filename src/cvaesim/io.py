@@ -214,13 +214,14 @@ def _cells_by_genes(counts: sp.csr_matrix, barcodes, gene_ids, symbols, path: Pa
     """Cells x genes with symbols as gene names (made unique) and the ids beside them; of a Cell Ranger 3+
     matrix only the Gene Expression features (antibody capture, CRISPR guides and the like are dropped)."""
     if feature_types is not None:
-        expression = np.asarray(feature_types, dtype=str) == "Gene Expression"
+        feature_types = np.asarray(feature_types, dtype=str)
+        expression = feature_types == "Gene Expression"
         if not expression.any():
             raise InputError(f"{path}: none of its {len(expression)} features is of type Gene Expression "
-                             f"(types: {', '.join(sorted(set(map(str, feature_types))))})")
+                             f"(types: {', '.join(sorted(set(feature_types)))})")
         if not expression.all():
             log.info("%s: keeping the %d Gene Expression features of %d (dropped: %s)", path, expression.sum(),
-                     len(expression), ", ".join(sorted(set(np.asarray(feature_types, dtype=str)[~expression]))))
+                     len(expression), ", ".join(sorted(set(feature_types[~expression]))))
             counts, gene_ids, symbols = (counts[:, expression], np.asarray(gene_ids)[expression],
                                          np.asarray(symbols)[expression])
     var = pd.DataFrame({"gene_ids": np.asarray(gene_ids, dtype=str)},
@@ -275,18 +276,14 @@ def _read_matrix_market(stream, path: Path) -> sp.csr_matrix:
 
 
 def integer_counts(matrix, source: str | Path) -> sp.csr_matrix:
-    """The matrix as int32 CSR counts, after :func:`check_counts` (no copy when it already is)."""
+    """The matrix as int32 CSR counts (no copy when it already is); refused, naming ``source``, when it
+    holds anything but raw counts."""
     matrix = sp.csr_matrix(matrix)
-    check_counts(matrix, source)
-    return matrix if matrix.dtype == np.int32 else matrix.astype(np.int32)
-
-
-def check_counts(matrix: sp.spmatrix | np.ndarray, source: str | Path) -> None:
-    """Refuse matrices that are not raw counts (negative, fractional or non-finite values)."""
     problem = counts_problem(matrix)
     if problem is not None:
         raise InputError(f"{source}: the count matrix holds {problem}; raw counts are needed (for an .h5ad, "
                          "counts_layer names the layer that holds them)")
+    return matrix if matrix.dtype == np.int32 else matrix.astype(np.int32)
 
 
 def counts_problem(matrix: sp.spmatrix | np.ndarray) -> str | None:
@@ -362,9 +359,8 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
                 f"integer counts: name {'it' if len(holding_counts) == 1 else 'one'} as counts_layer in the dataset's "
                 "config entry" if holding_counts else " (counts_layer names the layer or 'raw' that holds them)")
         raise InputError(f"{path}: {where} holds {problem}; raw counts are needed{hint}")
-    counts = integer_counts(counts, path)
     adata = ad.AnnData(
-        X=counts,
+        X=sp.csr_matrix(counts, dtype=np.int32),  # checked above
         obs=pd.DataFrame({"cell_type": source.obs[label_column].astype(str).where(source.obs[label_column].notna())},
                          index=source.obs_names),
         var=pd.DataFrame(index=var.index.astype(str)),
