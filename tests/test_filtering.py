@@ -48,6 +48,18 @@ def test_blank_and_missing_labels_name_no_cell_type(small_cells, caplog):
     assert "3 of 120 cells have no label" in caplog.text
 
 
+def test_missing_value_markers_name_no_cell_type(small_cells, caplog):
+    cells = small_cells.copy()
+    cells.obs["cell_type"] = cells.obs["cell_type"].astype(object)
+    # R's write.table writes NA; astype(str) turns NaN into 'nan' before a file is saved.
+    cells.obs.iloc[:4, cells.obs.columns.get_loc("cell_type")] = ["NA", "nan", " N/A", "None"]
+    with caplog.at_level(logging.WARNING):
+        filtered = filter_cells_and_genes(cells, FilterThresholds(), "cells.h5ad")
+    assert list(filtered.obs_names) == list(cells.obs_names[4:])
+    assert list(filtered.obs["cell_type"].cat.categories) == sorted(set(small_cells.obs["cell_type"].iloc[4:]))
+    assert "cells.h5ad: 4 cells are labelled 'N/A' or 'NA' or 'None' or 'nan', a missing-value marker" in caplog.text
+
+
 def test_spaces_around_labels_do_not_make_another_cell_type(small_cells, caplog):
     cells = small_cells.copy()
     cells.obs["cell_type"] = cells.obs["cell_type"].astype(object)

@@ -1,3 +1,4 @@
+import logging
 import gzip
 import tarfile
 
@@ -139,6 +140,29 @@ def test_h5ad_must_hold_counts(tmp_path, small_cells):
     logged.write_h5ad(path)
     with pytest.raises(InputError, match=r"X holds non-integer values .*; raw counts are needed \(counts_layer names"):
         read_h5ad_counts(path, "cell_type", None)
+
+
+def test_h5ad_without_x_names_the_layer_holding_counts(tmp_path, small_cells):
+    layered = ad.AnnData(obs=small_cells.obs, var=small_cells.var, layers={"counts": small_cells.X})
+    path = tmp_path / "layers_only.h5ad"
+    layered.write_h5ad(path)
+    with pytest.raises(InputError, match="layers_only.h5ad: X holds no matrix at all .*'counts' of this file holds "
+                                         "integer counts"):
+        read_h5ad_counts(path, "cell_type", None)
+    assert (read_h5ad_counts(path, "cell_type", "counts").X != small_cells.X).nnz == 0
+
+
+def test_h5ad_cell_names_repeated_across_concatenated_parts_are_made_unique(tmp_path, small_cells, caplog):
+    joined = ad.concat([small_cells[:60], small_cells[60:]])
+    joined.obs_names = list(small_cells.obs_names[:60]) * 2  # two samples with the same barcodes
+    path = tmp_path / "joined.h5ad"
+    joined.write_h5ad(path)
+    with caplog.at_level(logging.WARNING):
+        adata = read_h5ad_counts(path, "cell_type", None)
+    assert adata.obs_names.is_unique and adata.n_obs == small_cells.n_obs
+    assert (adata.X != small_cells.X).nnz == 0
+    assert list(adata.obs["cell_type"]) == list(small_cells.obs["cell_type"])
+    assert "joined.h5ad: 60 cell names (obs_names) occur more than once" in caplog.text
 
 
 def test_atomic_output_leaves_nothing_when_the_writer_fails(tmp_path):

@@ -15,6 +15,8 @@ from . import InputError
 log = logging.getLogger(__name__)
 
 GEM_SUFFIX = r"-\d+$"  # Cell Ranger's barcode suffix: the GEM well (library) the cell came from
+# What R's write.table, pandas' astype(str) and spreadsheets leave where a label is missing.
+MISSING_LABELS = frozenset({"na", "n/a", "nan", "none", "null"})
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,12 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
         log.warning("%s: %d labels had spaces around them (e.g. %r), removed", source, padded.sum(),
                     text[padded].iloc[0])
     labels = stripped.reindex(labels.index)
-    # A blank label ('' in an .h5ad, spaces in a table) names no cell type.
-    labelled = (labels.notna() & labels.ne("")).to_numpy()
+    markers = labels.notna() & labels.str.lower().isin(MISSING_LABELS)
+    if markers.any():
+        log.warning("%s: %d cells are labelled %s, a missing-value marker, not a cell type", source, markers.sum(),
+                    " or ".join(map(repr, sorted(set(labels[markers])))))
+    # A blank label ('' in an .h5ad, spaces in a table) names no cell type either.
+    labelled = (labels.notna() & labels.ne("") & ~markers).to_numpy()
     if not labelled.all():
         log.warning("%s: %d of %d cells have no label and are dropped", source, (~labelled).sum(), adata.n_obs)
     counts = adata.X

@@ -286,8 +286,10 @@ def integer_counts(matrix, source: str | Path) -> sp.csr_matrix:
     return matrix if matrix.dtype == np.int32 else matrix.astype(np.int32)
 
 
-def counts_problem(matrix: sp.spmatrix | np.ndarray) -> str | None:
+def counts_problem(matrix: sp.spmatrix | np.ndarray | None) -> str | None:
     """What makes ``matrix`` not raw counts, or None."""
+    if matrix is None:
+        return "no matrix at all (None, as in files that keep their data only in layers)"
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
     if values.size == 0:
         return None
@@ -366,7 +368,10 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
         var=pd.DataFrame(index=var.index.astype(str)),
     )
     if not adata.obs_names.is_unique:
-        raise InputError(f"{path}: cell names (obs_names) are not unique")
+        # Files joined with anndata.concat keep each part's barcodes: the same name for different cells.
+        log.warning("%s: %d cell names (obs_names) occur more than once (e.g. %r); suffixing them (-1, -2, ...)",
+                    path, adata.obs_names.duplicated().sum(), adata.obs_names[adata.obs_names.duplicated()][0])
+        adata.obs_names_make_unique()
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
     return adata
