@@ -79,6 +79,19 @@ def downloaded(name, role):
     return f"resources/datasets/{name}/{DOWNLOAD_NAMES[dataset(name)['format']][role]}"
 
 
+# The workflow's own folder: a relative source missing from the working directory is looked up
+# there, so the shipped example data is found when the workflow runs from another directory.
+WORKFLOW_ROOT = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).parent
+
+
+def local_source(source):
+    """A relative local path from the working directory, else from the workflow's folder."""
+    if "://" in source or Path(source).is_absolute() or Path(source).exists():
+        return source
+    shipped = WORKFLOW_ROOT / source
+    return str(shipped) if shipped.exists() else source
+
+
 def source_entry(wildcards):
     roles = {
         filename: role
@@ -102,7 +115,7 @@ def check_local_sources(names):
                 raise ValueError(
                     f"config: dataset {name} ({dataset(name)['format']}) needs a '{role}' entry"
                 )
-            source = entry["source"]
+            source = local_source(entry["source"])
             if "://" in source or Path(downloaded(name, role)).exists():
                 continue
             if Path(source).is_dir():
@@ -115,7 +128,9 @@ def check_local_sources(names):
                 )
             if not Path(source).is_file():
                 raise ValueError(
-                    f"config: dataset {name}: {role} source {source} does not exist"
+                    f"config: dataset {name}: {role} source {source} does not exist (relative "
+                    f"paths are read from the working directory {Path.cwd()}, or else from "
+                    f"the workflow's folder {WORKFLOW_ROOT})"
                 )
 
 

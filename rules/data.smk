@@ -12,7 +12,7 @@ rule download:
     conda:
         "../envs/scanpy.yaml"
     params:
-        source=lambda wildcards: source_entry(wildcards)["source"],
+        source=lambda wildcards: local_source(source_entry(wildcards)["source"]),
         sha256=lambda wildcards: source_entry(wildcards).get("sha256"),
     script:
         "../scripts/download.py"

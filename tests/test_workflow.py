@@ -134,6 +134,16 @@ def test_missing_local_source_fails_before_any_job(workdir):
     assert "dataset absent: matrix source nowhere/cells.h5ad does not exist" in result.stdout + result.stderr
 
 
+def test_runs_from_another_directory_with_the_example_data_it_ships(workdir, tmp_path):
+    # As a deployed workflow runs: the user's directory holds the config only.
+    shutil.copytree(workdir / "config", tmp_path / "config")
+    snakemake(workdir, "--directory", str(tmp_path), "results/pbmc68k_reduced/filtered.h5ad")
+    filtered = ad.read_h5ad(tmp_path / "results" / "pbmc68k_reduced" / "filtered.h5ad")
+    shipped = ad.read_h5ad(workdir / "results" / "pbmc68k_reduced" / "filtered.h5ad")
+    assert list(filtered.obs_names) == list(shipped.obs_names) and (filtered.X != shipped.X).nnz == 0
+    assert (tmp_path / "resources" / "datasets" / "pbmc68k_reduced" / "matrix.tar.gz").is_file()
+
+
 def test_a_cell_ranger_folder_is_a_source_and_other_folders_are_refused_before_any_job(workdir, tmp_path):
     cells = random_counts(60, 40, AWKWARD_TYPES, seed=5)
     with tarfile.open(write_tarball(tmp_path / "cells.tar.gz", cells, folder="filtered_feature_bc_matrix",
