@@ -18,6 +18,8 @@ def log_to_file(path: str) -> None:
     sys.stdout = sys.stderr = handle
     logging.basicConfig(level=logging.INFO, stream=handle, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # TensorFlow logs a line per epoch through absl ("Sharding callback duration"); keep its warnings only.
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
     def report(kind, error, trace):
         traceback.print_exception(kind, error, trace, file=handle)
