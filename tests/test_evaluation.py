@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,6 +27,15 @@ def test_forest_auc_is_half_for_one_distribution_and_one_for_disjoint():
     settings = EvaluationSettings(n_trees=50)
     assert abs(forest_auc(rng.normal(size=(200, 4)), rng.normal(size=(200, 4)), settings) - 0.5) < 0.1
     assert forest_auc(rng.normal(size=(200, 4)), rng.normal(size=(200, 4)) + 5, settings) > 0.99
+
+
+def test_forest_auc_of_four_cells_a_side_uses_four_folds_without_warnings():
+    # evaluate.min_cells allows 4 cells: 5 stratified folds would leave a fold without a real cell.
+    rng = np.random.default_rng(0)
+    settings = EvaluationSettings(n_trees=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert forest_auc(rng.normal(size=(4, 3)), rng.normal(size=(30, 3)) + 10, settings) == 1.0
 
 
 def test_the_pca_space_keeps_the_real_cells_mix_of_types_whatever_was_simulated():

@@ -114,7 +114,9 @@ def forest_auc(real: np.ndarray, simulated: np.ndarray, settings: EvaluationSett
     """Cross-validated AUC of a random forest telling real from simulated cells (0.5: indistinguishable)."""
     features = np.vstack([real, simulated])
     target = np.r_[np.zeros(len(real)), np.ones(len(simulated))]
-    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=settings.seed)  # unshuffled folds bias the AUC
+    # Unshuffled folds bias the AUC; fewer than 5 folds only where a side has fewer than 5 cells
+    # (evaluate.min_cells allows 4), so that every fold holds cells of both sides.
+    folds = StratifiedKFold(n_splits=min(5, len(real), len(simulated)), shuffle=True, random_state=settings.seed)
     forest = RandomForestClassifier(n_estimators=settings.n_trees, random_state=settings.seed)
     scores = cross_val_predict(forest, features, target, cv=folds, method="predict_proba")[:, 1]
     return float(roc_auc_score(target, scores))
