@@ -85,8 +85,12 @@ WORKFLOW_ROOT = Path(workflow.current_basedir.get_path_or_uri(secret_free=True))
 
 
 def local_source(source):
-    """A relative local path from the working directory, else from the workflow's folder."""
-    if "://" in source or Path(source).is_absolute() or Path(source).exists():
+    """A local path with ~ expanded; a relative one from the working directory, else from the
+    workflow's folder."""
+    if "://" in source:
+        return source
+    source = str(Path(source).expanduser())
+    if Path(source).is_absolute() or Path(source).exists():
         return source
     shipped = WORKFLOW_ROOT / source
     return str(shipped) if shipped.exists() else source

@@ -144,6 +144,21 @@ def test_runs_from_another_directory_with_the_example_data_it_ships(workdir, tmp
     assert (tmp_path / "resources" / "datasets" / "pbmc68k_reduced" / "matrix.tar.gz").is_file()
 
 
+def test_a_source_under_the_home_directory_may_be_written_with_a_tilde(workdir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cells = random_counts(60, 40, AWKWARD_TYPES, seed=6)
+    (tmp_path / "data").mkdir()
+    cells.write_h5ad(tmp_path / "data" / "cells.h5ad")
+    overlay = write_config(workdir / "tilde.yaml", {
+        "dataset": "at_home",
+        "datasets": {"at_home": {"format": "h5ad", "matrix": {"source": "~/data/cells.h5ad"},
+                                 "label_column": "cell_type"}},
+    })
+    snakemake(workdir, "results/at_home/filtered.h5ad", "--configfile", "config/config.yaml", overlay)
+    filtered = ad.read_h5ad(workdir / "results" / "at_home" / "filtered.h5ad")
+    assert list(filtered.obs_names) == list(cells.obs_names) and filtered.X.sum() == cells.X.sum()
+
+
 def test_a_cell_ranger_folder_is_a_source_and_other_folders_are_refused_before_any_job(workdir, tmp_path):
     cells = random_counts(60, 40, AWKWARD_TYPES, seed=5)
     with tarfile.open(write_tarball(tmp_path / "cells.tar.gz", cells, folder="filtered_feature_bc_matrix",
