@@ -1,5 +1,7 @@
 """The QC step's joint embedding of real and simulated cells, at the sizes PBMC68k runs reach."""
 
+import logging
+
 import numpy as np
 import pandas as pd
 
@@ -43,3 +45,17 @@ def test_qc_metrics_include_the_mitochondrial_share_of_human_and_mouse_genes():
     summary = qc_summary(combined).set_index(["source", "cell_type"])
     real_t = combined.obs[(combined.obs["source"] == "real") & (combined.obs["cell_type"] == "T")]
     assert summary.loc[("real", "T"), "median_pct_counts_mt"] == np.median(real_t["pct_counts_mt"])
+
+
+def test_real_cells_over_the_qc_limit_are_a_seeded_sample_and_the_log_says_so(caplog):
+    types = ["T", "B"]
+    real, simulated = random_counts(300, 20, types, seed=3), random_counts(40, 20, types, seed=4)
+    simulated.obs_names = [f"simulated_{i}" for i in range(simulated.n_obs)]
+    for cells in (real, simulated):
+        cells.obs["cell_type"] = pd.Categorical(cells.obs["cell_type"], categories=types)
+    with caplog.at_level(logging.INFO):
+        combined = combine(real, simulated, max_real_cells=100, seed=0)
+    assert (combined.obs["source"] == "real").sum() == 100
+    assert combined.obs_names.equals(combine(real, simulated, max_real_cells=100, seed=0).obs_names)
+    assert "a seeded sample of 100 of the 300 real cells" in caplog.text
+    assert "QC of 100 real and 40 simulated cells, 20 genes" in caplog.text

@@ -23,8 +23,10 @@ QC_METRICS = ["total_counts", "n_genes_by_counts", "pct_counts_mt", "fraction_ze
 def combine(real: ad.AnnData, simulated: ad.AnnData, max_real_cells: int, seed: int) -> ad.AnnData:
     """Real (a seeded subsample when larger than ``max_real_cells``) and simulated cells, with obs['source']."""
     if real.n_obs > max_real_cells:
+        log.info("a seeded sample of %d of the %d real cells (qc.max_real_cells)", max_real_cells, real.n_obs)
         keep = np.sort(np.random.default_rng(seed).choice(real.n_obs, size=max_real_cells, replace=False))
         real = real[keep]
+    log.info("QC of %d real and %d simulated cells, %d genes", real.n_obs, simulated.n_obs, real.n_vars)
     if list(real.var_names) != list(simulated.var_names):
         raise ValueError("real and simulated cells have different genes")
     cell_types = list(real.obs["cell_type"].cat.categories)
