@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 
 
 def log_to_file(path: str) -> None:
-    """Redirect stdout, stderr and the ``logging`` module to ``path``.
+    """Redirect stdout, stderr (Python's and the process's own, which TensorFlow's C++ code writes to)
+    and the ``logging`` module to ``path``.
 
     An uncaught exception goes to the log with its traceback, and its one-line message to
     the terminal as well, so a user sees what went wrong without opening the log.
     """
-    terminal = sys.__stderr__
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
     handle = open(path, "w", buffering=1)
+    for descriptor in (1, 2):
+        os.dup2(handle.fileno(), descriptor)
     sys.stdout = sys.stderr = handle
     logging.basicConfig(level=logging.INFO, stream=handle, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
