@@ -31,7 +31,7 @@ import scipy.sparse as sp
 import yaml
 
 from cvaesim.evaluation import EvaluationSettings, baseline, evaluate, overall_table, training_sample
-from cvaesim.simulation import CALIBRATIONS, LIBRARY_SIZES
+from cvaesim.choices import CALIBRATIONS, LIBRARY_SIZES
 from cvaesim.steps import simulate
 
 # Closer to the real cells: nearer the real cells' own value for these, higher for marker

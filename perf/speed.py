@@ -37,7 +37,7 @@ import numpy as np
 import cvaesim  # noqa: F401  (first: it sets TensorFlow's CPU options before TensorFlow loads)
 import keras
 
-from cvaesim.simulation import CALIBRATIONS
+from cvaesim.choices import CALIBRATIONS
 
 SIDE = 144
 N_GENES = 20_387

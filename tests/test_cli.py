@@ -1,5 +1,8 @@
 """On-demand simulation from the command line, in every output format."""
 
+import subprocess
+import sys
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -129,3 +132,24 @@ def test_bad_requests_are_clear_errors(trained, tmp_path, capsys):
             run(trained, "--output", str(tmp_path / "x.h5ad"), option, "0")
         assert f"argument {option}: must be at least 1, not 0" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_help_and_refused_requests_come_without_loading_tensorflow(tmp_path):
+    # TensorFlow takes seconds to load; the command line loads it only to simulate.
+    def run(arguments: list[str]) -> subprocess.CompletedProcess:
+        script = ("import sys\nfrom cvaesim.cli import main\n"
+                  f"try:\n    code = main({arguments!r})\nexcept SystemExit as exit:\n    code = exit.code\n"
+                  "print(code, 'tensorflow' in sys.modules)\n")
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+
+    (tmp_path / "m.keras").touch()
+    (tmp_path / "s.h5ad").touch()
+    paths = ["--model", "m.keras", "--store", "s.h5ad"]
+    result = run(["simulate", "--help"])
+    assert result.stdout.split()[-2:] == ["0", "False"] and "--cells-per-type" in result.stdout
+    result = run(["simulate", *paths, "--output", "o.h5ad", "--cells", "0"])
+    assert result.stdout.split() == ["2", "False"] and "--cells: must be at least 1, not 0" in result.stderr
+    result = run(["simulate", *paths, "--output", "cells.csv"])
+    assert result.stdout.split() == ["2", "False"] and "'.csv' is none of them" in result.stderr
+    result = run(["simulate", "--model", "absent.keras", "--store", "s.h5ad", "--output", "o.h5ad"])
+    assert result.stdout.split() == ["2", "False"] and "absent.keras: no such file" in result.stderr

@@ -15,11 +15,13 @@ from pathlib import Path
 import anndata as ad
 
 from . import InputError
+from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES
 from .counts import COUNT_SAMPLING
-from .simulation import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES
-from .writers import FORMATS
 
 log = logging.getLogger("cvaesim")
+
+# The output format each suffix names: the original's table for .h5, a 10x folder for none.
+FORMAT_OF_SUFFIX = {".h5ad": "h5ad", ".h5": "table", "": "10x"}
 
 
 def plan_cells(cell_types: list[str], real_counts: dict[str, int], per_type: int | None, total: int | None,
@@ -50,12 +52,11 @@ def plan_cells(cell_types: list[str], real_counts: dict[str, int], per_type: int
 
 def output_format_of(output: Path) -> str:
     """The format a suffix names: .h5ad, .h5 (the original's table), or none for a 10x folder."""
-    formats = {".h5ad": "h5ad", ".h5": "table", "": "10x"}
-    if output.suffix not in formats:  # 'cells.csv' would otherwise become a folder of that name
+    if output.suffix not in FORMAT_OF_SUFFIX:  # 'cells.csv' would otherwise become a folder of that name
         raise InputError(f"{output}: the output format follows the suffix (.h5ad, .h5 for the original's table, "
                          f"none for a 10x folder), and {output.suffix!r} is none of them; --format 10x writes a "
                          "10x folder of this name")
-    return formats[output.suffix]
+    return FORMAT_OF_SUFFIX[output.suffix]
 
 
 def at_least_one(text: str) -> int:
@@ -66,14 +67,15 @@ def at_least_one(text: str) -> int:
 
 
 def simulate_command(arguments: argparse.Namespace) -> None:
-    from .simulation import Simulator
-    from .steps import load_model
-    from .writers import MAX_TABLE_ENTRIES, write_10x, write_h5ad, write_table
-
     output_format = arguments.format or output_format_of(arguments.output)
     for path in (arguments.model, arguments.store):
         if not path.exists():
             raise InputError(f"{path}: no such file")
+    # Only now, with the request checked: these load TensorFlow, which takes seconds.
+    from .simulation import Simulator
+    from .steps import load_model
+    from .writers import MAX_TABLE_ENTRIES, write_10x, write_h5ad, write_table
+
     posteriors = arguments.posteriors
     if posteriors is None and (arguments.model.parent / "posteriors.npz").is_file():
         posteriors = arguments.model.parent / "posteriors.npz"
@@ -112,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
                          help="the image store the model was trained on (images.h5ad): types, genes, scaling")
     command.add_argument("--output", type=Path, required=True,
                          help="an .h5ad file, an .h5 file (the original's table) or a folder without suffix (10x)")
-    command.add_argument("--format", choices=FORMATS, help="default: from the output's suffix")
+    command.add_argument("--format", choices=sorted(FORMAT_OF_SUFFIX.values()), help="default: from the output's suffix")
     which = command.add_mutually_exclusive_group()
     which.add_argument("--cells-per-type", type=at_least_one, default=100, help="cells of every type (default 100)")
     which.add_argument("--cells", type=at_least_one, help="a total, split by the real data's cell-type proportions")

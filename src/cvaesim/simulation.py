@@ -14,15 +14,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import InputError
+from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES
 from .counts import COUNT_SAMPLING, draw_counts
 from .images import from_images, to_images, unscale, unscale_counts
 from .model import COUNT_LOSSES, ConditionalConvVAE
 
 log = logging.getLogger(__name__)
 
-LIBRARY_SIZES = ("resampled", "paired", "decoded")
-LATENT_DRAWS = ("prior", "posterior")
-CALIBRATIONS = ("none", "type_means", "type_moments")
 # Decoded cells per type whose mean expression is compared with the training cells' (4 batches of 256).
 CALIBRATION_CELLS = 1024
 

@@ -20,7 +20,6 @@ from .io import atomic_output
 from .simulation import cell_names
 
 Batches = Iterable[tuple[sp.csr_matrix, str]]
-FORMATS = ("h5ad", "10x", "table")
 # The original's table is dense: refuse what would not fit in about 1 GB.
 MAX_TABLE_ENTRIES = 250_000_000
 # Batches are appended to an .h5ad this many cells at a time: each append re-reads and
