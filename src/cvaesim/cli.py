@@ -114,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
                          help="the image store the model was trained on (images.h5ad): types, genes, scaling")
     command.add_argument("--output", type=Path, required=True,
                          help="an .h5ad file, an .h5 file (the original's table) or a folder without suffix (10x)")
-    command.add_argument("--format", choices=sorted(FORMAT_OF_SUFFIX.values()), help="default: from the output's suffix")
+    command.add_argument("--format", choices=sorted(FORMAT_OF_SUFFIX.values()),
+                         help="default: from the output's suffix")
     which = command.add_mutually_exclusive_group()
     which.add_argument("--cells-per-type", type=at_least_one, default=100, help="cells of every type (default 100)")
     which.add_argument("--cells", type=at_least_one, help="a total, split by the real data's cell-type proportions")
