@@ -1,14 +1,19 @@
 import json
+import logging
 
 import keras
 import numpy as np
 import pandas as pd
 import pytest
 
+from cvaesim.filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from cvaesim.images import build_image_store
+from cvaesim.io import read_10x_tarball, read_annotation
 from cvaesim.model import ConditionalConvVAE
 from cvaesim.steps import load_model
 from cvaesim.training import TrainingSettings, batches_for, initial_gene_offsets, train
+
+from conftest import EMBEDDED_ANNOTATION, EMBEDDED_TARBALL
 
 
 @pytest.fixture
@@ -63,6 +68,24 @@ def test_training_is_seeded_and_the_saved_model_reloads(store, tmp_path):
     assert np.array_equal(model.decoder.predict_on_batch([z, labels]), reloaded.decoder.predict_on_batch([z, labels]))
     different, _ = train(store, settings, seed=8)
     assert not np.array_equal(model.get_weights()[0], different.get_weights()[0])
+
+
+def test_a_collapsed_latent_is_reported_and_a_working_one_is_not(caplog):
+    # On the embedded cells (structure within types to learn): the original design (MSE on a [0, 1]
+    # image, beta 1, latent 2) collapses; the default count likelihood keeps a latent.
+    labels = read_annotation(EMBEDDED_ANNOTATION, "barcodes", "celltype")
+    cells = filter_cells_and_genes(attach_labels(read_10x_tarball(EMBEDDED_TARBALL), labels, "matrix", "annotation"),
+                                   FilterThresholds(), "embedded")
+    store = build_image_store(cells, None, "log1p_gene_max", 0.4, seed=0, gene_order="correlation")
+    collapsing = TrainingSettings(epochs=5)  # the original's settings
+    working = TrainingSettings(epochs=5, latent_dim=16, beta=0.5, reconstruction_loss="multinomial", gene_offsets=True)
+    with caplog.at_level(logging.WARNING, logger="cvaesim.training"):
+        _, collapsed = train(store, collapsing, seed=0)
+    assert collapsed["kl_loss"].iloc[-1] < 2 and "the latent carries almost nothing" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cvaesim.training"):
+        _, kept = train(store, working, seed=0)
+    assert kept["kl_loss"].iloc[-1] > 2 and "the latent carries almost nothing" not in caplog.text
 
 
 def test_loss_is_summed_squared_error_plus_kl():

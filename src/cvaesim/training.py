@@ -22,6 +22,11 @@ from .model import COUNT_LOSSES, ConditionalConvVAE
 
 log = logging.getLogger(__name__)
 
+# Below this KL divergence per cell (nats) the latent says next to nothing about a cell, and every
+# cell of a type decodes to about the same profile: posterior collapse, the original design's
+# failure, into which another seed or setting can fall too (a default run keeps about 26).
+COLLAPSED_KL = 2.0
+
 
 @dataclass(frozen=True)
 class TrainingSettings:
@@ -272,4 +277,14 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
         verbose=2,
         callbacks=[saver, *stopping, *callbacks],
     )
-    return model, saver.finish()
+    history = saver.finish()
+    warn_if_collapsed(history)
+    return model, history
+
+
+def warn_if_collapsed(history: pd.DataFrame) -> None:
+    kl = float(history["kl_loss"].iloc[-1])
+    if kl < COLLAPSED_KL:
+        log.warning("the latent carries almost nothing: KL %.3g nats per training cell at the last epoch (below "
+                    "%g); every cell of a type decodes to about the same profile, so simulated cells will score "
+                    "near the naive baselines. Retrain with another seed or a smaller train.beta", kl, COLLAPSED_KL)
