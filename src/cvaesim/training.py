@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # Below this KL divergence per cell (nats) the latent says next to nothing about a cell, and every
 # cell of a type decodes to about the same profile: posterior collapse, the original design's
-# failure, into which another seed or setting can fall too (a default run keeps about 26).
+# failure, into which another seed or setting can fall too (a default run ends near 27).
 COLLAPSED_KL = 2.0
 
 
