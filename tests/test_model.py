@@ -1,16 +1,15 @@
 import json
 import logging
 
+import anndata as ad
 import keras
 import numpy as np
 import pandas as pd
 import pytest
 
-from cvaesim.filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from cvaesim.images import build_image_store
-from cvaesim.io import read_10x_tarball, read_annotation
 from cvaesim.model import ConditionalConvVAE
-from cvaesim.steps import load_model
+from cvaesim.steps import filter_dataset, load_model
 from cvaesim.training import TrainingSettings, batches_for, initial_gene_offsets, train
 
 from conftest import EMBEDDED_ANNOTATION, EMBEDDED_TARBALL
@@ -70,13 +69,12 @@ def test_training_is_seeded_and_the_saved_model_reloads(store, tmp_path):
     assert not np.array_equal(model.get_weights()[0], different.get_weights()[0])
 
 
-def test_a_collapsed_latent_is_reported_and_a_working_one_is_not(caplog):
+def test_a_collapsed_latent_is_reported_and_a_working_one_is_not(tmp_path, caplog):
     # On the embedded cells (structure within types to learn): the original design (MSE on a [0, 1]
     # image, beta 1, latent 2) collapses; the default count likelihood keeps a latent.
-    labels = read_annotation(EMBEDDED_ANNOTATION, "barcodes", "celltype")
-    cells = filter_cells_and_genes(attach_labels(read_10x_tarball(EMBEDDED_TARBALL), labels, "matrix", "annotation"),
-                                   FilterThresholds(), "embedded")
-    store = build_image_store(cells, None, "log1p_gene_max", 0.4, seed=0, gene_order="correlation")
+    filtered = tmp_path / "filtered.h5ad"
+    filter_dataset(str(EMBEDDED_TARBALL), str(filtered), "10x_tarball", "celltype", str(EMBEDDED_ANNOTATION))
+    store = build_image_store(ad.read_h5ad(filtered), None, "log1p_gene_max", 0.4, seed=0, gene_order="correlation")
     collapsing = TrainingSettings(epochs=5)  # the original's settings
     working = TrainingSettings(epochs=5, latent_dim=16, beta=0.5, reconstruction_loss="multinomial", gene_offsets=True)
     with caplog.at_level(logging.WARNING, logger="cvaesim.training"):

@@ -88,7 +88,7 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
         log.warning("%s: %d labels had spaces around them (e.g. %r), removed", source, padded.sum(),
                     text[padded].iloc[0])
     labels = stripped.reindex(labels.index)
-    markers = labels.notna() & labels.str.lower().isin(MISSING_LABELS)
+    markers = labels.str.lower().isin(MISSING_LABELS)  # NaN is in no set
     if markers.any():
         log.warning("%s: %d cells are labelled %s, a missing-value marker, not a cell type", source, markers.sum(),
                     " or ".join(map(repr, sorted(set(labels[markers])))))

@@ -367,10 +367,11 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
                          index=source.obs_names),
         var=pd.DataFrame(index=var.index.astype(str)),
     )
-    if not adata.obs_names.is_unique:
+    repeated = adata.obs_names[adata.obs_names.duplicated()]
+    if len(repeated):
         # Files joined with anndata.concat keep each part's barcodes: the same name for different cells.
         log.warning("%s: %d cell names (obs_names) occur more than once (e.g. %r); suffixing them (-1, -2, ...)",
-                    path, adata.obs_names.duplicated().sum(), adata.obs_names[adata.obs_names.duplicated()][0])
+                    path, len(repeated), repeated[0])
         adata.obs_names_make_unique()
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
