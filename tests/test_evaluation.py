@@ -137,6 +137,20 @@ def test_too_few_cells_to_score_any_type_give_nan_metrics_and_say_why(tmp_path, 
     assert overall_table(lower.metrics).loc[["mmd", "rf_auc"], "cvae"].notna().all()
 
 
+def test_one_cell_type_leaves_fidelity_and_markers_undefined_and_says_so(caplog):
+    real = random_counts(60, 30, ["T cell"], seed=2)
+    is_test = np.arange(60) % 2 == 0
+    simulated = real[~is_test].copy()
+    simulated.obs_names = [f"sim_{i}" for i in range(simulated.n_obs)]
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):
+        warnings.simplefilter("error")  # scikit-learn's "A single label was found" among them
+        result = evaluate(real, is_test, simulated, EvaluationSettings(n_trees=10, n_components=5, n_markers=5))
+    assert "one cell type in the training cells: cell-type fidelity and marker agreement are not defined" in caplog.text
+    overall = overall_table(result.metrics)
+    assert overall.loc[["fidelity_accuracy", "marker_correlation", "marker_overlap"]].isna().all().all()
+    assert overall.loc[["rf_auc", "mmd", "ks_library_size"], "cvae"].notna().all()
+
+
 def test_training_cells_are_sampled_per_type_without_repeats():
     cells = random_counts(200, 20, TYPES, seed=4)
     labels = cells.obs["cell_type"].to_numpy()

@@ -295,6 +295,11 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
                     settings.min_cells, "; ".join(f"{name}: {test} test and {simulated} simulated"
                                                   for name, (test, simulated) in unscored.items()),
                     "; every metric is NaN" if len(unscored) == len(types) else "")
+    # A classifier trained on one type calls every cell that type, and markers need a type to rank against.
+    several_types = len(set(train_labels)) > 1
+    if not several_types:
+        log.warning("one cell type in the training cells: cell-type fidelity and marker agreement are not defined "
+                    "(NaN)")
     forests = Forests(settings)
     for source, (source_counts, source_labels) in entries.items():
         source_normalised = test_normalised[half] if source == CONTROL else log_normalise(source_counts)
@@ -306,12 +311,13 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
         real_pcs, source_pcs = space.project(real_normalised), space.project(source_normalised)
         train_pcs = space.project(train_normalised)
         nearest_train = NearestNeighbors(n_neighbors=1).fit(train_pcs)
-        classifier = KNeighborsClassifier(n_neighbors=5).fit(train_pcs, train_labels)
-        predicted = classifier.predict(source_pcs)
-        matrix = confusion_matrix(source_labels, predicted, labels=types)
-        for i, conditioned in enumerate(types):
-            for j, called in enumerate(types):
-                confusion.append((source, conditioned, called, int(matrix[i, j])))
+        if several_types:
+            classifier = KNeighborsClassifier(n_neighbors=5).fit(train_pcs, train_labels)
+            predicted = classifier.predict(source_pcs)
+            matrix = confusion_matrix(source_labels, predicted, labels=types)
+            for i, conditioned in enumerate(types):
+                for j, called in enumerate(types):
+                    confusion.append((source, conditioned, called, int(matrix[i, j])))
         if source != CONTROL:
             whole = properties(source_counts)
             gene_statistics[source] = (whole["gene_mean_log2cpm"], whole["gene_variance_log2cpm"])
@@ -332,7 +338,7 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
             forests.add((source, cell_type), a, b)
             scores = {
                 "mmd": mmd(a, b, bandwidths),
-                "fidelity_accuracy": float(np.mean(predicted[in_source] == cell_type)),
+                "fidelity_accuracy": float(np.mean(predicted[in_source] == cell_type)) if several_types else np.nan,
                 "memorisation_ratio": float(np.median(source_distance) / max(np.median(real_distance), 1e-12)),
             }
             if (reference_name, cell_type) not in real_properties_of:
