@@ -3,14 +3,16 @@ import logging
 
 import anndata as ad
 import keras
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 
 from cvaesim.images import build_image_store
 from cvaesim.model import ConditionalConvVAE
+from cvaesim.plots import plot_history
 from cvaesim.steps import filter_dataset, load_model
-from cvaesim.training import TrainingSettings, batches_for, initial_gene_offsets, train
+from cvaesim.training import TrainingSettings, batches_for, collapse_warning, initial_gene_offsets, train
 
 from conftest import EMBEDDED_ANNOTATION, EMBEDDED_TARBALL
 
@@ -84,6 +86,13 @@ def test_a_collapsed_latent_is_reported_and_a_working_one_is_not(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="cvaesim.training"):
         _, kept = train(store, working, seed=0)
     assert kept["kl_loss"].iloc[-1] > 2 and "the latent carries almost nothing" not in caplog.text
+    # The report's history figure carries the warning: drawn above the panels, it makes the figure taller.
+    assert collapse_warning(kept) is None and collapse_warning(collapsed).startswith("the latent carries")
+    heights = {}
+    for name, history in (("kept", kept), ("collapsed", collapsed)):
+        plot_history(history, tmp_path / f"{name}.png", collapse_warning(history))
+        heights[name] = plt.imread(tmp_path / f"{name}.png").shape[0]
+    assert heights["collapsed"] > heights["kept"]
 
 
 def test_loss_is_summed_squared_error_plus_kl():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,10 +11,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def plot_history(history: pd.DataFrame, path) -> None:
-    """Per-epoch loss, reconstruction and KL terms; dashed lines are the test cells'."""
+def plot_history(history: pd.DataFrame, path, warning: str | None = None) -> None:
+    """Per-epoch loss, reconstruction and KL terms; dashed lines are the test cells'. ``warning``
+    (e.g. a collapsed latent) is printed in red above the panels, so the report shows it too."""
     terms = ["loss", "reconstruction_loss", "kl_loss"]
-    figure, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.5))
+    figure, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.5 + (0.5 if warning else 0)))
+    if warning:
+        figure.suptitle(textwrap.fill(f"Warning: {warning}", 110), color="red", fontsize=9)
     for axis, term in zip(axes, terms):
         axis.plot(history["epoch"], history[term], label="training cells")
         if f"val_{term}" in history:
@@ -20,7 +25,7 @@ def plot_history(history: pd.DataFrame, path) -> None:
         axis.set_xlabel("epoch")
         axis.set_title(term.replace("_", " "))
     axes[0].legend()
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.9 if warning else 1))  # room for the warning
     figure.savefig(path, dpi=100)
     plt.close(figure)
 

@@ -74,7 +74,7 @@ def train(store: str, model_path: str, history_tsv: str, history_plot: str, sett
     """
     from .plots import plot_history
     from .simulation import Posteriors
-    from .training import TrainingSettings, train as fit
+    from .training import TrainingSettings, collapse_warning, train as fit
 
     # The run is identified by what determines it: settings (less the epoch count, so that
     # raising it continues training), seed and the store's content.
@@ -93,7 +93,7 @@ def train(store: str, model_path: str, history_tsv: str, history_plot: str, sett
     with atomic_output(history_tsv) as temporary:
         history.to_csv(temporary, sep="\t", index=False)
     with atomic_output(history_plot) as temporary:
-        plot_history(history, temporary)
+        plot_history(history, temporary, collapse_warning(history))
 
 
 def load_model(path: str):

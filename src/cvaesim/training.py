@@ -278,13 +278,16 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
         callbacks=[saver, *stopping, *callbacks],
     )
     history = saver.finish()
-    warn_if_collapsed(history)
+    if warning := collapse_warning(history):
+        log.warning(warning)
     return model, history
 
 
-def warn_if_collapsed(history: pd.DataFrame) -> None:
+def collapse_warning(history: pd.DataFrame) -> str | None:
+    """What to tell the user when the last epoch's KL says the latent collapsed; None when it did not."""
     kl = float(history["kl_loss"].iloc[-1])
-    if kl < COLLAPSED_KL:
-        log.warning("the latent carries almost nothing: KL %.3g nats per training cell at the last epoch (below "
-                    "%g); every cell of a type decodes to about the same profile, so simulated cells will score "
-                    "near the naive baselines. Retrain with another seed or a smaller train.beta", kl, COLLAPSED_KL)
+    if kl >= COLLAPSED_KL:
+        return None
+    return (f"the latent carries almost nothing: KL {kl:.3g} nats per training cell at the last epoch (below "
+            f"{COLLAPSED_KL:g}); every cell of a type decodes to about the same profile, so simulated cells will score "
+            "near the naive baselines. Retrain with another seed or a smaller train.beta")
