@@ -77,6 +77,7 @@ rule simulate:
         library_sizes=config["simulate"]["library_sizes"],
         latent=config["simulate"]["latent"],
         calibration=config["simulate"]["calibration"],
+        write_table=config["simulate"]["write_table"],
         seed=config["seed"],
     script:
         "../scripts/simulate.py"

@@ -14,5 +14,6 @@ simulate(
     library_sizes=snakemake.params.library_sizes,
     latent=snakemake.params.latent,
     calibration=snakemake.params.calibration,
+    write_table=snakemake.params.write_table,
     posteriors=snakemake.input.posteriors,
 )

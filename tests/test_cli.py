@@ -13,6 +13,7 @@ from cvaesim.cli import main, plan_cells
 from cvaesim.images import build_image_store
 from cvaesim.model import ConditionalConvVAE
 from cvaesim.simulation import Posteriors, simulate
+from cvaesim import InputError, steps, writers
 from cvaesim.steps import load_model
 
 from conftest import AWKWARD_TYPES, random_counts
@@ -77,6 +78,28 @@ def test_10x_folder_reads_back_with_scanpy(trained, tmp_path):
     run(trained, "--output", str(h5ad), "--cell-type", f"{AWKWARD_TYPES[0]}=9", "--cell-type",
         f"{AWKWARD_TYPES[3]}=4", "--batch-size", "4")
     assert np.array_equal(read.X.toarray(), ad.read_h5ad(h5ad).X.toarray())
+
+
+def test_a_table_too_large_is_refused_before_simulating(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(writers, "MAX_TABLE_ENTRIES", 1_000)  # 50 genes: 20 cells fit, 21 do not
+    store, model = str(trained / "images.h5ad"), str(trained / "cvae.keras")
+    assert run(trained, "--output", str(tmp_path / "cells.h5"), "--cells", "21") == 2
+    assert "21 cells x 50 genes is too large for the original's dense table" in capsys.readouterr().err
+    # The workflow's simulate rule, when its original_table rule will follow: 4 types x 6 cells.
+    output = tmp_path / "simulated.h5ad"
+    with pytest.raises(InputError, match="simulate.write_table is true, but 24 cells x 50 genes is too large"):
+        steps.simulate(model, store, str(output), cells_per_type=6, seed=0, batch_size=8, count_sampling="poisson",
+                       library_sizes="resampled", write_table=True)
+    assert not output.exists()
+    steps.simulate(model, store, str(output), cells_per_type=6, seed=0, batch_size=8, count_sampling="poisson",
+                   library_sizes="resampled", write_table=False)
+    with pytest.raises(InputError, match="too large"):
+        steps.original_table(str(output), str(tmp_path / "table.h5"))
+    assert not (tmp_path / "table.h5").exists()
+    steps.simulate(model, store, str(tmp_path / "five.h5ad"), cells_per_type=5, seed=0, batch_size=8,
+                   count_sampling="poisson", library_sizes="resampled", write_table=True)
+    steps.original_table(str(tmp_path / "five.h5ad"), str(tmp_path / "table.h5"))
+    assert pd.read_hdf(tmp_path / "table.h5", "simulated").shape == (20, 51)
 
 
 def test_table_and_proportional_totals(trained, tmp_path):

@@ -74,7 +74,7 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     # Only now, with the request checked: these load TensorFlow, which takes seconds.
     from .simulation import Simulator
     from .steps import load_model
-    from .writers import MAX_TABLE_ENTRIES, write_10x, write_h5ad, write_table
+    from .writers import table_problem, write_10x, write_h5ad, write_table
 
     posteriors = arguments.posteriors
     if posteriors is None and (arguments.model.parent / "posteriors.npz").is_file():
@@ -91,9 +91,8 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     n_cells = sum(plan.values())
     if n_cells == 0:
         raise InputError("no cells asked for: every --cell-type number is 0")
-    if output_format == "table" and n_cells * len(simulator.var) > MAX_TABLE_ENTRIES:
-        raise InputError(f"{arguments.output}: {n_cells} cells x {len(simulator.var)} genes is too large for the "
-                         f"original's dense table (limit {MAX_TABLE_ENTRIES:,} entries); write .h5ad or 10x")
+    if output_format == "table" and (problem := table_problem(n_cells, len(simulator.var))):
+        raise InputError(f"{arguments.output}: {problem}; write .h5ad or 10x")
     log.info("simulating %d cells (%s) to %s as %s", n_cells,
              ", ".join(f"{name}: {n}" for name, n in plan.items()), arguments.output, output_format)
     if output_format == "h5ad":

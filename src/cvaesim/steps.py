@@ -106,16 +106,23 @@ def load_model(path: str):
 
 def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed: int,
              batch_size: int, count_sampling: str, library_sizes: str, latent: str = "prior",
-             posteriors: str | None = None, calibration: str = "none") -> None:
-    """``cells_per_type`` cells of every cell type the model knows, as a sparse ``.h5ad``."""
+             posteriors: str | None = None, calibration: str = "none", write_table: bool = False) -> None:
+    """``cells_per_type`` cells of every cell type the model knows, as a sparse ``.h5ad``.
+
+    ``write_table``: the original_table rule will turn these cells into a dense table, so refuse
+    now, before simulating, a number of cells that table cannot hold.
+    """
     from .simulation import Simulator
-    from .writers import write_h5ad as write_stream
+    from .writers import table_problem, write_h5ad as write_stream
 
     meta = ad.read_h5ad(store, backed="r")
     simulator = Simulator(load_model(model_path), meta, batch_size, count_sampling, library_sizes, latent, posteriors,
                           calibration)
     meta.file.close()
     plan = dict.fromkeys(simulator.cell_types, cells_per_type)
+    if write_table and (problem := table_problem(sum(plan.values()), len(simulator.var))):
+        raise InputError(f"{output}: simulate.write_table is true, but {problem}; set simulate.write_table: false "
+                         "(the .h5ad is written either way) or lower simulate.cells_per_type")
     write_stream(simulator.batches(plan, seed), simulator.var, simulator.cell_types, simulator.settings(seed), output)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import InputError
 from .io import atomic_output
 from .simulation import cell_names
 
@@ -90,12 +91,17 @@ def original_table(simulated: ad.AnnData) -> pd.DataFrame:
     return table
 
 
+def table_problem(n_cells: int, n_genes: int) -> str | None:
+    """Why the original's dense table cannot hold this many cells, or None when it can."""
+    if n_cells * n_genes <= MAX_TABLE_ENTRIES:
+        return None
+    return (f"{n_cells} cells x {n_genes} genes is too large for the original's dense table "
+            f"(limit {MAX_TABLE_ENTRIES:,} entries)")
+
+
 def write_table(simulated: ad.AnnData, path) -> None:
     """The original's HDF5 table (pandas, key ``simulated``): dense, so for modest cell numbers only."""
-    if simulated.n_obs * simulated.n_vars > MAX_TABLE_ENTRIES:
-        raise ValueError(
-            f"{path}: {simulated.n_obs} cells x {simulated.n_vars} genes is too large for the original's dense "
-            f"table (limit {MAX_TABLE_ENTRIES:,} entries); write h5ad or 10x instead"
-        )
+    if problem := table_problem(simulated.n_obs, simulated.n_vars):
+        raise InputError(f"{path}: {problem}; write h5ad or 10x instead")
     with atomic_output(path) as temporary:
         original_table(simulated).to_hdf(temporary, key="simulated", format="fixed", complevel=5)
