@@ -72,6 +72,7 @@ rule simulate:
         mem_mb=4000,
     params:
         cells_per_type=config["simulate"]["cells_per_type"],
+        cells=config["simulate"]["cells"],
         batch_size=config["simulate"]["batch_size"],
         count_sampling=config["simulate"]["count_sampling"],
         library_sizes=config["simulate"]["library_sizes"],

@@ -8,6 +8,7 @@ simulate(
     store=snakemake.input.store,
     output=snakemake.output[0],
     cells_per_type=snakemake.params.cells_per_type,
+    cells=snakemake.params.cells,
     seed=snakemake.params.seed,
     batch_size=snakemake.params.batch_size,
     count_sampling=snakemake.params.count_sampling,

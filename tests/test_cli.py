@@ -102,6 +102,21 @@ def test_a_table_too_large_is_refused_before_simulating(trained, tmp_path, monke
     assert pd.read_hdf(tmp_path / "table.h5", "simulated").shape == (20, 51)
 
 
+def test_the_workflow_simulates_a_total_in_the_real_proportions(trained, tmp_path, caplog):
+    store, model = str(trained / "images.h5ad"), str(trained / "cvae.keras")
+    real = ad.read_h5ad(trained / "images.h5ad").obs["cell_type"].value_counts()
+    for total in (40, 3):  # 3: fewer cells than types, so some are left out
+        output = tmp_path / f"total_{total}.h5ad"
+        with caplog.at_level("INFO"):
+            steps.simulate(model, store, str(output), cells_per_type=100, cells=total, seed=0, batch_size=8,
+                           count_sampling="poisson", library_sizes="resampled")
+        simulated = ad.read_h5ad(output).obs["cell_type"].value_counts()
+        assert simulated.sum() == total
+        for name, n in simulated.items():
+            assert abs(n - total * real[name] / real.sum()) < 1
+    assert f"simulate.cells = 3 leaves out {len(real) - 3} cell types too rare" in caplog.text
+
+
 def test_table_and_proportional_totals(trained, tmp_path):
     output = tmp_path / "cells.h5"
     assert run(trained, "--output", str(output), "--cells", "50") == 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -39,14 +38,9 @@ def plan_cells(cell_types: list[str], real_counts: dict[str, int], per_type: int
             raise InputError(f"unknown cell types {unknown}; the model knows {cell_types}")
         return plan
     if total is not None:
-        # Largest remainders, so the parts add up to the total.
-        real_total = sum(real_counts.values())
-        quotas = {name: total * real_counts.get(name, 0) / real_total for name in cell_types}
-        plan = {name: math.floor(quota) for name, quota in quotas.items()}
-        by_remainder = sorted(cell_types, key=lambda name: plan[name] - quotas[name])
-        for name in by_remainder[: total - sum(plan.values())]:
-            plan[name] += 1
-        return {name: n for name, n in plan.items() if n}
+        from .simulation import proportional_plan
+
+        return proportional_plan(cell_types, real_counts, total)
     return dict.fromkeys(cell_types, per_type)
 
 

@@ -106,20 +106,31 @@ def load_model(path: str):
 
 def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed: int,
              batch_size: int, count_sampling: str, library_sizes: str, latent: str = "prior",
-             posteriors: str | None = None, calibration: str = "none", write_table: bool = False) -> None:
-    """``cells_per_type`` cells of every cell type the model knows, as a sparse ``.h5ad``.
+             posteriors: str | None = None, calibration: str = "none", write_table: bool = False,
+             cells: int | None = None) -> None:
+    """``cells_per_type`` cells of every cell type the model knows, or ``cells`` in all split across
+    the types as the real cells are, as a sparse ``.h5ad``.
 
     ``write_table``: the original_table rule will turn these cells into a dense table, so refuse
     now, before simulating, a number of cells that table cannot hold.
     """
-    from .simulation import Simulator
+    from .simulation import Simulator, proportional_plan
     from .writers import table_problem, write_h5ad as write_stream
 
     meta = ad.read_h5ad(store, backed="r")
     simulator = Simulator(load_model(model_path), meta, batch_size, count_sampling, library_sizes, latent, posteriors,
                           calibration)
+    real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
-    plan = dict.fromkeys(simulator.cell_types, cells_per_type)
+    if cells is None:
+        plan = dict.fromkeys(simulator.cell_types, cells_per_type)
+    else:
+        plan = proportional_plan(simulator.cell_types, real_counts, cells)
+        left_out = [name for name in simulator.cell_types if name not in plan]
+        if left_out:
+            log.warning("simulate.cells = %d leaves out %d cell types too rare for one cell in that many: %s",
+                        cells, len(left_out), ", ".join(left_out))
+    log.info("simulating %d cells: %s", sum(plan.values()), ", ".join(f"{name}: {n}" for name, n in plan.items()))
     if write_table and (problem := table_problem(sum(plan.values()), len(simulator.var))):
         raise InputError(f"{output}: simulate.write_table is true, but {problem}; set simulate.write_table: false "
                          "(the .h5ad is written either way) or lower simulate.cells_per_type")
