@@ -101,6 +101,21 @@ def test_no_shared_barcode_is_an_error(small_cells):
         attach_labels(small_cells, labels, "m.tar.gz", "a.tsv")
 
 
+def test_no_label_at_all_and_an_empty_matrix_are_errors_that_say_so(small_cells):
+    with pytest.raises(InputError, match=r"a.tsv: no barcode has a label \(3 rows, every label missing\)"):
+        attach_labels(small_cells, pd.Series([None, np.nan, None], index=small_cells.obs_names[:3]), "m", "a.tsv")
+    with pytest.raises(InputError, match=r"a.tsv: no barcode has a label \(the table has no rows\)"):
+        attach_labels(small_cells, pd.Series([], dtype=object), "m", "a.tsv")
+    unlabelled = small_cells.copy()
+    unlabelled.obs["cell_type"] = "NA"
+    with pytest.raises(InputError, match="cells.h5ad: none of its 120 cells has a label"):
+        filter_cells_and_genes(unlabelled, FilterThresholds(), "cells.h5ad")
+    with pytest.raises(InputError, match=r"cells.h5ad: the matrix holds no cells \(0 x 50\)"):
+        filter_cells_and_genes(small_cells[:0].copy(), FilterThresholds(), "cells.h5ad")
+    with pytest.raises(InputError, match=r"cells.h5ad: the matrix holds no genes \(120 x 0\)"):
+        filter_cells_and_genes(small_cells[:, :0].copy(), FilterThresholds(), "cells.h5ad")
+
+
 @pytest.mark.parametrize("side", ["annotation", "matrix"])
 def test_barcodes_are_joined_where_only_one_side_carries_the_gem_well_suffix(small_cells, caplog, side):
     labels = small_cells.obs["cell_type"].copy()

@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from cvaesim import InputError
-from cvaesim.io import atomic_output, read_10x_h5, read_10x_tarball, read_annotation, read_h5ad_counts
+from cvaesim.io import atomic_output, container_problem, read_10x_h5, read_10x_tarball, read_annotation, read_h5ad_counts
 
 from conftest import EMBEDDED_ANNOTATION, EMBEDDED_H5AD, EMBEDDED_TARBALL, add_member, write_10x_h5, write_tarball
 
@@ -48,6 +48,26 @@ def test_non_gzip_file_is_a_clear_error(tmp_path):
     bogus.write_text("<html>Access denied</html>")
     with pytest.raises(InputError, match="page.tar.gz: not a readable tar archive"):
         read_10x_tarball(bogus)
+
+
+def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells):
+    tarball = write_tarball(tmp_path / "m.tar.gz", small_cells)
+    h5 = write_10x_h5(tmp_path / "m.h5", small_cells, v3=True)
+    # Each file given as the formats it is not: the error says what it is.
+    with pytest.raises(InputError, match="not a readable .h5ad file .*; it is gzip-compressed, as a 10x tarball is, "
+                                         "so the dataset's format may be 10x_tarball"):
+        read_h5ad_counts(tarball, "cell_type", None)
+    with pytest.raises(InputError, match="it is an AnnData .h5ad file, so the dataset's format may be h5ad"):
+        read_10x_h5(EMBEDDED_H5AD)
+    with pytest.raises(InputError, match=r"not a readable tar archive \(file could not be opened successfully\); it is "
+                                         "a 10x HDF5 matrix, so the dataset's format may be 10x_h5$"):
+        read_10x_tarball(h5)
+    assert "format may be" in container_problem(EMBEDDED_H5AD, "matrix.tar.gz")
+    assert "format may be 10x_tarball" in container_problem(tarball, "matrix.h5")
+    # A file of no known format gets no guess.
+    bogus = tmp_path / "page.h5ad"
+    bogus.write_text("<html>Access denied</html>")
+    assert "format may be" not in container_problem(bogus, "matrix.h5ad")
 
 
 def test_member_outside_the_folder_is_refused(tmp_path, small_cells):

@@ -34,6 +34,9 @@ def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, anno
     if not adata.obs_names.is_unique:
         duplicated = adata.obs_names[adata.obs_names.duplicated()]
         raise InputError(f"{matrix}: {len(duplicated)} barcodes appear more than once (e.g. {duplicated[0]!r})")
+    if labels.dropna().empty:
+        raise InputError(f"{annotation}: no barcode has a label ("
+                         f"{f'{len(labels)} rows, every label missing' if len(labels) else 'the table has no rows'})")
     labels = labels.dropna()
     shared = adata.obs_names.intersection(labels.index)
     if len(shared) == 0 and (matched := labels_across_gem_suffix(adata.obs_names, labels)) is not None:
@@ -78,6 +81,9 @@ def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> pd.Series
 
 def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, source: str | Path) -> ad.AnnData:
     """Drop unlabelled cells, then cells, genes and cell types under the thresholds."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"{source}: the matrix holds no {'cells' if adata.n_obs == 0 else 'genes'} "
+                         f"({adata.n_obs} x {adata.n_vars})")
     labels = adata.obs["cell_type"].astype(object)
     named = labels.notna()
     # 'T cell ' and 'T cell' name one type, as spreadsheets and hand-made tables leave them.
@@ -94,6 +100,8 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
                     " or ".join(map(repr, sorted(set(labels[markers])))))
     # A blank label ('' in an .h5ad, spaces in a table) names no cell type either.
     labelled = (labels.notna() & labels.ne("") & ~markers).to_numpy()
+    if not labelled.any():
+        raise InputError(f"{source}: none of its {adata.n_obs} cells has a label (every label is missing)")
     if not labelled.all():
         log.warning("%s: %d of %d cells have no label and are dropped", source, (~labelled).sum(), adata.n_obs)
     counts = adata.X

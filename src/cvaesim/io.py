@@ -58,6 +58,32 @@ def _safe_member_name(archive: Path, member: tarfile.TarInfo) -> PurePosixPath:
 TAR_OPEN_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 
+def detected_format(path: str | Path) -> tuple[str, str] | None:
+    """(format, description) of a matrix file by its first bytes and HDF5 groups, or None when unknown."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        if head[:2] == b"\x1f\x8b":
+            return "10x_tarball", "gzip-compressed, as a 10x tarball is"
+        if head == b"\x89HDF\r\n\x1a\n":
+            with h5py.File(path, "r") as h5:
+                if "matrix" in h5:
+                    return "10x_h5", "a 10x HDF5 matrix"
+                if "X" in h5 and "obs" in h5:
+                    return "h5ad", "an AnnData .h5ad file"
+    except OSError:
+        pass
+    return None
+
+
+def format_hint(path: str | Path, expected: str) -> str:
+    """'; it is ..., so the dataset's format may be ...' where the file looks like another format, else ''."""
+    detected = detected_format(path)
+    if detected is None or detected[0] == expected:
+        return ""
+    return f"; it is {detected[1]}, so the dataset's format may be {detected[0]}"
+
+
 def container_problem(path: str | Path, name: str) -> str | None:
     """Why ``path`` cannot be the file ``name`` says (HDF5 for .h5/.h5ad, a tar archive for .tar.gz), or None.
 
@@ -70,13 +96,16 @@ def container_problem(path: str | Path, name: str) -> str | None:
             with h5py.File(path, "r"):
                 return None
         except OSError as error:
-            return f"not a readable HDF5 file, as {name} must be ({error})"
+            return (f"not a readable HDF5 file, as {name} must be ({error})"
+                    f"{format_hint(path, '10x_h5' if name.endswith('.h5') else 'h5ad')}")
     if name.endswith((".tar.gz", ".tar")):
         try:
             with tarfile.open(path, "r:*") as archive:
                 archive.getmembers()  # reads to the end, so a truncated archive shows here
         except TAR_OPEN_ERRORS as error:
-            return f"not a readable tar archive, as {name} must be ({error})"
+            # tarfile lists every compression it tried, one per line: the first line says enough.
+            return (f"not a readable tar archive, as {name} must be ({str(error).splitlines()[0].rstrip(':')})"
+                    f"{format_hint(path, '10x_tarball')}")
     return None
 
 
@@ -121,7 +150,8 @@ def read_10x_tarball(path: str | Path) -> ad.AnnData:
     try:
         archive = tarfile.open(path, "r:*")
     except TAR_OPEN_ERRORS as error:
-        raise InputError(f"{path}: not a readable tar archive ({error}); is the download complete?") from error
+        raise InputError(f"{path}: not a readable tar archive ({str(error).splitlines()[0].rstrip(':')})"
+                         f"{format_hint(path, '10x_tarball') or '; is the download complete?'}") from error
     try:
         with archive:
             members = {}
@@ -178,7 +208,8 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
                 genomes = [name for name, item in h5.items() if isinstance(item, h5py.Group)]
                 if len(genomes) != 1:
                     raise InputError(f"{path}: expected a 'matrix' group (Cell Ranger 3+) or one genome group "
-                                     f"(Cell Ranger 2), found {', '.join(genomes) or 'none'}")
+                                     f"(Cell Ranger 2), found {', '.join(genomes) or 'none'}"
+                                     f"{format_hint(path, '10x_h5')}")
                 group = h5[genomes[0]]
                 gene_ids, symbols = _strings(group, "genes", path), _strings(group, "gene_names", path)
                 feature_types = None
@@ -336,7 +367,7 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
     try:
         source = ad.read_h5ad(path)
     except Exception as error:  # anndata raises many types for a broken file
-        raise InputError(f"{path}: not a readable .h5ad file ({error})") from error
+        raise InputError(f"{path}: not a readable .h5ad file ({error}){format_hint(path, 'h5ad')}") from error
     if label_column not in source.obs.columns:
         raise InputError(
             f"{path}: obs has no label column {label_column!r}; its columns are "
