@@ -14,7 +14,7 @@ from cvaesim.plots import plot_history
 from cvaesim.steps import filter_dataset, load_model
 from cvaesim.training import TrainingSettings, batches_for, collapse_warning, initial_gene_offsets, train
 
-from conftest import EMBEDDED_ANNOTATION, EMBEDDED_TARBALL
+from conftest import EMBEDDED_ANNOTATION, EMBEDDED_TARBALL, random_counts
 
 
 @pytest.fixture
@@ -49,6 +49,28 @@ def test_batches_are_dense_only_per_batch(store):
     test_batches = batches_for(store, "test", batch_size=100, seed=None)
     (images, labels), = test_batches[0]
     assert images.shape[0] == 48 and list(test_batches.order) == list(np.flatnonzero(store.obs["split"] == "test"))
+
+
+def test_type_balance_evens_out_the_cell_types_in_the_batches():
+    # 300 training cells: types of 200, 80 and 20 cells.
+    store = random_counts(300, 20, ["big"])
+    store.obs["cell_type"] = pd.Categorical(["big"] * 200 + ["middle"] * 80 + ["small"] * 20)
+    store = build_image_store(store, None, "log1p_gene_max", 0.0, seed=0)
+    types = store.obs["cell_type"].to_numpy()
+    shares = {}
+    for balance in (0.0, 0.5, 1.0):
+        batches = batches_for(store, "train", batch_size=32, seed=0, type_balance=balance)
+        drawn = []
+        for _ in range(20):  # epochs
+            drawn.extend(types[batches.order])
+            assert len(batches.order) == 300
+            batches.on_epoch_end()
+        shares[balance] = pd.Series(drawn).value_counts(normalize=True)
+    assert shares[0.0].to_dict() == pytest.approx({"big": 2 / 3, "middle": 0.8 / 3, "small": 0.2 / 3})
+    # Shares as n^(1 - balance): sqrt(200) : sqrt(80) : sqrt(20) at 0.5, equal at 1.
+    half = np.sqrt([200, 80, 20]) / np.sqrt([200, 80, 20]).sum()
+    assert shares[0.5][["big", "middle", "small"]].to_numpy() == pytest.approx(half, abs=0.02)
+    assert shares[1.0].to_numpy() == pytest.approx([1 / 3] * 3, abs=0.02)
 
 
 def test_training_is_seeded_and_the_saved_model_reloads(store, tmp_path):
