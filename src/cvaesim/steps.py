@@ -133,7 +133,7 @@ def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed
     log.info("simulating %d cells: %s", sum(plan.values()), ", ".join(f"{name}: {n}" for name, n in plan.items()))
     if write_table and (problem := table_problem(sum(plan.values()), len(simulator.var))):
         raise InputError(f"{output}: simulate.write_table is true, but {problem}; set simulate.write_table: false "
-                         "(the .h5ad is written either way) or lower simulate.cells_per_type")
+                         f"(the .h5ad is written either way) or lower simulate.{'cells_per_type' if cells is None else 'cells'}")
     write_stream(simulator.batches(plan, seed), simulator.var, simulator.cell_types, simulator.settings(seed), output)
 
 
