@@ -114,6 +114,11 @@ def test_evaluation_scores_every_source_type_and_metric(scored):
     assert overall.loc["memorisation_ratio", TRAINING] == 0.0  # each is its own nearest training cell
     confusion = result.confusion
     assert confusion[confusion["source"] == "cvae"]["cells"].sum() == copies.n_obs
+    # The cells behind each type's scores, for the report.
+    labels = real.obs["cell_type"].astype(str)
+    assert result.cells["training"].to_dict() == labels[~is_test].value_counts().to_dict()
+    assert result.cells["test"].to_dict() == labels[is_test].value_counts().to_dict()
+    assert result.cells["simulated"].to_dict() == copies.obs["cell_type"].astype(str).value_counts().to_dict()
 
 
 def test_too_few_cells_to_score_any_type_give_nan_metrics_and_say_why(tmp_path, caplog):
@@ -130,7 +135,7 @@ def test_too_few_cells_to_score_any_type_give_nan_metrics_and_say_why(tmp_path, 
     overall = overall_table(result.metrics)
     assert list(overall.index) == sorted(METRICS) and list(overall.columns) == ["cvae", "nb", "poisson", CONTROL]
     assert overall.isna().all().all()
-    plot_per_type(result.metrics, tmp_path / "per_type.png")
+    plot_per_type(result.metrics, tmp_path / "per_type.png", result.cells)
     assert (tmp_path / "per_type.png").stat().st_size > 0
     # With a lower threshold the same cells are scored.
     lower = evaluate(real, is_test, simulated, EvaluationSettings(**{**settings.__dict__, "min_cells": 4}))

@@ -251,6 +251,9 @@ class Evaluation:
     metrics: pd.DataFrame  # source, cell_type ("overall" too), metric, value
     confusion: pd.DataFrame  # source, conditioned_type, predicted_type, cells
     gene_statistics: dict[str, tuple[np.ndarray, np.ndarray]]  # source -> per-gene mean and variance of log2 CPM
+    # Per cell type: real training and test cells and simulated cells. Realism follows the training
+    # cells a type has (README, thirteenth session), so the report shows them beside the scores.
+    cells: pd.DataFrame  # index cell_type; columns training, test, simulated
 
 
 def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, settings: EvaluationSettings) -> Evaluation:
@@ -361,8 +364,11 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
                             for (source, metric), group in per_type.dropna(subset=["value"])
                             .groupby(["source", "metric"])], columns=metrics.columns)
     metrics = pd.concat([metrics, overall], ignore_index=True)
+    cells = pd.DataFrame({"training": pd.Series(train_labels).value_counts(),
+                          "test": pd.Series(test_labels).value_counts(), "simulated": pd.Series(plan, dtype=int)})
+    cells = cells.fillna(0).astype(int).rename_axis("cell_type")
     return Evaluation(metrics, pd.DataFrame(confusion, columns=["source", "conditioned_type", "predicted_type", "cells"]),
-                      gene_statistics)
+                      gene_statistics, cells)
 
 
 def overall_table(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -30,18 +30,28 @@ def plot_history(history: pd.DataFrame, path, warning: str | None = None) -> Non
     plt.close(figure)
 
 
-def plot_per_type(metrics: pd.DataFrame, path, names: tuple[str, ...] = ("rf_auc", "mmd", "fidelity_accuracy",
-                                                                           "ks_library_size", "marker_correlation",
-                                                                           "memorisation_ratio")) -> None:
-    """One panel per metric: each cell type's value for the model, the baselines and the control."""
+def plot_per_type(metrics: pd.DataFrame, path, cells: pd.DataFrame | None = None,
+                  names: tuple[str, ...] = ("rf_auc", "mmd", "fidelity_accuracy", "ks_library_size",
+                                            "marker_correlation", "memorisation_ratio")) -> None:
+    """One panel per metric: each cell type's value for the model, the baselines and the control;
+    ``cells`` (training and test cells per type) goes under each type's name."""
     per_type = metrics[metrics["cell_type"] != "overall"]
     figure, axes = plt.subplots(len(names), 1, figsize=(max(8, 0.9 * per_type["cell_type"].nunique()), 2.6 * len(names)),
                                 sharex=True)
     for axis, name in zip(axes, names):
         table = per_type[per_type["metric"] == name].pivot(index="cell_type", columns="source", values="value")
         if not table.empty:
-            table.plot.bar(ax=axis, width=0.8, legend=axis is axes[0])
+            table.plot.bar(ax=axis, width=0.8, legend=False)
         axis.set_ylabel(name.replace("_", " "))
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # beside the panels, where it hides no bar
+        axes[0].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), title="source")
+    if cells is not None:
+        names_shown = [tick.get_text() for tick in axes[-1].get_xticklabels()]
+        axes[-1].set_xticks(axes[-1].get_xticks(), [
+            f"{name}\n{cells.loc[name, 'training']} training, {cells.loc[name, 'test']} test" if name in cells.index
+            else name for name in names_shown])
+        axes[-1].set_xlabel("cell type")
     axes[-1].tick_params(axis="x", labelrotation=60)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -191,8 +191,9 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
         temporary.write_text(json.dumps({
             "overall": overall_table(result.metrics).to_dict(),
             "per_type": result.metrics.to_dict(orient="records"),
+            "cells": result.cells.to_dict(orient="index"),
         }, indent=1, default=float))
     with atomic_output(outputs["per_type"]) as temporary:
-        plot_per_type(result.metrics, temporary)
+        plot_per_type(result.metrics, temporary, result.cells)
     with atomic_output(outputs["mean_variance"]) as temporary:
         plot_mean_variance(result.gene_statistics, temporary)
