@@ -5,7 +5,9 @@ For a finished run (``results/<name>/``), per cell type with enough test cells, 
 its seeded forests): the forest AUC on all components, on blocks of components (1-5, 6-10,
 11-20, 21-30), and on two per-cell numbers alone (log library size, detected genes); and the
 compared cells' variance on each block relative to the real test cells'. The same for a sample
-of the real training cells in the model's place (what handing back the training data scores).
+of the real training cells in the model's place (what handing back the training data scores:
+at most a type's training cells, without repeats), and for the model's cells cut to as many of
+each type as that sample has, the like-for-like comparison with it.
 Prints one table; no file is written.
 
     .venv/bin/python perf/forest_diagnosis.py results/pbmc68k_reduced
@@ -26,6 +28,16 @@ import scipy.sparse as sp
 from cvaesim.evaluation import EvaluationSettings, Space, forest_auc, log_normalise, training_sample
 
 BLOCKS = {"1-5": slice(0, 5), "6-10": slice(5, 10), "11-20": slice(10, 20), "21-30": slice(20, 30)}
+
+
+def as_many_as(compared_labels: np.ndarray, sizes: dict[str, int], seed: int) -> np.ndarray:
+    """Rows of the compared cells, at most ``sizes[type]`` of each type (a seeded sample): the
+    training-cell floor has no more cells of a type than the type's training cells, and a forest
+    shown more simulated cells learns them better, so a fair comparison shows it as many."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.choice(members, size=min(len(members), sizes.get(name, 0)), replace=False)
+            for name in np.unique(compared_labels) for members in [np.flatnonzero(compared_labels == name)]]
+    return np.sort(np.concatenate(rows))
 
 
 def per_cell_numbers(counts: sp.csr_matrix) -> np.ndarray:
@@ -69,7 +81,10 @@ def main() -> None:
     test, train = counts[is_test], counts[~is_test]
     plan = simulated.obs["cell_type"].astype(str).value_counts().to_dict()
     copies = training_sample(train, labels[~is_test], plan, settings.seed)
-    sources = {"model": (sp.csr_matrix(simulated.X), simulated.obs["cell_type"].astype(str).to_numpy()),
+    simulated_labels = simulated.obs["cell_type"].astype(str).to_numpy()
+    matched = as_many_as(simulated_labels, copies.obs["cell_type"].value_counts().to_dict(), settings.seed)
+    sources = {"model": (sp.csr_matrix(simulated.X), simulated_labels),
+               "model, as many cells as the floor": (sp.csr_matrix(simulated.X)[matched], simulated_labels[matched]),
                "training cells": (sp.csr_matrix(copies.X), copies.obs["cell_type"].to_numpy())}
     tables = [diagnose(test, labels[is_test], compared, compared_labels, settings).assign(source=source)
               for source, (compared, compared_labels) in sources.items()]
