@@ -7,9 +7,8 @@ paired libraries, type-mean calibration, Poisson), and scores the type as ``perf
 does: forest AUC on all components and the simulated cells' variance on components 11-30
 relative to the test cells'. The image scaling and gene order stay those of the full store
 (fitted on all training cells); the model never trains on the dropped cells. Prints one line
-per type: the run's own model and the reduced one (each also cut to as many cells of a type as
-the floor's sample has, the like-for-like comparison), and the real training cells in a
-simulator's place (the evaluate rule's floor) with and without the dropped cells.
+per type: the run's own model and the reduced one, and the real training cells in a simulator's
+place (the evaluate rule's floor) with and without the dropped cells.
 
     .venv/bin/python perf/fewer_training_cells.py results/pbmc68k_reduced --cell-type Dendritic --keep 20
 """
@@ -34,7 +33,7 @@ from cvaesim.simulation import Posteriors, simulate
 from cvaesim.training import TrainingSettings, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from forest_diagnosis import as_many_as, diagnose  # noqa: E402
+from forest_diagnosis import diagnose  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,19 +43,13 @@ def score(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, seed: in
     table = diagnose(sp.csr_matrix(real.X)[is_test], labels[is_test], sp.csr_matrix(simulated.X),
                      simulated.obs["cell_type"].astype(str).to_numpy(), EvaluationSettings(seed=seed))
     table["var 11-30"] = (table["var 11-20"] + table["var 21-30"]) / 2
-    return table.set_index("cell_type")[["test cells", "AUC all", "var 11-30"]]
+    return table.set_index("cell_type")[["cells a side", "AUC all", "var 11-30"]]
 
 
 def copies_of(real: ad.AnnData, is_test: np.ndarray, plan: dict[str, int], seed: int) -> ad.AnnData:
     """Real training cells in a simulator's place, as the evaluate rule's floor samples them."""
     labels = real.obs["cell_type"].astype(str).to_numpy()
     return training_sample(sp.csr_matrix(real.X)[~is_test], labels[~is_test], plan, seed)
-
-
-def like(simulated: ad.AnnData, copies: ad.AnnData, seed: int) -> ad.AnnData:
-    """The simulated cells cut to as many of each type as the floor's sample has."""
-    labels = simulated.obs["cell_type"].astype(str).to_numpy()
-    return simulated[as_many_as(labels, copies.obs["cell_type"].value_counts().to_dict(), seed)]
 
 
 def main() -> None:
@@ -90,19 +83,14 @@ def main() -> None:
                              posteriors, simulation["calibration"])
     is_test = (store.obs["split"] == "test").to_numpy()
     reduced = f" ({arguments.cell_type}: {arguments.keep})"
-    original = ad.read_h5ad(arguments.run / "simulated" / "simulated.h5ad")
-    copies = copies_of(real, is_test, plan, arguments.seed)
-    reduced_copies = copies_of(reduced_real, is_test[keep], plan, arguments.seed)
     scores = {
-        "model": score(real, is_test, original, arguments.seed),
-        "model, as many as the floor": score(real, is_test, like(original, copies, arguments.seed), arguments.seed),
+        "model": score(real, is_test, ad.read_h5ad(arguments.run / "simulated" / "simulated.h5ad"), arguments.seed),
         f"model{reduced}": score(reduced_real, is_test[keep], simulated, arguments.seed),
-        f"model{reduced}, as many as the floor": score(reduced_real, is_test[keep],
-                                                        like(simulated, reduced_copies, arguments.seed), arguments.seed),
-        "training cells": score(real, is_test, copies, arguments.seed),
-        f"training cells{reduced}": score(reduced_real, is_test[keep], reduced_copies, arguments.seed),
+        "training cells": score(real, is_test, copies_of(real, is_test, plan, arguments.seed), arguments.seed),
+        f"training cells{reduced}": score(reduced_real, is_test[keep],
+                                          copies_of(reduced_real, is_test[keep], plan, arguments.seed), arguments.seed),
     }
-    table = pd.concat({name: part.drop(columns="test cells") for name, part in scores.items()}, axis=1)
+    table = pd.concat(scores, axis=1)
     with pd.option_context("display.width", 200):
         print(table.round(3).to_string())
 

@@ -1,13 +1,11 @@
 """Diagnosis: where the real-versus-simulated forests tell the cells apart.
 
 For a finished run (``results/<name>/``), per cell type with enough test cells, as the
-``evaluate`` rule scores them (its PCA space, fitted per source on real test and compared cells,
-its seeded forests): the forest AUC on all components, on blocks of components (1-5, 6-10,
+``evaluate`` rule scores them (its PCA space, fitted per source on as many real test as compared
+cells of each type, the cells it scores; its seeded forests): the forest AUC on all components, on blocks of components (1-5, 6-10,
 11-20, 21-30), and on two per-cell numbers alone (log library size, detected genes); and the
 compared cells' variance on each block relative to the real test cells'. The same for a sample
-of the real training cells in the model's place (what handing back the training data scores:
-at most a type's training cells, without repeats), and for the model's cells cut to as many of
-each type as that sample has, the like-for-like comparison with it.
+of the real training cells in the model's place (what handing back the training data scores).
 Prints one table; no file is written.
 
     .venv/bin/python perf/forest_diagnosis.py results/pbmc68k_reduced
@@ -30,16 +28,6 @@ from cvaesim.evaluation import EvaluationSettings, Space, forest_auc, log_normal
 BLOCKS = {"1-5": slice(0, 5), "6-10": slice(5, 10), "11-20": slice(10, 20), "21-30": slice(20, 30)}
 
 
-def as_many_as(compared_labels: np.ndarray, sizes: dict[str, int], seed: int) -> np.ndarray:
-    """Rows of the compared cells, at most ``sizes[type]`` of each type (a seeded sample): the
-    training-cell floor has no more cells of a type than the type's training cells, and a forest
-    shown more simulated cells learns them better, so a fair comparison shows it as many."""
-    rng = np.random.default_rng(seed)
-    rows = [rng.choice(members, size=min(len(members), sizes.get(name, 0)), replace=False)
-            for name in np.unique(compared_labels) for members in [np.flatnonzero(compared_labels == name)]]
-    return np.sort(np.concatenate(rows))
-
-
 def per_cell_numbers(counts: sp.csr_matrix) -> np.ndarray:
     return np.c_[np.log1p(np.asarray(counts.sum(axis=1)).ravel()), np.diff(counts.indptr)]
 
@@ -48,7 +36,7 @@ def diagnose(test: sp.csr_matrix, test_labels: np.ndarray, compared: sp.csr_matr
              settings: EvaluationSettings) -> pd.DataFrame:
     test_normalised, compared_normalised = log_normalise(test), log_normalise(compared)
     space = Space(test_normalised, test_labels, compared_normalised, compared_labels, settings.n_components,
-                  settings.seed)
+                  settings.seed, settings.max_cells_per_type)
     real_pcs, compared_pcs = space.project(test_normalised), space.project(compared_normalised)
     real_numbers, compared_numbers = per_cell_numbers(test), per_cell_numbers(compared)
     rows = []
@@ -56,9 +44,11 @@ def diagnose(test: sp.csr_matrix, test_labels: np.ndarray, compared: sp.csr_matr
         in_real, in_compared = test_labels == cell_type, compared_labels == cell_type
         if min(in_real.sum(), in_compared.sum()) < settings.min_cells:
             continue
-        a, b = real_pcs[in_real], compared_pcs[in_compared]
-        row = {"cell_type": cell_type, "test cells": int(in_real.sum()), "AUC all": forest_auc(a, b, settings),
-               "AUC library+detected": forest_auc(real_numbers[in_real], compared_numbers[in_compared], settings)}
+        real_rows, compared_rows = space.rows[cell_type]  # the cells the rule scores
+        a, b = real_pcs[real_rows], compared_pcs[compared_rows]
+        row = {"cell_type": cell_type, "cells a side": len(real_rows), "AUC all": forest_auc(a, b, settings),
+               "AUC library+detected": forest_auc(real_numbers[real_rows], compared_numbers[compared_rows],
+                                                  settings)}
         for name, block in BLOCKS.items():
             row[f"AUC {name}"] = forest_auc(a[:, block], b[:, block], settings)
         for name, block in BLOCKS.items():
@@ -81,10 +71,7 @@ def main() -> None:
     test, train = counts[is_test], counts[~is_test]
     plan = simulated.obs["cell_type"].astype(str).value_counts().to_dict()
     copies = training_sample(train, labels[~is_test], plan, settings.seed)
-    simulated_labels = simulated.obs["cell_type"].astype(str).to_numpy()
-    matched = as_many_as(simulated_labels, copies.obs["cell_type"].value_counts().to_dict(), settings.seed)
-    sources = {"model": (sp.csr_matrix(simulated.X), simulated_labels),
-               "model, as many cells as the floor": (sp.csr_matrix(simulated.X)[matched], simulated_labels[matched]),
+    sources = {"model": (sp.csr_matrix(simulated.X), simulated.obs["cell_type"].astype(str).to_numpy()),
                "training cells": (sp.csr_matrix(copies.X), copies.obs["cell_type"].to_numpy())}
     tables = [diagnose(test, labels[is_test], compared, compared_labels, settings).assign(source=source)
               for source, (compared, compared_labels) in sources.items()]

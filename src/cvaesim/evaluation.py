@@ -47,7 +47,7 @@ METRICS = ("rf_auc", "mmd", "fidelity_accuracy", "marker_correlation", "marker_o
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    max_cells_per_type: int = 250  # per side and type: forest, MMD, memorisation, markers
+    max_cells_per_type: int = 250  # per side and type (as many on each): forest, MMD, memorisation; markers
     n_components: int = 30
     n_trees: int = 100
     n_markers: int = 20
@@ -213,28 +213,35 @@ def labelled_view(normalised: sp.csr_matrix, labels: np.ndarray, genes: pd.Index
 
 
 class Space:
-    """PCA of log1p(CP10k) fitted on as many real as compared cells of each cell type (at most 5,000
-    on each side), on the ``MAX_PCA_GENES`` genes most variable among them (all genes of a smaller
-    panel); takes normalised cells.
+    """PCA of log1p(CP10k) fitted on the cells to be scored: of each cell type as many real as
+    compared cells (at most ``max_per_type``, and 5,000 on each side in all), on the ``MAX_PCA_GENES``
+    genes most variable among them (all genes of a smaller panel); takes normalised cells.
+    ``rows[type]`` holds the (real, compared) rows it was fitted on, which are the ones to score.
 
     Matching the types keeps the space the same whatever mix of types was simulated: with all the
     compared cells, a type simulated far beyond its real share would pull components its way.
+    Scoring exactly the cells it was fitted on keeps the two sides alike: the minor components
+    carry more of the variance of the cells they were fitted on than of other cells, so scoring
+    every real test cell of a small type (all in the fit) against its 100 simulated cells (a dozen
+    in the fit) let the forests tell fitted from unfitted cells (README, thirteenth session).
     """
 
     def __init__(self, real: sp.csr_matrix, real_labels: np.ndarray, compared: sp.csr_matrix,
-                 compared_labels: np.ndarray, n_components: int, seed: int):
+                 compared_labels: np.ndarray, n_components: int, seed: int, max_per_type: int | None = None):
         rng = np.random.default_rng(seed)
         if not np.isin(compared_labels, real_labels).any():  # no type in common: match the numbers only
             real_labels, compared_labels = np.zeros(len(real_labels)), np.zeros(len(compared_labels))
         members = {name: (np.flatnonzero(real_labels == name), np.flatnonzero(compared_labels == name))
                    for name in np.unique(real_labels)}
-        shrink = min(1.0, 5_000 / max(sum(min(len(r), len(c)) for r, c in members.values()), 1))
-        real_rows, compared_rows = [], []
-        for real_members, compared_members in members.values():
-            each = int(min(len(real_members), len(compared_members)) * shrink)
-            real_rows.append(real_members[subsample(len(real_members), each, rng)])
-            compared_rows.append(compared_members[subsample(len(compared_members), each, rng)])
-        fit_on = sp.vstack([real[np.concatenate(real_rows)], compared[np.concatenate(compared_rows)]], format="csr")
+        sizes = {name: min(len(r), len(c), max_per_type or len(r)) for name, (r, c) in members.items()}
+        shrink = min(1.0, 5_000 / max(sum(sizes.values()), 1))
+        self.rows = {}
+        for name, (real_members, compared_members) in members.items():
+            each = int(sizes[name] * shrink)
+            self.rows[name] = (real_members[subsample(len(real_members), each, rng)],
+                               compared_members[subsample(len(compared_members), each, rng)])
+        fit_on = sp.vstack([real[np.concatenate([r for r, _ in self.rows.values()])],
+                            compared[np.concatenate([c for _, c in self.rows.values()])]], format="csr")
         # As scanpy's workflows do: the components come from the variable genes, and the fit
         # on PBMC68k's 20,387 genes would take most of the evaluation's time.
         variance = np.asarray(fit_on.multiply(fit_on).mean(axis=0)).ravel() - np.asarray(fit_on.mean(axis=0)).ravel() ** 2
@@ -310,7 +317,7 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
         real_counts, real_type_labels = reference[source]
         reference_name = CONTROL if source == CONTROL else "test"
         space = Space(real_normalised, real_type_labels, source_normalised, source_labels, settings.n_components,
-                      settings.seed)
+                      settings.seed, settings.max_cells_per_type)
         real_pcs, source_pcs = space.project(real_normalised), space.project(source_normalised)
         train_pcs = space.project(train_normalised)
         nearest_train = NearestNeighbors(n_neighbors=1).fit(train_pcs)
@@ -331,8 +338,8 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
             in_real, in_source = real_type_labels == cell_type, source_labels == cell_type
             if in_real.sum() < settings.min_cells or in_source.sum() < settings.min_cells:
                 continue
-            a = real_pcs[in_real][subsample(in_real.sum(), settings.max_cells_per_type, rng)]
-            b = source_pcs[in_source][subsample(in_source.sum(), settings.max_cells_per_type, rng)]
+            real_rows, source_rows = space.rows[cell_type]  # as many of each side, all in the space's fit
+            a, b = real_pcs[real_rows], source_pcs[source_rows]
             # Distances to the nearest training cell, for the sampled cells only: a median needs no more.
             real_distance, source_distance = (nearest_train.kneighbors(cells)[0].ravel() for cells in (a, b))
             sample = a[subsample(len(a), 500, rng)]
