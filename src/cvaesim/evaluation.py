@@ -258,8 +258,9 @@ class Evaluation:
     metrics: pd.DataFrame  # source, cell_type ("overall" too), metric, value
     confusion: pd.DataFrame  # source, conditioned_type, predicted_type, cells
     gene_statistics: dict[str, tuple[np.ndarray, np.ndarray]]  # source -> per-gene mean and variance of log2 CPM
-    # Per cell type: real training and test cells and simulated cells. Realism follows the training
-    # cells a type has (README, thirteenth session), so the report shows them beside the scores.
+    # Per cell type: real training and test cells and simulated cells. A type's scores rest on as
+    # many cells as its smaller side has, and a type learnt from few cells can be simulated poorly,
+    # so the report shows them beside the scores.
     cells: pd.DataFrame  # index cell_type; columns training, test, simulated
 
 
