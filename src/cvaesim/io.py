@@ -58,6 +58,11 @@ def _safe_member_name(archive: Path, member: tarfile.TarInfo) -> PurePosixPath:
 TAR_OPEN_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 
+def tar_problem(error: Exception) -> str:
+    """tarfile's reason, cut to its first line: it lists every compression it tried, one per line."""
+    return str(error).splitlines()[0].rstrip(":")
+
+
 def detected_format(path: str | Path) -> tuple[str, str] | None:
     """(format, description) of a matrix file by its first bytes and HDF5 groups, or None when unknown."""
     try:
@@ -103,8 +108,7 @@ def container_problem(path: str | Path, name: str) -> str | None:
             with tarfile.open(path, "r:*") as archive:
                 archive.getmembers()  # reads to the end, so a truncated archive shows here
         except TAR_OPEN_ERRORS as error:
-            # tarfile lists every compression it tried, one per line: the first line says enough.
-            return (f"not a readable tar archive, as {name} must be ({str(error).splitlines()[0].rstrip(':')})"
+            return (f"not a readable tar archive, as {name} must be ({tar_problem(error)})"
                     f"{format_hint(path, '10x_tarball')}")
     return None
 
@@ -150,7 +154,7 @@ def read_10x_tarball(path: str | Path) -> ad.AnnData:
     try:
         archive = tarfile.open(path, "r:*")
     except TAR_OPEN_ERRORS as error:
-        raise InputError(f"{path}: not a readable tar archive ({str(error).splitlines()[0].rstrip(':')})"
+        raise InputError(f"{path}: not a readable tar archive ({tar_problem(error)})"
                          f"{format_hint(path, '10x_tarball') or '; is the download complete?'}") from error
     try:
         with archive:

@@ -69,8 +69,8 @@ class ImageBatches(keras.utils.PyDataset):
         self.codes = codes
         self.weights = None
         if type_balance > 0 and len(rows):
-            sizes = np.bincount(codes[rows])[codes[rows]]
-            self.weights = sizes ** -float(type_balance)
+            row_codes = codes[rows]
+            self.weights = np.bincount(row_codes)[row_codes] ** -float(type_balance)
             self.weights /= self.weights.sum()
         self.n_cell_types = n_cell_types
         self.pixel = pixel
