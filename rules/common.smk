@@ -6,9 +6,14 @@ from snakemake.utils import validate
 validate(config, schema="../config/schemas/config.schema.yaml")
 
 
-def check_simulation_settings():
-    """Combinations the simulate job would refuse, refused before training starts."""
+def check_setting_combinations():
+    """Combinations the train or simulate job would refuse, refused before any job starts."""
     loss = config["train"]["reconstruction_loss"]
+    if config["train"]["count_split"] and loss == "mse":
+        raise ValueError(
+            "config: train.count_split splits each cell's counts between the encoder and the loss; "
+            "it needs a count loss (train.reconstruction_loss 'multinomial' or 'negative_binomial')"
+        )
     if config["simulate"]["library_sizes"] == "decoded" and loss != "mse":
         raise ValueError(
             f"config: simulate.library_sizes 'decoded' needs train.reconstruction_loss 'mse'; "
@@ -45,11 +50,12 @@ def check_simulation_settings():
     ):
         raise ValueError(
             f"config: simulate.calibration 'type_moments' draws its own negative binomial in place of "
-            f"simulate.count_sampling 'poisson' (it is {config['simulate']['count_sampling']!r})"
+            f"simulate.count_sampling 'poisson' (it is {config['simulate']['count_sampling']!r}); "
+            f"set simulate.calibration: type_means to keep that count sampling"
         )
 
 
-check_simulation_settings()
+check_setting_combinations()
 
 DOWNLOAD_NAMES = {
     "10x_tarball": {"matrix": "matrix.tar.gz", "annotation": "annotation.tsv"},

@@ -7,8 +7,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
-from cvaesim.images import build_image_store
+from cvaesim.images import build_image_store, scale_counts
 from cvaesim.model import ConditionalConvVAE
 from cvaesim.plots import plot_history
 from cvaesim.steps import filter_dataset, load_model
@@ -71,6 +72,34 @@ def test_type_balance_evens_out_the_cell_types_in_the_batches():
     half = np.sqrt([200, 80, 20]) / np.sqrt([200, 80, 20]).sum()
     assert shares[0.5][["big", "middle", "small"]].to_numpy() == pytest.approx(half, abs=0.02)
     assert shares[1.0].to_numpy() == pytest.approx([1 / 3] * 3, abs=0.02)
+
+
+def test_count_split_gives_the_encoder_and_the_loss_disjoint_shares_of_each_cell(store):
+    batches = batches_for(store, "train", batch_size=16, seed=0, with_counts=True, count_split=0.5)
+    whole = batches_for(store, "train", batch_size=16, seed=0, with_counts=True)
+    (images, _, targets), = batches[0]
+    (whole_images, _, whole_counts), = whole[0]
+    assert images.shape == whole_images.shape and targets.shape == whole_counts.shape
+    rows = batches.order[:16]
+    counts = batches.to_counts(batches.values[rows], rows)
+    encoded, rest = batches.split(counts, 0)
+    # Each share scaled back is a binomial part of the counts, and the two parts add up to them.
+    encoded_part, rest_part = encoded.toarray() * 0.5, rest.toarray() * 0.5
+    assert np.allclose(encoded_part, np.rint(encoded_part)) and np.allclose(rest_part, np.rint(rest_part))
+    assert (encoded_part >= 0).all() and (rest_part >= 0).all()
+    assert np.allclose(encoded_part + rest_part, counts.toarray())
+    assert 0.4 < encoded_part.sum() / counts.sum() < 0.6
+    pixels = store.var["pixel"].to_numpy()
+    assert np.allclose(targets.reshape(16, -1)[:, pixels], rest.toarray())
+    # The encoder's image is its share at the cell's depth, scaled as the store scales counts.
+    expected = scale_counts(sp.csr_matrix(encoded), store.var["scale"].to_numpy(), "log1p_gene_max").toarray()
+    assert np.allclose(images.reshape(16, -1)[:, pixels], expected)
+    # The same split for the same epoch and batch (batches are prepared in parallel threads); a new one next epoch.
+    assert np.array_equal(batches.split(counts, 0)[0].toarray(), encoded.toarray())
+    batches.on_epoch_end()
+    assert not np.array_equal(batches.split(counts, 0)[0].toarray(), encoded.toarray())
+    with pytest.raises(ValueError, match="count loss"):
+        train(store, TrainingSettings(epochs=1, count_split=0.5), seed=0)
 
 
 def test_training_is_seeded_and_the_saved_model_reloads(store, tmp_path):

@@ -203,8 +203,9 @@ def test_invalid_config_is_refused_with_the_key(workdir):
      "simulate.library_sizes 'decoded' cannot be used with image.scaling 'log1p_cp10k_gene_max'"),
     ({"simulate": {"library_sizes": "paired", "latent": "prior"}},
      "simulate.library_sizes 'paired' takes the library size of the training cell whose posterior"),
+    ({"train": {"reconstruction_loss": "mse", "count_split": 0.5}}, "train.count_split splits each cell's counts"),
 ])
-def test_settings_the_simulate_job_would_refuse_are_refused_before_training(workdir, settings, message):
+def test_settings_a_job_would_refuse_are_refused_before_training(workdir, settings, message):
     overlay = write_config(workdir / "mismatch.yaml", {"train": {"reconstruction_loss": "multinomial"}, **settings})
     result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay, check=False)
     assert result.returncode != 0 and message in result.stdout + result.stderr

@@ -124,9 +124,11 @@ def parser() -> argparse.ArgumentParser:
                               "training cell its latent came from), resampled with prior draws")
     command.add_argument("--latent", choices=LATENT_DRAWS, default="posterior",
                          help="z from N(0, I), or from the posterior of a random training cell of the type")
-    command.add_argument("--calibration", choices=CALIBRATIONS, default="type_means",
+    command.add_argument("--calibration", choices=CALIBRATIONS,
                          help="type_means: scale each gene so that every type's mean expression matches its "
-                              "training cells' (see the README)")
+                              "training cells'; type_moments: that, and a negative-binomial draw for each gene that "
+                              "would vary less than in its training cells (see the README); default: type_moments "
+                              "with Poisson count sampling, else type_means")
     command.add_argument("--posteriors", type=Path,
                          help="the training cells' posteriors from the train rule (default: posteriors.npz beside "
                               "the model, when there; without them, drawn training cells are encoded here)")

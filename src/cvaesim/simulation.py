@@ -49,15 +49,18 @@ class Simulator:
     :meth:`batches`) equals its share of the type's training counts; cell-to-cell variation is kept.
     ``'type_moments'`` does the same and, for each gene whose simulated counts would vary less
     than the type's training counts, replaces the Poisson draw by a negative binomial whose
-    dispersion makes up the difference (Poisson sampling only).
+    dispersion makes up the difference (Poisson sampling only). ``None``: ``type_moments`` with
+    Poisson sampling, else ``type_means``.
     """
 
     def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 256,
                  count_sampling: str | None = None, library_sizes: str = "resampled", latent: str = "prior",
-                 posteriors: Posteriors | str | Path | None = None, calibration: str = "none"):
+                 posteriors: Posteriors | str | Path | None = None, calibration: str | None = "none"):
         loss = getattr(model, "reconstruction_loss", "mse")
         if count_sampling is None:  # the model's own likelihood
             count_sampling = "negative_binomial" if loss == "negative_binomial" else "poisson"
+        if calibration is None:  # the workflow's choice where it applies: its extra variance replaces Poisson draws
+            calibration = "type_moments" if count_sampling == "poisson" else "type_means"
         if count_sampling not in COUNT_SAMPLING:
             raise ValueError(f"unknown count sampling {count_sampling!r}; choose one of {COUNT_SAMPLING}")
         if library_sizes not in LIBRARY_SIZES:
@@ -414,7 +417,7 @@ def simulate(
     library_sizes: str = "resampled",
     latent: str = "prior",
     posteriors: Posteriors | str | Path | None = None,
-    calibration: str = "none",
+    calibration: str | None = "none",
 ) -> ad.AnnData:
     """All requested cells in memory, as one AnnData (see :class:`Simulator`)."""
     return Simulator(model, store_meta, batch_size, count_sampling, library_sizes, latent, posteriors,

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .images import to_images, unscale_counts
+from .images import scale_counts, to_images, unscale_counts
 from .io import atomic_output
 from .model import COUNT_LOSSES, ConditionalConvVAE
 
@@ -46,6 +46,7 @@ class TrainingSettings:
     gene_offsets: bool = False
     early_stopping_patience: int = 0  # 0: train every epoch
     type_balance: float = 0.0  # 0: cells drawn as they come; 1: every type equally often
+    count_split: float = 0.0  # 0: each training cell is its own target; else the encoder's share of its counts
     mixed_precision: bool = False
 
 
@@ -58,12 +59,24 @@ class ImageBatches(keras.utils.PyDataset):
     def __init__(self, values: sp.csr_matrix, rows: np.ndarray, codes: np.ndarray, n_cell_types: int,
                  pixel: np.ndarray, side: int, batch_size: int, seed: int | None = None,
                  to_counts: Callable[[sp.csr_matrix, np.ndarray], sp.csr_matrix] | None = None,
-                 type_balance: float = 0.0, **kwargs):
+                 type_balance: float = 0.0, count_split: float = 0.0,
+                 to_values: Callable[[sp.csr_matrix], sp.csr_matrix] | None = None, **kwargs):
         """``to_counts(values, rows)`` (the store's inverse scaling), when given, adds each batch's counts
         as images. ``type_balance`` α > 0 draws each epoch's cells with replacement, a cell of a type
-        with n cells with weight n^-α: α = 1 gives every type the same share of the batches."""
+        with n cells with weight n^-α: α = 1 gives every type the same share of the batches.
+
+        ``count_split`` f > 0 (needs ``to_counts``, ``to_values``, the store's scaling, and a seed)
+        splits each cell's counts binomially, a new split every epoch: the encoder sees the share f
+        (scaled up by 1/f, so the image keeps the cell's depth) and the loss scores the other share
+        (scaled up by 1/(1 - f)). The two shares' sampling noise is independent, so the decoder cannot
+        learn to hand back a training cell's own noise, only what its other counts predict.
+        """
         super().__init__(**kwargs)
+        if count_split and (to_counts is None or to_values is None or seed is None):
+            raise ValueError("splitting the counts needs the counts, the forward scaling and a seed")
         self.to_counts = to_counts
+        self.to_values = to_values
+        self.count_split = count_split
         self.values = values
         self.rows = rows
         self.codes = codes
@@ -99,7 +112,22 @@ class ImageBatches(keras.utils.PyDataset):
         if self.to_counts is None:
             return (images, labels),
         # Unscaled while sparse: the nonzero values are a few percent of the pixels.
-        return (images, labels, to_images(self.to_counts(values, rows), self.pixel, self.side)),
+        counts = self.to_counts(values, rows)
+        if self.count_split:
+            encoded, counts = self.split(counts, index)
+            images = to_images(self.to_values(encoded), self.pixel, self.side)
+        return (images, labels, to_images(counts, self.pixel, self.side)),
+
+    def split(self, counts: sp.csr_matrix, index: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """(the encoder's share scaled by 1/f, the rest scaled by 1/(1 - f)); seeded by epoch and batch,
+        so batches prepared in parallel threads split the same way in every run."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        encoded = counts.copy()
+        encoded.data = rng.binomial(counts.data.astype(np.int64), self.count_split).astype(np.float64)
+        rest = counts.copy()
+        rest.data = (counts.data - encoded.data) / (1 - self.count_split)
+        encoded.data /= self.count_split
+        return encoded, rest
 
     def on_epoch_end(self):
         self.start_at_epoch(self.epoch + 1)
@@ -118,7 +146,8 @@ def describe_devices() -> str:
 
 
 def batches_for(store: ad.AnnData, split: str, batch_size: int, seed: int | None,
-                with_counts: bool = False, workers: int = 2, type_balance: float = 0.0) -> ImageBatches:
+                with_counts: bool = False, workers: int = 2, type_balance: float = 0.0,
+                count_split: float = 0.0) -> ImageBatches:
     """Batches of one split of an image store; ``seed`` None keeps the cells in order.
 
     ``workers`` threads prepare batches while the model trains (measured: 37 -> 66 cells/s at
@@ -128,6 +157,7 @@ def batches_for(store: ad.AnnData, split: str, batch_size: int, seed: int | None
     totals = store.obs["total_counts"].to_numpy()  # the library-normalised scaling's counts need them
     return ImageBatches(
         to_counts=(lambda values, rows: unscale_counts(values, scale, scaling, totals[rows])) if with_counts else None,
+        to_values=lambda counts: scale_counts(counts, scale, scaling),
         values=sp.csr_matrix(store.X),  # shares the arrays of a CSR X: no copy
         rows=np.flatnonzero((store.obs["split"] == split).to_numpy()),
         codes=store.obs["cell_type"].cat.codes.to_numpy(),
@@ -137,6 +167,7 @@ def batches_for(store: ad.AnnData, split: str, batch_size: int, seed: int | None
         batch_size=batch_size,
         seed=seed,
         type_balance=type_balance,
+        count_split=count_split,
         workers=workers,
     )
 
@@ -267,8 +298,11 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
         model.decoder.get_layer("gene_offsets").set_weights([initial_gene_offsets(store, settings.reconstruction_loss)])
     model.compile(optimizer=make_optimizer(settings))
     with_counts = settings.reconstruction_loss in COUNT_LOSSES
+    if settings.count_split and not with_counts:
+        raise ValueError(f"train.count_split needs a count loss ({', '.join(COUNT_LOSSES)}): the {settings.reconstruction_loss} "
+                         f"loss scores the images, not the counts")
     training_batches = batches_for(store, "train", settings.batch_size, seed, with_counts,
-                                   type_balance=settings.type_balance)
+                                   type_balance=settings.type_balance, count_split=settings.count_split)
     test_batches = batches_for(store, "test", settings.batch_size, None, with_counts)
     log.info("%d training and %d test cells, image side %d, %d parameters",
              len(training_batches.rows), len(test_batches.rows), model.image_side, model.count_params())
