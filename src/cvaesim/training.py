@@ -107,16 +107,15 @@ class ImageBatches(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         values = self.values[rows]
-        images = to_images(values, self.pixel, self.side)
         labels = np.eye(self.n_cell_types, dtype=np.float32)[self.codes[rows]]
         if self.to_counts is None:
-            return (images, labels),
+            return (to_images(values, self.pixel, self.side), labels),
         # Unscaled while sparse: the nonzero values are a few percent of the pixels.
         counts = self.to_counts(values, rows)
         if self.count_split:
             encoded, counts = self.split(counts, index)
-            images = to_images(self.to_values(encoded), self.pixel, self.side)
-        return (images, labels, to_images(counts, self.pixel, self.side)),
+            values = self.to_values(encoded)
+        return (to_images(values, self.pixel, self.side), labels, to_images(counts, self.pixel, self.side)),
 
     def split(self, counts: sp.csr_matrix, index: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
         """(the encoder's share scaled by 1/f, the rest scaled by 1/(1 - f)); seeded by epoch and batch,
@@ -299,8 +298,8 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
     model.compile(optimizer=make_optimizer(settings))
     with_counts = settings.reconstruction_loss in COUNT_LOSSES
     if settings.count_split and not with_counts:
-        raise ValueError(f"train.count_split needs a count loss ({', '.join(COUNT_LOSSES)}): the {settings.reconstruction_loss} "
-                         f"loss scores the images, not the counts")
+        raise ValueError(f"train.count_split needs a count loss ({', '.join(COUNT_LOSSES)}): the "
+                         f"{settings.reconstruction_loss} loss scores the images, not the counts")
     training_batches = batches_for(store, "train", settings.batch_size, seed, with_counts,
                                    type_balance=settings.type_balance, count_split=settings.count_split)
     test_batches = batches_for(store, "test", settings.batch_size, None, with_counts)
