@@ -100,6 +100,8 @@ def test_count_split_gives_the_encoder_and_the_loss_disjoint_shares_of_each_cell
     assert not np.array_equal(batches.split(counts, 0)[0].toarray(), encoded.toarray())
     with pytest.raises(ValueError, match="count loss"):
         train(store, TrainingSettings(epochs=1, count_split=0.5), seed=0)
+    with pytest.raises(ValueError, match="at least 0 and below 1; got 1.0"):
+        train(store, TrainingSettings(epochs=1, reconstruction_loss="multinomial", count_split=1.0), seed=0)
 
 
 def test_training_is_seeded_and_the_saved_model_reloads(store, tmp_path):

@@ -274,6 +274,13 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
     """
     import tensorflow as tf
 
+    with_counts = settings.reconstruction_loss in COUNT_LOSSES
+    if not 0 <= settings.count_split < 1:
+        raise ValueError(f"train.count_split is the encoder's share of each cell's counts, at least 0 and below 1; "
+                         f"got {settings.count_split}")
+    if settings.count_split and not with_counts:
+        raise ValueError(f"train.count_split needs a count loss ({', '.join(COUNT_LOSSES)}): the "
+                         f"{settings.reconstruction_loss} loss scores the images, not the counts")
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     devices = describe_devices()
@@ -296,10 +303,6 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
     if settings.gene_offsets:
         model.decoder.get_layer("gene_offsets").set_weights([initial_gene_offsets(store, settings.reconstruction_loss)])
     model.compile(optimizer=make_optimizer(settings))
-    with_counts = settings.reconstruction_loss in COUNT_LOSSES
-    if settings.count_split and not with_counts:
-        raise ValueError(f"train.count_split needs a count loss ({', '.join(COUNT_LOSSES)}): the "
-                         f"{settings.reconstruction_loss} loss scores the images, not the counts")
     training_batches = batches_for(store, "train", settings.batch_size, seed, with_counts,
                                    type_balance=settings.type_balance, count_split=settings.count_split)
     test_batches = batches_for(store, "test", settings.batch_size, None, with_counts)
