@@ -154,6 +154,28 @@ def test_too_few_cells_to_score_any_type_give_nan_metrics_and_say_why(tmp_path, 
     assert overall_table(lower.metrics).loc[["mmd", "rf_auc"], "cvae"].notna().all()
 
 
+def test_a_type_with_no_test_cell_is_named_unscored_and_kept_in_the_confusion_matrix(caplog):
+    # A type of one or two cells lands wholly in the training split, yet it is trained on and simulated.
+    real = random_counts(300, 30, TYPES, seed=6)
+    labels = real.obs["cell_type"].astype(str).to_numpy()
+    is_test = np.arange(300) % 2 == 0
+    rare = np.flatnonzero((labels == "B cell") & ~is_test)[:2]
+    labels[(labels == "B cell")] = "T cell"
+    labels[rare] = "Rare cell"
+    real.obs["cell_type"] = labels
+    simulated = real[~is_test].copy()
+    simulated.obs_names = [f"sim_{i}" for i in range(simulated.n_obs)]
+    with caplog.at_level("WARNING"):
+        result = evaluate(real, is_test, simulated, EvaluationSettings(n_trees=10, n_components=5, n_markers=5))
+    assert "1 of 3 cell types get no score" in caplog.text
+    assert "Rare cell: 0 test and 2 simulated" in caplog.text
+    confusion = result.confusion[result.confusion["source"] == "cvae"]
+    assert confusion["cells"].sum() == simulated.n_obs
+    assert "Rare cell" in set(confusion["conditioned_type"]) and "Rare cell" in set(confusion["predicted_type"])
+    assert set(result.metrics.loc[result.metrics["cell_type"] != "overall", "cell_type"]) == {"T cell",
+                                                                                             "CD14+ Monocyte"}
+
+
 def test_one_cell_type_leaves_fidelity_and_markers_undefined_and_says_so(caplog):
     real = random_counts(60, 30, ["T cell"], seed=2)
     is_test = np.arange(60) % 2 == 0

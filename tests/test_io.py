@@ -185,6 +185,20 @@ def test_h5ad_cell_names_repeated_across_concatenated_parts_are_made_unique(tmp_
     assert "joined.h5ad: 60 cell names (obs_names) occur more than once" in caplog.text
 
 
+def test_h5ad_gene_names_repeated_are_suffixed_and_said(tmp_path, small_cells, caplog):
+    repeated = small_cells.copy()
+    names = list(repeated.var_names)
+    names[1] = names[0]  # gene symbols standing in for ids repeat in many published .h5ad files
+    repeated.var_names = names
+    path = tmp_path / "repeated.h5ad"
+    repeated.write_h5ad(path)
+    with caplog.at_level(logging.INFO):
+        adata = read_h5ad_counts(path, "cell_type", None)
+    assert adata.var_names.is_unique and adata.var_names[1] == f"{names[0]}-1"
+    assert (adata.X != small_cells.X).nnz == 0
+    assert f"repeated.h5ad: gene names not unique (1 repeats, e.g. {names[0]!r})" in caplog.text
+
+
 def test_atomic_output_leaves_nothing_when_the_writer_fails(tmp_path):
     target = tmp_path / "out.h5ad"
     with pytest.raises(RuntimeError):

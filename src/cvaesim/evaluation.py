@@ -297,7 +297,9 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     reference = {source: (test, test_labels) for source in entries}
     reference[CONTROL] = (test[~half], test_labels[~half])
     real_properties_of = {}  # (reference, cell type) -> properties: the three simulators share the test cells
-    types = sorted(set(test_labels))
+    # A type too rare for a test cell is still trained on and simulated: it is named among the unscored, and the
+    # confusion matrix keeps its cells and the cells called it.
+    types = sorted(set(test_labels) | set(train_labels) | set(plan))
     sizes = {cell_type: (int((test_labels == cell_type).sum()), plan.get(cell_type, 0)) for cell_type in types}
     unscored = {cell_type: pair for cell_type, pair in sizes.items() if min(pair) < settings.min_cells}
     if unscored:

@@ -262,9 +262,14 @@ def _cells_by_genes(counts: sp.csr_matrix, barcodes, gene_ids, symbols, path: Pa
     var = pd.DataFrame({"gene_ids": np.asarray(gene_ids, dtype=str)},
                        index=pd.Index(np.asarray(symbols, dtype=str), name=None))
     adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(np.asarray(barcodes, dtype=str))), var=var)
+    return with_unique_gene_names(adata, path)
+
+
+def with_unique_gene_names(adata: ad.AnnData, path: str | Path) -> ad.AnnData:
+    """Repeated gene names (10x symbols, or an .h5ad's var_names) suffixed -1, -2, ..., as scanpy's readers do."""
     if not adata.var_names.is_unique:
-        log.info("%s: %d gene symbols occur more than once; suffixing them (-1, -2, ...)",
-                 path, adata.var_names.duplicated().sum())
+        log.info("%s: gene names not unique (%d repeats, e.g. %r); suffixing them (-1, -2, ...)",
+                 path, adata.var_names.duplicated().sum(), adata.var_names[adata.var_names.duplicated()][0])
         adata.var_names_make_unique()
     return adata
 
@@ -408,6 +413,4 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
         log.warning("%s: %d cell names (obs_names) occur more than once (e.g. %r); suffixing them (-1, -2, ...)",
                     path, len(repeated), repeated[0])
         adata.obs_names_make_unique()
-    if not adata.var_names.is_unique:
-        adata.var_names_make_unique()
-    return adata
+    return with_unique_gene_names(adata, path)
