@@ -11,7 +11,8 @@ from cvaesim.model import ConditionalConvVAE
 from cvaesim.images import build_image_store, to_images
 from cvaesim.counts import draw_counts
 from cvaesim import InputError
-from cvaesim.simulation import Posteriors, Simulator, gene_moments_by_type, simulate
+from cvaesim.simulation import (Posteriors, Simulator, SortedColumns, gene_moments_by_type, rank_matched, simulate,
+                                sorted_counts_by_type)
 from cvaesim.writers import original_table
 
 from conftest import AWKWARD_TYPES
@@ -41,6 +42,9 @@ def test_cells_are_generated_in_batches_with_names_and_integer_counts(store):
     wanted = {AWKWARD_TYPES[0]: 250, AWKWARD_TYPES[3]: 7}
     simulated = simulate(model, store, wanted, seed=1, batch_size=100)
     assert model.decoder.calls == 3 + 1  # ceil(250 / 100) + ceil(7 / 100), never one per cell
+    # Batches of a type about equal in size, not 100, 100 and 50.
+    assert [len(batch.indptr) - 1 for batch, _ in Simulator(model, store, batch_size=100).batches(wanted, 1)] == [
+        84, 83, 83, 7]
     assert simulated.shape == (257, store.n_vars)
     assert list(simulated.var_names) == list(store.var_names)
     assert simulated.obs["cell_type"].value_counts()[AWKWARD_TYPES[0]] == 250
@@ -332,9 +336,64 @@ def test_type_moment_calibration_tops_up_the_variance_of_each_gene(store):
     assert lower_quartiles["type_means"] < 0.75 and lower_quartiles["type_moments"] > 0.9
     with pytest.raises(ValueError, match="cannot be combined with 'round' count sampling"):
         Simulator(model, store, count_sampling="round", calibration="type_moments")
-    # Unset (the CLI's default): type moments where the draws are Poisson, type means otherwise.
-    assert Simulator(model, store, calibration=None).calibration == "type_moments"
-    assert Simulator(model, store, count_sampling="round", calibration=None).calibration == "type_means"
+    # Unset (the CLI's default): type quantiles, whatever the count sampling.
+    assert Simulator(model, store, calibration=None).calibration == "type_quantiles"
+    assert Simulator(model, store, count_sampling="round", calibration=None).calibration == "type_quantiles"
+
+
+def test_sorted_columns_give_the_count_at_each_rank_of_each_gene():
+    import scipy.sparse as sp
+    columns = SortedColumns.of(sp.csr_matrix(np.array([[0, 5], [2, 0], [0, 1], [2, 0], [7, 0]])))
+    assert list(columns.zeros) == [2, 3] and list(columns.values) == [2, 2, 7, 1, 5]
+    assert columns.quantiles(np.array([[0.1, 0.1], [0.5, 0.65], [0.99, 0.99], [1.0, 1.0]])).tolist() == [
+        [0, 0], [2, 1], [7, 5], [7, 5]]
+
+
+def test_rank_matching_gives_each_gene_the_training_counts_in_the_simulated_cells_order():
+    import scipy.sparse as sp
+    rng = np.random.default_rng(1)
+    training = rng.negative_binomial(2, 0.3, size=(60, 40))
+    simulated = rng.poisson(rng.gamma(1.0, 3.0, size=(60, 1)) * np.ones((1, 40)))  # cells with a depth of their own
+    matched = rank_matched(sp.csr_matrix(simulated), SortedColumns.of(sp.csr_matrix(training)), rng).toarray()
+    assert matched.dtype == np.int32
+    # As many cells as training cells: each gene's counts are the training counts, reordered.
+    assert np.array_equal(np.sort(matched, axis=0), np.sort(training, axis=0))
+    # Whichever cell had more of a gene has at least as much after.
+    for gene in range(40):
+        more = simulated[:, gene][:, None] > simulated[:, gene][None, :]
+        assert np.all((matched[:, gene][:, None] >= matched[:, gene][None, :])[more])
+    # The cells' depth, shared by every gene, survives: deep cells stay deep.
+    assert np.corrcoef(simulated.sum(axis=1), matched.sum(axis=1))[0, 1] > 0.8
+
+
+def test_type_quantile_calibration_gives_each_gene_its_training_distribution(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    training = (store.obs["split"] == "train").to_numpy()
+    counts = {name: columns for name, columns in sorted_counts_by_type(store, np.flatnonzero(training),
+                                                                        chunk_size=7).items()}
+    wanted = {name: columns.n_cells for name, columns in counts.items()}  # one batch each, as many as trained on
+    simulated = simulate(model, store, wanted, seed=3, latent="posterior", calibration="type_quantiles",
+                         batch_size=512)
+    assert simulated.uns["simulation"]["calibration"] == "type_quantiles"
+    for cell_type, columns in counts.items():
+        of_type = simulated[simulated.obs["cell_type"] == cell_type].X.toarray()
+        real = store[training & (store.obs["cell_type"] == cell_type).to_numpy()]
+        expected = columns.quantiles((np.arange(columns.n_cells)[:, None] + 0.5) / columns.n_cells
+                                     * np.ones((1, store.n_vars)))
+        assert np.array_equal(np.sort(of_type, axis=0), expected)  # the training counts, gene by gene
+        assert of_type.sum() == pytest.approx(real.obs["total_counts"].sum(), rel=1e-6)
+    assert (simulated.X != simulate(model, store, wanted, seed=3, latent="posterior", calibration="type_quantiles",
+                                    batch_size=512).X).nnz == 0
+
+
+def test_type_quantiles_warn_of_types_asked_for_too_few_cells_to_rank(store, caplog):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    with caplog.at_level("WARNING"):
+        simulate(model, store, {AWKWARD_TYPES[0]: 3, AWKWARD_TYPES[1]: 40}, seed=0, latent="posterior",
+                 calibration="type_quantiles")
+    assert f"with fewer than 10 ({AWKWARD_TYPES[0]}: 3)" in caplog.text
 
 
 def test_share_moments_saved_with_the_posteriors_spare_the_calibration_decoding(store, tmp_path):

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # Decoded cells per type whose mean expression is compared with the training cells' (4 batches of 256).
 CALIBRATION_CELLS = 1024
+# type_quantiles ranks each gene's counts among a batch's cells: with fewer, the ranks say little (README).
+FEW_RANKED_CELLS = 10
 
 
 class Simulator:
@@ -49,8 +51,11 @@ class Simulator:
     :meth:`batches`) equals its share of the type's training counts; cell-to-cell variation is kept.
     ``'type_moments'`` does the same and, for each gene whose simulated counts would vary less
     than the type's training counts, replaces the Poisson draw by a negative binomial whose
-    dispersion makes up the difference (Poisson sampling only). ``None``: ``type_moments`` with
-    Poisson sampling, else ``type_means``.
+    dispersion makes up the difference (Poisson sampling only). ``'type_quantiles'`` draws counts
+    around the decoded profiles as they are, then, in each batch and gene, gives the cells the
+    type's training counts at the ranks their drawn counts hold among the batch's (see
+    :func:`rank_matched`): each gene keeps its training distribution, the model decides which cells
+    are high and which low. ``None``: ``type_quantiles``, the workflow's default.
     """
 
     def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 256,
@@ -59,8 +64,8 @@ class Simulator:
         loss = getattr(model, "reconstruction_loss", "mse")
         if count_sampling is None:  # the model's own likelihood
             count_sampling = "negative_binomial" if loss == "negative_binomial" else "poisson"
-        if calibration is None:  # the workflow's choice where it applies: its extra variance replaces Poisson draws
-            calibration = "type_moments" if count_sampling == "poisson" else "type_means"
+        if calibration is None:  # the workflow's default
+            calibration = "type_quantiles"
         if count_sampling not in COUNT_SAMPLING:
             raise ValueError(f"unknown count sampling {count_sampling!r}; choose one of {COUNT_SAMPLING}")
         if library_sizes not in LIBRARY_SIZES:
@@ -106,8 +111,10 @@ class Simulator:
         self.training_libraries = {
             name: group["total_counts"].to_numpy() for name, group in training.groupby("cell_type", observed=True)
         }
-        if calibration != "none":
+        if calibration in ("type_means", "type_moments"):
             self.training_moments = gene_moments_by_type(store_meta, np.flatnonzero(is_training))
+        if calibration == "type_quantiles":
+            self.training_counts = sorted_counts_by_type(store_meta, np.flatnonzero(is_training))
         if latent == "posterior":
             self.training_rows = {name: np.flatnonzero(training["cell_type"].to_numpy() == name)
                                   for name in self.training_libraries}
@@ -151,12 +158,21 @@ class Simulator:
             if repeated:
                 log.warning("more cells asked than the type has training cells (%s): posterior draws repeat "
                             "training cells, so these types will vary less than real cells", ", ".join(repeated))
-        plan = [(cell_type, min(self.batch_size, n_cells - start))
-                for cell_type, n_cells in cells_per_type.items() for start in range(0, n_cells, self.batch_size)]
+        if self.calibration == "type_quantiles":
+            few = [f"{name}: {n}" for name, n in cells_per_type.items() if 0 < n < FEW_RANKED_CELLS]
+            if few:
+                log.warning("type_quantiles ranks each gene's counts among the cells of a type simulated together; "
+                            "with fewer than %d (%s) the model's structure is mostly lost and the genes' counts are "
+                            "close to independent draws from the training cells", FEW_RANKED_CELLS, ", ".join(few))
+        # A type's cells in batches of about equal size: no small last batch, whose cells type_quantiles would
+        # rank among too few others.
+        plan = [(cell_type, n_cells // n_batches + (batch < n_cells % n_batches))
+                for cell_type, n_cells in cells_per_type.items()
+                for n_batches in [math.ceil(n_cells / self.batch_size)] for batch in range(n_batches)]
         # One more stream for the calibration: the others stay those of an uncalibrated run.
         *streams, calibration_stream = np.random.SeedSequence(seed).spawn(len(plan) + 1)
         calibrations = {}
-        if self.calibration != "none":
+        if self.calibration in ("type_means", "type_moments"):
             moments = self.saved_share_moments or self.share_moments(list(cells_per_type),
                                                                      np.random.default_rng(calibration_stream))
             calibrations = self.calibrate({name: moments[name] for name in cells_per_type})
@@ -204,8 +220,12 @@ class Simulator:
         """Integer counts around the expected profiles of one batch."""
         profiles, totals = expected.result()
         if calibration is not None and calibration.dispersion is not None:  # type_moments
-            return draw_counts(profiles, totals, "negative_binomial", rng, calibration.dispersion), cell_type
-        return draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion), cell_type
+            counts = draw_counts(profiles, totals, "negative_binomial", rng, calibration.dispersion)
+        else:
+            counts = draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion)
+        if self.calibration == "type_quantiles":
+            counts = rank_matched(counts, self.training_counts[cell_type], rng)
+        return counts, cell_type
 
     def share_moments(self, cell_types: list[str], rng: np.random.Generator
                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -296,26 +316,81 @@ class Calibration:
     dispersion: np.ndarray | None = None  # inf: Poisson
 
 
-def gene_moments_by_type(store: ad.AnnData, rows: np.ndarray, chunk_size: int = 4096
-                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each cell type's per-gene mean and variance of the counts of its cells among ``rows`` (ascending;
-    the store is read a chunk at a time)."""
-    cell_types = store.obs["cell_type"].cat.categories
+@dataclass(frozen=True)
+class SortedColumns:
+    """Each gene's counts over a set of cells, in order, kept sparse: the zeros counted, the rest sorted."""
+
+    n_cells: int
+    zeros: np.ndarray  # per gene
+    indptr: np.ndarray  # gene g's non-zero counts are values[indptr[g]:indptr[g + 1]]
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, counts: sp.spmatrix) -> SortedColumns:
+        columns = sp.csc_matrix(counts, dtype=np.float64)
+        columns.eliminate_zeros()
+        gene = np.repeat(np.arange(columns.shape[1]), np.diff(columns.indptr))
+        values = columns.data[np.lexsort((columns.data, gene))]
+        return cls(columns.shape[0], columns.shape[0] - np.diff(columns.indptr), columns.indptr, values)
+
+    def quantiles(self, ranks: np.ndarray) -> np.ndarray:
+        """The counts at these positions in [0, 1] (cells x genes) of each gene's distribution."""
+        position = np.minimum((ranks * self.n_cells).astype(np.int64), self.n_cells - 1)
+        gene = np.broadcast_to(np.arange(ranks.shape[1]), ranks.shape)
+        nonzero = position >= self.zeros
+        counts = np.zeros(ranks.shape, dtype=np.int32)
+        counts[nonzero] = self.values[self.indptr[gene[nonzero]] + position[nonzero] - self.zeros[gene[nonzero]]]
+        return counts
+
+
+def count_chunks(store: ad.AnnData, rows: np.ndarray, chunk_size: int = 4096
+                 ) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+    """The counts of the store's cells ``rows`` (ascending) with their cell-type codes, a chunk at a time."""
     codes = store.obs["cell_type"].cat.codes.to_numpy()
     scale, scaling = store.var["scale"].to_numpy(), store.uns["image"]["scaling"]
     totals = store.obs["total_counts"].to_numpy()
-    sums, squares = np.zeros((len(cell_types), store.n_vars)), np.zeros((len(cell_types), store.n_vars))
     for start in range(0, len(rows), chunk_size):
         chunk = rows[start:start + chunk_size]
-        counts = unscale_counts(sp.csr_matrix(store.X[chunk]), scale, scaling, totals[chunk])
-        membership = sp.csr_matrix((np.ones(len(chunk)), (codes[chunk], np.arange(len(chunk)))),
-                                   shape=(len(cell_types), len(chunk)))
+        yield codes[chunk], unscale_counts(sp.csr_matrix(store.X[chunk]), scale, scaling, totals[chunk])
+
+
+def gene_moments_by_type(store: ad.AnnData, rows: np.ndarray, chunk_size: int = 4096
+                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each cell type's per-gene mean and variance of the counts of its cells among ``rows`` (ascending)."""
+    cell_types = store.obs["cell_type"].cat.categories
+    sums, squares = np.zeros((len(cell_types), store.n_vars)), np.zeros((len(cell_types), store.n_vars))
+    for codes, counts in count_chunks(store, rows, chunk_size):
+        membership = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))),
+                                   shape=(len(cell_types), len(codes)))
         sums += (membership @ counts).toarray()
         squares += (membership @ counts.multiply(counts)).toarray()
-    n_cells = np.maximum(np.bincount(codes[rows], minlength=len(cell_types)), 1)[:, np.newaxis]
+    n_cells = np.maximum(np.bincount(store.obs["cell_type"].cat.codes.to_numpy()[rows],
+                                     minlength=len(cell_types)), 1)[:, np.newaxis]
     means = sums / n_cells
     return {name: (mean, np.maximum(square / n - mean**2, 0.0))
             for name, mean, square, n in zip(cell_types, means, squares, n_cells)}
+
+
+def rank_matched(counts: sp.csr_matrix, training: SortedColumns, rng: np.random.Generator) -> sp.csr_matrix:
+    """Each gene's counts over these cells replaced by the training counts at the same rank (ties in random order):
+    the genes keep the training cells' distribution, the cells keep the model's order within each gene."""
+    dense = counts.toarray()
+    # A random fraction below one breaks ties between equal counts and keeps every other order.
+    order = np.argsort(dense + rng.random(dense.shape) * 0.5, axis=0)
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(len(dense))[:, np.newaxis], axis=0)
+    return sp.csr_matrix(training.quantiles((ranks + 0.5) / len(dense)))
+
+
+def sorted_counts_by_type(store: ad.AnnData, rows: np.ndarray, chunk_size: int = 4096) -> dict[str, SortedColumns]:
+    """Each cell type's counts of its cells among ``rows`` (ascending), sorted gene by gene."""
+    parts = {}
+    for codes, counts in count_chunks(store, rows, chunk_size):
+        counts.data = np.rint(counts.data)  # unscaled counts are integers up to floating-point error
+        for code in np.unique(codes):
+            parts.setdefault(code, []).append(counts[codes == code])
+    return {store.obs["cell_type"].cat.categories[code]: SortedColumns.of(sp.vstack(blocks))
+            for code, blocks in parts.items()}
 
 
 def encode_cells(encoder, values, rows: np.ndarray, labels: np.ndarray, pixel: np.ndarray, side: int,
