@@ -186,7 +186,7 @@ def simulation_row(batch_size: int, calibration: str) -> str:
 
 
 def measure(name: str, n_cells: int, store_path: Path, batch_size: int = 0, epochs: int = 1, workers: int = 2,
-            calibration: str = "type_quantiles") -> dict:
+            calibration: str = "type_moments") -> dict:
     child = subprocess.run([sys.executable, __file__, "--measure", name, "--n", str(n_cells), "--store", str(store_path),
                             "--batch-size", str(batch_size), "--epochs", str(epochs), "--workers", str(workers),
                             "--calibration", calibration],
@@ -209,8 +209,8 @@ def main() -> None:
     parser.add_argument("--simulated-cells", type=int, default=22_000)
     parser.add_argument("--simulate-batch-sizes", type=int, nargs="+", default=[256],
                         help="the first is the ratios' (default 256, the simulate rule's)")
-    parser.add_argument("--calibrations", choices=CALIBRATIONS, nargs="+", default=["type_quantiles"],
-                        help="the workflow's simulation rows (default type_quantiles, the simulate rule's)")
+    parser.add_argument("--calibrations", choices=CALIBRATIONS, nargs="+", default=["type_moments"],
+                        help="the workflow's simulation rows (default type_moments, the simulate rule's)")
     parser.add_argument("--original-simulated-cells", type=int, default=200)
     parser.add_argument("--decode-cells", type=int, default=0, help="cells for the decoder-alone row (0: no row)")
     parser.add_argument("--decode-batch-size", type=int, default=4096)

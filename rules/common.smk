@@ -51,7 +51,7 @@ def check_setting_combinations():
         raise ValueError(
             f"config: simulate.calibration 'type_moments' draws its own negative binomial in place of "
             f"simulate.count_sampling 'poisson' (it is {config['simulate']['count_sampling']!r}); "
-            f"set simulate.calibration: type_quantiles (the default) or type_means to keep that count sampling"
+            f"set simulate.calibration: type_means or type_quantiles to keep that count sampling"
         )
 
 

@@ -47,11 +47,11 @@ def test_h5ad_is_written_batch_by_batch_and_matches_in_memory_simulation(trained
     store = ad.read_h5ad(trained / "images.h5ad", backed="r")
     plan = dict.fromkeys(store.obs["cell_type"].cat.categories, per_type)
     expected = simulate(load_model(str(trained / "cvae.keras")), store, plan, seed=3, batch_size=batch_size,
-                        latent="posterior", calibration="type_quantiles", library_sizes="paired")
+                        latent="posterior", calibration="type_moments", library_sizes="paired")
     assert (written.X != expected.X).nnz == 0
     assert list(written.obs_names) == list(expected.obs_names)
     assert written.uns["simulation"]["seed"] == 3
-    assert written.uns["simulation"]["calibration"] == "type_quantiles"
+    assert written.uns["simulation"]["calibration"] == "type_moments"
     assert written.uns["simulation"]["library_sizes"] == "paired"
 
 

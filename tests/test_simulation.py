@@ -336,9 +336,9 @@ def test_type_moment_calibration_tops_up_the_variance_of_each_gene(store):
     assert lower_quartiles["type_means"] < 0.75 and lower_quartiles["type_moments"] > 0.9
     with pytest.raises(ValueError, match="cannot be combined with 'round' count sampling"):
         Simulator(model, store, count_sampling="round", calibration="type_moments")
-    # Unset (the CLI's default): type quantiles, whatever the count sampling.
-    assert Simulator(model, store, calibration=None).calibration == "type_quantiles"
-    assert Simulator(model, store, count_sampling="round", calibration=None).calibration == "type_quantiles"
+    # Unset (the CLI's default): type moments where the draws are Poisson, type means otherwise.
+    assert Simulator(model, store, calibration=None).calibration == "type_moments"
+    assert Simulator(model, store, count_sampling="round", calibration=None).calibration == "type_means"
 
 
 def test_sorted_columns_give_the_count_at_each_rank_of_each_gene():

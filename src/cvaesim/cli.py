@@ -129,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
                               "training cells'; type_moments: that, and a negative-binomial draw for each gene that "
                               "would vary less than in its training cells; type_quantiles: each gene's counts in a "
                               "batch replaced by the type's training counts at the same rank (see the README); "
-                              "default: type_quantiles")
+                              "default: type_moments with Poisson count sampling, else type_means")
     command.add_argument("--posteriors", type=Path,
                          help="the training cells' posteriors from the train rule (default: posteriors.npz beside "
                               "the model, when there; without them, drawn training cells are encoded here)")

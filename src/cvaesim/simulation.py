@@ -55,7 +55,7 @@ class Simulator:
     around the decoded profiles as they are, then, in each batch and gene, gives the cells the
     type's training counts at the ranks their drawn counts hold among the batch's (see
     :func:`rank_matched`): each gene keeps its training distribution, the model decides which cells
-    are high and which low. ``None``: ``type_quantiles``, the workflow's default.
+    are high and which low. ``None``: ``type_moments`` with Poisson sampling, else ``type_means``.
     """
 
     def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 256,
@@ -64,8 +64,8 @@ class Simulator:
         loss = getattr(model, "reconstruction_loss", "mse")
         if count_sampling is None:  # the model's own likelihood
             count_sampling = "negative_binomial" if loss == "negative_binomial" else "poisson"
-        if calibration is None:  # the workflow's default
-            calibration = "type_quantiles"
+        if calibration is None:  # the workflow's choice where it applies: its extra variance replaces Poisson draws
+            calibration = "type_moments" if count_sampling == "poisson" else "type_means"
         if count_sampling not in COUNT_SAMPLING:
             raise ValueError(f"unknown count sampling {count_sampling!r}; choose one of {COUNT_SAMPLING}")
         if library_sizes not in LIBRARY_SIZES:
@@ -330,7 +330,7 @@ class SortedColumns:
         columns = sp.csc_matrix(counts, dtype=np.float64)
         columns.eliminate_zeros()
         gene = np.repeat(np.arange(columns.shape[1]), np.diff(columns.indptr))
-        values = columns.data[np.lexsort((columns.data, gene))]
+        values = columns.data[np.lexsort((columns.data, gene))].astype(np.int32)  # counts: integers
         return cls(columns.shape[0], columns.shape[0] - np.diff(columns.indptr), columns.indptr, values)
 
     def quantiles(self, ranks: np.ndarray) -> np.ndarray:
