@@ -128,6 +128,9 @@ def test_annotation_errors_name_the_file_and_columns(tmp_path):
     zipped.write_bytes(gzip.compress(csv.read_bytes()))
     for table in (semicolons, zipped):
         assert read_annotation(table, "barcodes", "celltype").equals(labels)
+    padded = tmp_path / "padded.csv"  # as spreadsheets export them: spaces after commas, a byte-order mark, CRLF
+    padded.write_bytes("\ufeffbarcodes, celltype\r\nA-1 , T cell\r\nB-1,\r\n".encode())
+    assert read_annotation(padded, "barcodes", "celltype").index.tolist() == ["A-1", "B-1"]
     zipped.write_bytes(gzip.compress(csv.read_bytes())[:20])
     with pytest.raises(InputError, match="zipped.tsv: could not be read as a table"):
         read_annotation(zipped, "barcodes", "celltype")

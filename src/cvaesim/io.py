@@ -356,11 +356,14 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
                             compression="gzip" if gzipped else None)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError, EOFError) as error:
         raise InputError(f"{path}: could not be read as a table ({error})") from error
+    # Spreadsheets and hand-edited tables pad names and cells ("barcodes, celltype"; "AAAC-1 ").
+    table.columns = table.columns.str.strip()
     missing = [column for column in (barcode_column, label_column) if column not in table.columns]
     if missing:
         raise InputError(
             f"{path}: no column {', '.join(map(repr, missing))}; the columns are {', '.join(map(repr, table.columns))}"
         )
+    table[barcode_column] = table[barcode_column].str.strip()
     duplicated = table[barcode_column][table[barcode_column].duplicated()]
     if len(duplicated):
         raise InputError(
