@@ -328,18 +328,19 @@ class SortedColumns:
     @classmethod
     def of(cls, counts: sp.spmatrix) -> SortedColumns:
         columns = sp.csc_matrix(counts, dtype=np.float64)
+        columns.data = np.rint(columns.data)  # unscaled counts are integers up to floating-point error
         columns.eliminate_zeros()
         gene = np.repeat(np.arange(columns.shape[1]), np.diff(columns.indptr))
-        values = columns.data[np.lexsort((columns.data, gene))].astype(np.int32)  # counts: integers
+        values = columns.data[np.lexsort((columns.data, gene))].astype(np.int32)
         return cls(columns.shape[0], columns.shape[0] - np.diff(columns.indptr), columns.indptr, values)
 
     def quantiles(self, ranks: np.ndarray) -> np.ndarray:
         """The counts at these positions in [0, 1] (cells x genes) of each gene's distribution."""
         position = np.minimum((ranks * self.n_cells).astype(np.int64), self.n_cells - 1)
-        gene = np.broadcast_to(np.arange(ranks.shape[1]), ranks.shape)
         nonzero = position >= self.zeros
+        gene = np.broadcast_to(np.arange(ranks.shape[1]), ranks.shape)[nonzero]
         counts = np.zeros(ranks.shape, dtype=np.int32)
-        counts[nonzero] = self.values[self.indptr[gene[nonzero]] + position[nonzero] - self.zeros[gene[nonzero]]]
+        counts[nonzero] = self.values[self.indptr[gene] + position[nonzero] - self.zeros[gene]]
         return counts
 
 
@@ -359,13 +360,14 @@ def gene_moments_by_type(store: ad.AnnData, rows: np.ndarray, chunk_size: int = 
     """Each cell type's per-gene mean and variance of the counts of its cells among ``rows`` (ascending)."""
     cell_types = store.obs["cell_type"].cat.categories
     sums, squares = np.zeros((len(cell_types), store.n_vars)), np.zeros((len(cell_types), store.n_vars))
+    n_cells = np.zeros(len(cell_types))
     for codes, counts in count_chunks(store, rows, chunk_size):
         membership = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))),
                                    shape=(len(cell_types), len(codes)))
         sums += (membership @ counts).toarray()
         squares += (membership @ counts.multiply(counts)).toarray()
-    n_cells = np.maximum(np.bincount(store.obs["cell_type"].cat.codes.to_numpy()[rows],
-                                     minlength=len(cell_types)), 1)[:, np.newaxis]
+        n_cells += np.bincount(codes, minlength=len(cell_types))
+    n_cells = np.maximum(n_cells, 1)[:, np.newaxis]
     means = sums / n_cells
     return {name: (mean, np.maximum(square / n - mean**2, 0.0))
             for name, mean, square, n in zip(cell_types, means, squares, n_cells)}
@@ -386,7 +388,6 @@ def sorted_counts_by_type(store: ad.AnnData, rows: np.ndarray, chunk_size: int =
     """Each cell type's counts of its cells among ``rows`` (ascending), sorted gene by gene."""
     parts = {}
     for codes, counts in count_chunks(store, rows, chunk_size):
-        counts.data = np.rint(counts.data)  # unscaled counts are integers up to floating-point error
         for code in np.unique(codes):
             parts.setdefault(code, []).append(counts[codes == code])
     return {store.obs["cell_type"].cat.categories[code]: SortedColumns.of(sp.vstack(blocks))
