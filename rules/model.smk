@@ -78,6 +78,7 @@ rule simulate:
         library_sizes=config["simulate"]["library_sizes"],
         latent=config["simulate"]["latent"],
         calibration=config["simulate"]["calibration"],
+        origins=config["simulate"]["origins"],
         write_table=config["simulate"]["write_table"],
         seed=config["seed"],
     script:

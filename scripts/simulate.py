@@ -15,6 +15,7 @@ simulate(
     library_sizes=snakemake.params.library_sizes,
     latent=snakemake.params.latent,
     calibration=snakemake.params.calibration,
+    origins=snakemake.params.origins,
     write_table=snakemake.params.write_table,
     posteriors=snakemake.input.posteriors,
 )

@@ -53,6 +53,13 @@ def test_h5ad_is_written_batch_by_batch_and_matches_in_memory_simulation(trained
     assert written.uns["simulation"]["seed"] == 3
     assert written.uns["simulation"]["calibration"] == "type_moments"
     assert written.uns["simulation"]["library_sizes"] == "paired"
+    assert written.uns["simulation"]["origins"] == "balanced"
+    independent = tmp_path / "independent.h5ad"
+    assert run(trained, "--output", str(independent), "--cells-per-type", str(per_type), "--batch-size",
+               str(batch_size), "--seed", "3", "--origins", "independent") == 0
+    expected = simulate(load_model(str(trained / "cvae.keras")), store, plan, seed=3, batch_size=batch_size,
+                        latent="posterior", calibration="type_moments", library_sizes="paired", origins="independent")
+    assert (ad.read_h5ad(independent).X != expected.X).nnz == 0
 
 
 def test_prior_draws_resample_library_sizes_unless_told_otherwise(trained, tmp_path, capsys):

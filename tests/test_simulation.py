@@ -219,6 +219,45 @@ def test_paired_libraries_are_those_of_the_training_cells_whose_posteriors_gave_
     assert not np.array_equal(resampled, totals)
 
 
+def origins_of(simulator: Simulator, cells_per_type: dict[str, int]) -> np.ndarray:
+    """The training cells whose posteriors gave the latents of the simulated cells, in order."""
+    origins, draw_latent = [], simulator.draw_latent
+
+    def recording(*arguments):
+        latent, rows = draw_latent(*arguments)
+        origins.append(rows)
+        return latent, rows
+
+    simulator.draw_latent = recording
+    list(simulator.batches(cells_per_type, seed=3))
+    return np.concatenate(origins)
+
+
+def test_balanced_origins_use_each_training_cell_once_before_any_twice(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    with pytest.raises(ValueError, match="unknown origins 'twice'"):
+        Simulator(model, store, latent="posterior", origins="twice")
+    cell_type, other = AWKWARD_TYPES[0], AWKWARD_TYPES[2]
+    balanced = Simulator(model, store, batch_size=7, latent="posterior")  # balanced by default
+    members = balanced.training_rows[cell_type]
+    n_training = len(members)
+    assert n_training > 14  # several batches of 7
+    # Fewer cells than training cells, over several batches: no posterior twice.
+    fewer = origins_of(balanced, {cell_type: n_training - 1, other: 0})
+    assert len(fewer) == len(set(fewer)) == n_training - 1 and set(fewer) <= set(members)
+    # Two and a half times as many: every training cell gives two or three cells.
+    many = origins_of(Simulator(model, store, batch_size=7, latent="posterior"), {cell_type: 5 * n_training // 2})
+    uses = pd.Series(many).value_counts()
+    assert set(uses.index) == set(members) and set(uses) == {2, 3} and (uses == 3).sum() == n_training // 2
+    # Independent draws repeat training cells long before all are used.
+    independent = origins_of(Simulator(model, store, batch_size=7, latent="posterior", origins="independent"),
+                             {cell_type: n_training})
+    assert len(set(independent)) < n_training
+    assert simulate(model, store, {cell_type: 3}, seed=0, latent="posterior").uns["simulation"]["origins"] == \
+        "balanced"
+
+
 def test_posterior_draws_encode_each_training_cell_once(store):
     model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
                                reconstruction_loss="multinomial", n_genes=store.n_vars)

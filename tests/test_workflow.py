@@ -76,7 +76,8 @@ def test_saved_model_reloads_and_resimulates_identically(workdir):
                      dict.fromkeys(cell_types, CELLS_PER_TYPE), config["seed"],
                      config["simulate"]["batch_size"], config["simulate"]["count_sampling"],
                      config["simulate"]["library_sizes"], config["simulate"]["latent"],
-                     Posteriors.load(results / "model" / "posteriors.npz"), config["simulate"]["calibration"])
+                     Posteriors.load(results / "model" / "posteriors.npz"), config["simulate"]["calibration"],
+                     config["simulate"]["origins"])
     saved = ad.read_h5ad(results / "simulated" / "simulated.h5ad")
     assert (again.X != saved.X).nnz == 0
 

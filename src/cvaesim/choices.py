@@ -4,3 +4,4 @@
 LIBRARY_SIZES = ("resampled", "paired", "decoded")
 LATENT_DRAWS = ("prior", "posterior")
 CALIBRATIONS = ("none", "type_means", "type_moments", "type_quantiles")
+ORIGINS = ("balanced", "independent")

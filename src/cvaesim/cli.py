@@ -14,7 +14,7 @@ from pathlib import Path
 import anndata as ad
 
 from . import InputError
-from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES
+from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
 from .counts import COUNT_SAMPLING
 
 log = logging.getLogger("cvaesim")
@@ -76,7 +76,7 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     meta = ad.read_h5ad(arguments.store, backed="r")
     library_sizes = arguments.library_sizes or ("paired" if arguments.latent == "posterior" else "resampled")
     simulator = Simulator(load_model(str(arguments.model)), meta, arguments.batch_size, arguments.count_sampling,
-                          library_sizes, arguments.latent, posteriors, arguments.calibration)
+                          library_sizes, arguments.latent, posteriors, arguments.calibration, arguments.origins)
     real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
     plan = plan_cells(simulator.cell_types, real_counts, arguments.cells_per_type, arguments.cells,
@@ -124,6 +124,9 @@ def parser() -> argparse.ArgumentParser:
                               "training cell its latent came from), resampled with prior draws")
     command.add_argument("--latent", choices=LATENT_DRAWS, default="posterior",
                          help="z from N(0, I), or from the posterior of a random training cell of the type")
+    command.add_argument("--origins", choices=ORIGINS, default="balanced",
+                         help="with posterior draws, which training cells' posteriors: balanced (each training cell "
+                              "of the type once before any twice; default) or independent (at random, with repeats)")
     command.add_argument("--calibration", choices=CALIBRATIONS,
                          help="type_means: scale each gene so that every type's mean expression matches its "
                               "training cells'; type_moments: that, and a negative-binomial draw for each gene that "

@@ -15,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import InputError
-from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES
+from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
 from .counts import COUNT_SAMPLING, draw_counts
 from .images import from_images, to_images, unscale, unscale_counts
 from .model import COUNT_LOSSES, ConditionalConvVAE
@@ -37,7 +37,10 @@ class Simulator:
     ``'posterior'`` encodes a random training cell of the type and draws z from its
     posterior N(mean, var), which keeps z where the decoder was trained; with ``posteriors``
     (see :class:`Posteriors`, or the path of its file; used by posterior draws only) no cell is
-    encoded here, otherwise each drawn cell is, once. With
+    encoded here, otherwise each drawn cell is, once. ``origins='balanced'`` picks the training
+    cells whose posteriors give a type's latents as random permutations of them, each cell once
+    before any twice, so that no two simulated cells share a posterior while the type has training
+    cells left; ``'independent'`` picks each at random, with repeats. With
     ``library_sizes='resampled'`` each cell's expected counts are rescaled to the library
     size of a random training cell of its type; ``'paired'`` (posterior draws only) to the library
     size of the training cell whose posterior gave its latent, so that depth stays with the cell
@@ -60,7 +63,8 @@ class Simulator:
 
     def __init__(self, model: ConditionalConvVAE, store_meta: ad.AnnData, batch_size: int = 256,
                  count_sampling: str | None = None, library_sizes: str = "resampled", latent: str = "prior",
-                 posteriors: Posteriors | str | Path | None = None, calibration: str | None = "none"):
+                 posteriors: Posteriors | str | Path | None = None, calibration: str | None = "none",
+                 origins: str = "balanced"):
         loss = getattr(model, "reconstruction_loss", "mse")
         if count_sampling is None:  # the model's own likelihood
             count_sampling = "negative_binomial" if loss == "negative_binomial" else "poisson"
@@ -77,6 +81,8 @@ class Simulator:
                              "they need posterior latent draws")
         if calibration not in CALIBRATIONS:
             raise ValueError(f"unknown calibration {calibration!r}; choose one of {CALIBRATIONS}")
+        if origins not in ORIGINS:
+            raise ValueError(f"unknown origins {origins!r}; choose one of {ORIGINS}")
         if calibration == "type_moments" and count_sampling != "poisson":
             raise ValueError(f"calibration 'type_moments' sets its own negative-binomial draw around Poisson "
                              f"sampling; it cannot be combined with {count_sampling!r} count sampling")
@@ -96,6 +102,7 @@ class Simulator:
         self.count_sampling = count_sampling
         self.library_sizes = library_sizes
         self.calibration = calibration
+        self.origins = origins
         self.cell_types = list(store_meta.obs["cell_type"].cat.categories)
         self.saved_share_moments = None  # the decoded cells' share moments saved with the posteriors
         self.pixel = store_meta.var["pixel"].to_numpy()
@@ -169,8 +176,16 @@ class Simulator:
         plan = [(cell_type, n_cells // n_batches + (batch < n_cells % n_batches))
                 for cell_type, n_cells in cells_per_type.items()
                 for n_batches in [math.ceil(n_cells / self.batch_size)] for batch in range(n_batches)]
-        # One more stream for the calibration: the others stay those of an uncalibrated run.
-        *streams, calibration_stream = np.random.SeedSequence(seed).spawn(len(plan) + 1)
+        # One more stream for the calibration and one for the origins: the batches' own streams stay those of a
+        # run without them.
+        *streams, calibration_stream, origins_stream = np.random.SeedSequence(seed).spawn(len(plan) + 2)
+        origins = {}
+        if self.latent == "posterior" and self.origins == "balanced":
+            # Drawn for all of a type's cells at once, so that its batches do not repeat each other's.
+            origins_rng = np.random.default_rng(origins_stream)
+            origins = {name: balanced_draws(self.training_rows[name], n, origins_rng)
+                       for name, n in cells_per_type.items() if n > 0}
+        used = dict.fromkeys(cells_per_type, 0)
         calibrations = {}
         if self.calibration in ("type_means", "type_moments"):
             moments = self.saved_share_moments or self.share_moments(list(cells_per_type),
@@ -181,7 +196,9 @@ class Simulator:
             for (cell_type, n), stream in zip(plan, streams):
                 rng = np.random.default_rng(stream)
                 calibration = calibrations.get(cell_type)
-                expected = decoding.submit(self.expected_profiles, cell_type, n, rng, calibration)
+                rows = origins[cell_type][used[cell_type]:used[cell_type] + n] if origins else None
+                used[cell_type] += n
+                expected = decoding.submit(self.expected_profiles, cell_type, n, rng, calibration, rows)
                 if pending is not None:
                     yield self.draw_cells(*pending)
                 pending = expected, cell_type, rng, calibration
@@ -189,12 +206,14 @@ class Simulator:
                 yield self.draw_cells(*pending)
         log.info("simulated %s", ", ".join(f"{n} cells of {name}" for name, n in cells_per_type.items()))
 
-    def decode(self, cell_type: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    def decode(self, cell_type: str, n: int, rng: np.random.Generator, origins: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
         """Expression profiles of ``n`` cells of the type, in the genes' order (rows need not sum to one),
-        and the training cells (rows of the training split) whose posteriors gave their latents (prior: None)."""
+        and the training cells (rows of the training split) whose posteriors gave their latents (prior: None):
+        ``origins`` where given, else drawn at random."""
         labels = np.broadcast_to(np.eye(len(self.cell_types), dtype=np.float32)[self.cell_types.index(cell_type)],
                                  (n, len(self.cell_types)))
-        latent, origins = self.draw_latent(cell_type, labels, rng)
+        latent, origins = self.draw_latent(cell_type, labels, rng, origins)
         decoded = from_images(np.asarray(self.model.decoder.predict_on_batch([latent, labels])), self.pixel)
         if self.proportions:
             # Softmax without the division: draw_counts normalises each row itself.
@@ -202,9 +221,10 @@ class Simulator:
         return np.maximum(unscale(decoded.astype(np.float64), self.scale, self.scaling), 0.0), origins
 
     def expected_profiles(self, cell_type: str, n: int, rng: np.random.Generator,
-                          calibration: Calibration | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          calibration: Calibration | None = None, origins: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
         """Decoded (and calibrated) profiles of ``n`` cells with their library sizes."""
-        profiles, origins = self.decode(cell_type, n, rng)
+        profiles, origins = self.decode(cell_type, n, rng, origins)
         if self.library_sizes == "resampled":
             totals = rng.choice(self.training_libraries[cell_type], size=len(profiles))
         elif self.library_sizes == "paired":
@@ -269,14 +289,15 @@ class Simulator:
                  CALIBRATION_CELLS, " (saved with the posteriors)" if self.saved_share_moments else "")
         return calibrations
 
-    def draw_latent(self, cell_type: str, labels: np.ndarray, rng: np.random.Generator
-                    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Latent draws, with the training cells whose posteriors they came from (prior draws: None)."""
+    def draw_latent(self, cell_type: str, labels: np.ndarray, rng: np.random.Generator,
+                    origins: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Latent draws, with the training cells whose posteriors they came from (``origins``, else drawn at
+        random; prior draws: None)."""
         n = len(labels)
         epsilon = rng.standard_normal((n, self.model.latent_dim))
         if self.latent == "prior":
             return epsilon.astype(np.float32), None
-        rows = rng.choice(self.training_rows[cell_type], size=n)
+        rows = rng.choice(self.training_rows[cell_type], size=n) if origins is None else origins
         self.encode(np.unique(rows[~self.is_encoded[rows]]), labels[0])
         z_mean, z_log_var = self.z_mean[rows].astype(np.float64), self.z_log_var[rows].astype(np.float64)
         return (z_mean + np.exp(0.5 * z_log_var) * epsilon).astype(np.float32), rows
@@ -304,8 +325,11 @@ class Simulator:
         return simulated
 
     def settings(self, seed: int) -> dict:
-        return {"seed": seed, "count_sampling": self.count_sampling, "library_sizes": self.library_sizes,
-                "latent": self.latent, "calibration": self.calibration}
+        settings = {"seed": seed, "count_sampling": self.count_sampling, "library_sizes": self.library_sizes,
+                    "latent": self.latent, "calibration": self.calibration}
+        if self.latent == "posterior":
+            settings["origins"] = self.origins
+        return settings
 
 
 @dataclass(frozen=True)
@@ -342,6 +366,11 @@ class SortedColumns:
         counts = np.zeros(ranks.shape, dtype=np.int32)
         counts[nonzero] = self.values[self.indptr[gene] + position[nonzero] - self.zeros[gene]]
         return counts
+
+
+def balanced_draws(members: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` of ``members``, each once before any twice: random permutations of them, the last cut short."""
+    return np.concatenate([rng.permutation(members) for _ in range(math.ceil(n / len(members)))])[:n]
 
 
 def count_chunks(store: ad.AnnData, rows: np.ndarray, chunk_size: int = 4096
@@ -494,7 +523,8 @@ def simulate(
     latent: str = "prior",
     posteriors: Posteriors | str | Path | None = None,
     calibration: str | None = "none",
+    origins: str = "balanced",
 ) -> ad.AnnData:
     """All requested cells in memory, as one AnnData (see :class:`Simulator`)."""
     return Simulator(model, store_meta, batch_size, count_sampling, library_sizes, latent, posteriors,
-                     calibration).to_anndata(cells_per_type, seed)
+                     calibration, origins).to_anndata(cells_per_type, seed)

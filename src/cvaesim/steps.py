@@ -107,7 +107,7 @@ def load_model(path: str):
 def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed: int,
              batch_size: int, count_sampling: str, library_sizes: str, latent: str = "prior",
              posteriors: str | None = None, calibration: str = "none", write_table: bool = False,
-             cells: int | None = None) -> None:
+             cells: int | None = None, origins: str = "balanced") -> None:
     """``cells_per_type`` cells of every cell type the model knows, or ``cells`` in all split across
     the types as the real cells are, as a sparse ``.h5ad``.
 
@@ -119,7 +119,7 @@ def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed
 
     meta = ad.read_h5ad(store, backed="r")
     simulator = Simulator(load_model(model_path), meta, batch_size, count_sampling, library_sizes, latent, posteriors,
-                          calibration)
+                          calibration, origins)
     real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
     if cells is None:
