@@ -80,7 +80,7 @@ def main() -> None:
         plan = dict.fromkeys(reduced_store.obs["cell_type"].cat.categories, simulation["cells_per_type"])
         simulated = simulate(model, reduced_store, plan, arguments.seed, simulation["batch_size"],
                              simulation["count_sampling"], simulation["library_sizes"], simulation["latent"],
-                             posteriors, simulation["calibration"])
+                             posteriors, simulation["calibration"], simulation["origins"])
     is_test = (store.obs["split"] == "test").to_numpy()
     reduced = f" ({arguments.cell_type}: {arguments.keep})"
     scores = {

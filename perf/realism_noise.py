@@ -84,7 +84,8 @@ def main() -> None:
             started = time.perf_counter()
             simulate(str(run / "model" / "cvae.keras"), str(run / "images" / "images.h5ad"), str(output),
                      cells_per_type, seed, 256, simulation["count_sampling"], simulation["library_sizes"],
-                     simulation["latent"], str(run / "model" / "posteriors.npz"), simulation["calibration"])
+                     simulation["latent"], str(run / "model" / "posteriors.npz"), simulation["calibration"],
+                     origins=simulation.get("origins", "independent"))  # runs from before the key drew independently
             simulated = ad.read_h5ad(output)
             plan = simulated.obs["cell_type"].astype(str).value_counts().to_dict()
             model_scores = score(real, is_test, simulated, settings)
