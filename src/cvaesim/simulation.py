@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 CALIBRATION_CELLS = 1024
 # type_quantiles ranks each gene's counts among a batch's cells: with fewer, the ranks say little (README).
 FEW_RANKED_CELLS = 10
+# The calibrations that rescale each gene to its type's training mean (from decoded share moments).
+MOMENT_CALIBRATIONS = ("type_means", "type_moments")
 
 
 class Simulator:
@@ -118,7 +120,7 @@ class Simulator:
         self.training_libraries = {
             name: group["total_counts"].to_numpy() for name, group in training.groupby("cell_type", observed=True)
         }
-        if calibration in ("type_means", "type_moments"):
+        if calibration in MOMENT_CALIBRATIONS:
             self.training_moments = gene_moments_by_type(store_meta, np.flatnonzero(is_training))
         if calibration == "type_quantiles":
             self.training_counts = sorted_counts_by_type(store_meta, np.flatnonzero(is_training))
@@ -171,11 +173,10 @@ class Simulator:
                 log.warning("type_quantiles ranks each gene's counts among the cells of a type simulated together; "
                             "with fewer than %d (%s) the model's structure is mostly lost and the genes' counts are "
                             "close to independent draws from the training cells", FEW_RANKED_CELLS, ", ".join(few))
-        # A type's cells in batches of about equal size: no small last batch, whose cells type_quantiles would
-        # rank among too few others.
-        plan = [(cell_type, n_cells // n_batches + (batch < n_cells % n_batches))
-                for cell_type, n_cells in cells_per_type.items()
-                for n_batches in [math.ceil(n_cells / self.batch_size)] for batch in range(n_batches)]
+        # A type's cells (by their index among the type's) in batches of about equal size: no small last batch,
+        # whose cells type_quantiles would rank among too few others.
+        plan = [(cell_type, cells) for cell_type, n_cells in cells_per_type.items() if n_cells > 0
+                for cells in np.array_split(np.arange(n_cells), math.ceil(n_cells / self.batch_size))]
         # One more stream for the calibration and one for the origins: the batches' own streams stay those of a
         # run without them.
         *streams, calibration_stream, origins_stream = np.random.SeedSequence(seed).spawn(len(plan) + 2)
@@ -185,20 +186,18 @@ class Simulator:
             origins_rng = np.random.default_rng(origins_stream)
             origins = {name: balanced_draws(self.training_rows[name], n, origins_rng)
                        for name, n in cells_per_type.items() if n > 0}
-        used = dict.fromkeys(cells_per_type, 0)
         calibrations = {}
-        if self.calibration in ("type_means", "type_moments"):
+        if self.calibration in MOMENT_CALIBRATIONS:
             moments = self.saved_share_moments or self.share_moments(list(cells_per_type),
                                                                      np.random.default_rng(calibration_stream))
             calibrations = self.calibrate({name: moments[name] for name in cells_per_type})
         pending = None
         with ThreadPoolExecutor(max_workers=1) as decoding:
-            for (cell_type, n), stream in zip(plan, streams):
+            for (cell_type, cells), stream in zip(plan, streams):
                 rng = np.random.default_rng(stream)
                 calibration = calibrations.get(cell_type)
-                rows = origins[cell_type][used[cell_type]:used[cell_type] + n] if origins else None
-                used[cell_type] += n
-                expected = decoding.submit(self.expected_profiles, cell_type, n, rng, calibration, rows)
+                rows = origins[cell_type][cells] if origins else None
+                expected = decoding.submit(self.expected_profiles, cell_type, len(cells), rng, calibration, rows)
                 if pending is not None:
                     yield self.draw_cells(*pending)
                 pending = expected, cell_type, rng, calibration
