@@ -116,6 +116,16 @@ def source_entry(wildcards):
     return dataset(wildcards.dataset)[roles[wildcards.filename]]
 
 
+def zarr_hint(folder):
+    """An AnnData zarr store is a folder too: say how to make it the .h5ad the workflow reads."""
+    if not any((Path(folder) / marker).exists() for marker in (".zgroup", "zarr.json")):
+        return ""
+    return (
+        "; it is a zarr store: write it as an .h5ad with "
+        "anndata.read_zarr(store).write_h5ad(path) and give that file as the source"
+    )
+
+
 def check_local_sources(names):
     """Fail at start-up, not mid-run, when a local source file is missing."""
     for name in names:
@@ -135,6 +145,7 @@ def check_local_sources(names):
                 raise ValueError(
                     f"config: dataset {name}: {role} source {source} is a folder; only a "
                     f"10x_tarball matrix may be a folder (of matrix.mtx, barcodes, genes or features)"
+                    f"{zarr_hint(source)}"
                 )
             if not Path(source).is_file():
                 raise ValueError(

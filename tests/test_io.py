@@ -64,6 +64,19 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
         read_10x_tarball(h5)
     assert "format may be" in container_problem(EMBEDDED_H5AD, "matrix.tar.gz")
     assert "format may be 10x_tarball" in container_problem(tarball, "matrix.h5")
+    # Compressed whole, an .h5ad or .h5 is no format's file: the error says to decompress it, whichever format is set.
+    gzipped_h5ad = tmp_path / "cells.h5ad.gz"
+    gzipped_h5ad.write_bytes(gzip.compress(EMBEDDED_H5AD.read_bytes()))
+    for expected in ("matrix.h5ad", "matrix.h5", "matrix.tar.gz"):
+        assert container_problem(gzipped_h5ad, expected).endswith(
+            "; it is a gzip-compressed HDF5 file: decompress it (gunzip) and give the uncompressed file as the source")
+    with pytest.raises(InputError, match="it is a gzip-compressed HDF5 file: decompress it"):
+        read_h5ad_counts(gzipped_h5ad, "cell_type", None)
+    # A gzipped matrix.mtx is no tarball either.
+    gzipped_mtx = tmp_path / "matrix.mtx.gz"
+    gzipped_mtx.write_bytes(gzip.compress(b"%%MatrixMarket matrix coordinate integer general\n" + b"1 1 1\n" * 200))
+    assert container_problem(gzipped_mtx, "matrix.tar.gz").endswith(
+        "; it is gzip-compressed, but neither a tar archive nor an HDF5 file")
     # A file of no known format gets no guess.
     bogus = tmp_path / "page.h5ad"
     bogus.write_text("<html>Access denied</html>")

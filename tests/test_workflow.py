@@ -172,8 +172,10 @@ def test_a_cell_ranger_folder_is_a_source_and_other_folders_are_refused_before_a
             "from_folder": {"format": "10x_tarball", "matrix": {"source": "outs"},
                             "annotation": {"source": "outs.tsv"}, "label_column": "celltype"},
             "folder_as_h5ad": {"format": "h5ad", "matrix": {"source": "outs"}, "label_column": "celltype"},
+            "zarr_as_h5ad": {"format": "h5ad", "matrix": {"source": "cells.zarr"}, "label_column": "cell_type"},
         },
     })
+    cells.write_zarr(workdir / "cells.zarr")
     snakemake(workdir, "results/from_folder/filtered.h5ad", "--configfile", "config/config.yaml", overlay)
     filtered = ad.read_h5ad(workdir / "results" / "from_folder" / "filtered.h5ad")
     # Every cell, with every count (the filter drops only genes never detected).
@@ -183,6 +185,14 @@ def test_a_cell_ranger_folder_is_a_source_and_other_folders_are_refused_before_a
                        "--config", "dataset=folder_as_h5ad", check=False)
     assert result.returncode != 0
     assert ("dataset folder_as_h5ad: matrix source outs is a folder; only a 10x_tarball matrix may be a folder"
+            in result.stdout + result.stderr)
+    assert "zarr" not in result.stdout + result.stderr
+    # AnnData's other on-disk format is a folder too: the error says how to make it an .h5ad.
+    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay,
+                       "--config", "dataset=zarr_as_h5ad", check=False)
+    assert result.returncode != 0
+    assert ("matrix source cells.zarr is a folder; only a 10x_tarball matrix may be a folder (of matrix.mtx, barcodes, "
+            "genes or features); it is a zarr store: write it as an .h5ad with anndata.read_zarr(store)"
             in result.stdout + result.stderr)
 
 

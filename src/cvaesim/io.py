@@ -63,14 +63,29 @@ def tar_problem(error: Exception) -> str:
     return str(error).splitlines()[0].rstrip(":")
 
 
-def detected_format(path: str | Path) -> tuple[str, str] | None:
-    """(format, description) of a matrix file by its first bytes and HDF5 groups, or None when unknown."""
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def detected_format(path: str | Path) -> tuple[str | None, str] | None:
+    """(format, description) of a matrix file by its first bytes and HDF5 groups, or None when unknown;
+    the format is None for a file that no format takes as it is (a gzip-compressed HDF5 file)."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(8)
         if head[:2] == b"\x1f\x8b":
-            return "10x_tarball", "gzip-compressed, as a 10x tarball is"
-        if head == b"\x89HDF\r\n\x1a\n":
+            # What was compressed: a tar archive's header carries "ustar" at byte 257.
+            try:
+                with gzip.open(path, "rb") as inner:
+                    block = inner.read(512)
+            except (EOFError, gzip.BadGzipFile, zlib.error):
+                block = None  # cut off within its first block: a truncated download, most likely of a tarball
+            if block is not None and block.startswith(HDF5_SIGNATURE):
+                return None, ("a gzip-compressed HDF5 file: decompress it (gunzip) and give the uncompressed file "
+                              "as the source")
+            if block is None or block[257:262] == b"ustar":
+                return "10x_tarball", "gzip-compressed, as a 10x tarball is"
+            return None, "gzip-compressed, but neither a tar archive nor an HDF5 file"
+        if head == HDF5_SIGNATURE:
             with h5py.File(path, "r") as h5:
                 if "matrix" in h5:
                     return "10x_h5", "a 10x HDF5 matrix"
@@ -82,10 +97,13 @@ def detected_format(path: str | Path) -> tuple[str, str] | None:
 
 
 def format_hint(path: str | Path, expected: str) -> str:
-    """'; it is ..., so the dataset's format may be ...' where the file looks like another format, else ''."""
+    """'; it is ..., so the dataset's format may be ...' where the file looks like another format (or
+    '; it is ...' where it looks like none as it is), else ''."""
     detected = detected_format(path)
     if detected is None or detected[0] == expected:
         return ""
+    if detected[0] is None:
+        return f"; it is {detected[1]}"
     return f"; it is {detected[1]}, so the dataset's format may be {detected[0]}"
 
 
