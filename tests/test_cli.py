@@ -180,6 +180,23 @@ def test_bad_requests_are_clear_errors(trained, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_store_the_model_was_not_trained_on_is_refused_naming_it(trained, tmp_path, capsys):
+    cells = random_counts(60, 50, ["B", "T", "NK"], seed=3)
+    cells.obs["cell_type"] = pd.Categorical(cells.obs["cell_type"])
+    build_image_store(cells, None, "log1p_gene_max", 0.4, seed=0).write_h5ad(tmp_path / "other.h5ad")
+    cells.write_h5ad(tmp_path / "filtered.h5ad")
+    for store, problem in [
+        ("other.h5ad", "other.h5ad: image side 8, cell types 3, but the model was trained on a store with "
+                       "image side 8, cell types 4; give the images.h5ad it was trained on"),
+        ("filtered.h5ad", "filtered.h5ad: not an image store written by the reshape rule (no var['pixel'], "
+                          "var['scale'], obs['split'], obs['total_counts'], uns['image'])"),
+    ]:
+        assert main(["simulate", "--model", str(trained / "cvae.keras"), "--store", str(tmp_path / store),
+                     "--output", str(tmp_path / "x.h5ad")]) == 2
+        assert problem in capsys.readouterr().err
+    assert not (tmp_path / "x.h5ad").exists()
+
+
 def test_help_and_refused_requests_come_without_loading_tensorflow(tmp_path):
     # TensorFlow takes seconds to load; the command line loads it only to simulate.
     def run(arguments: list[str]) -> subprocess.CompletedProcess:

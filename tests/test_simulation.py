@@ -199,6 +199,15 @@ def test_multinomial_model_and_posterior_draws(store):
     assert (totals >= real.min() - store.n_vars / 2).all() and (totals <= real.max() + store.n_vars / 2).all()
 
 
+def test_a_count_model_refuses_a_store_of_other_genes(store):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0, reconstruction_loss="multinomial",
+                               n_genes=store.n_vars - 1)
+    with pytest.raises(InputError, match=f"the image store: image side 8, cell types 4, genes {store.n_vars}, but the "
+                                         f"model was trained on a store with image side 8, cell types 4, genes "
+                                         f"{store.n_vars - 1}; give the images.h5ad it was trained on"):
+        Simulator(model, store)
+
+
 def test_paired_libraries_are_those_of_the_training_cells_whose_posteriors_gave_the_latents(store):
     model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
                                reconstruction_loss="multinomial", n_genes=store.n_vars)

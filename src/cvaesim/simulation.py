@@ -67,6 +67,7 @@ class Simulator:
                  count_sampling: str | None = None, library_sizes: str = "resampled", latent: str = "prior",
                  posteriors: Posteriors | str | Path | None = None, calibration: str | None = "none",
                  origins: str = "balanced"):
+        check_store(store_meta, model)
         loss = getattr(model, "reconstruction_loss", "mse")
         if count_sampling is None:  # the model's own likelihood
             count_sampling = "negative_binomial" if loss == "negative_binomial" else "poisson"
@@ -365,6 +366,27 @@ class SortedColumns:
         counts = np.zeros(ranks.shape, dtype=np.int32)
         counts[nonzero] = self.values[self.indptr[gene] + position[nonzero] - self.zeros[gene]]
         return counts
+
+
+def check_store(store_meta: ad.AnnData, model: ConditionalConvVAE) -> None:
+    """Refuse, naming the file, a store that the reshape rule did not write or that belongs to another model."""
+    source = store_meta.filename or "the image store"
+    missing = ([f"var['{key}']" for key in ("pixel", "scale") if key not in store_meta.var]
+               + [f"obs['{key}']" for key in ("cell_type", "split", "total_counts") if key not in store_meta.obs]
+               + ([] if "image" in store_meta.uns else ["uns['image']"]))
+    if missing:
+        raise InputError(f"{source}: not an image store written by the reshape rule (no {', '.join(missing)}); "
+                         f"give the images.h5ad the model was trained on")
+    store = {"image side": int(store_meta.uns["image"]["side"]),
+             "cell types": len(store_meta.obs["cell_type"].cat.categories)}
+    trained = {"image side": model.image_side, "cell types": model.hyperparameters["n_cell_types"]}
+    if model.hyperparameters["n_genes"] is not None:  # an MSE model's image holds the genes without saying how many
+        store["genes"], trained["genes"] = store_meta.n_vars, model.hyperparameters["n_genes"]
+    if store != trained:
+        def described(sizes):
+            return ", ".join(f"{key} {value}" for key, value in sizes.items())
+        raise InputError(f"{source}: {described(store)}, but the model was trained on a store with "
+                         f"{described(trained)}; give the images.h5ad it was trained on")
 
 
 def balanced_draws(members: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
