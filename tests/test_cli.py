@@ -10,6 +10,7 @@ import pytest
 import scanpy as sc
 
 from cvaesim.cli import main, plan_cells
+from cvaesim.io import TENX_OUTPUT_FILES
 from cvaesim.images import build_image_store
 from cvaesim.model import ConditionalConvVAE
 from cvaesim.simulation import Posteriors, simulate
@@ -85,6 +86,34 @@ def test_10x_folder_reads_back_with_scanpy(trained, tmp_path):
     run(trained, "--output", str(h5ad), "--cell-type", f"{AWKWARD_TYPES[0]}=9", "--cell-type",
         f"{AWKWARD_TYPES[3]}=4", "--batch-size", "4")
     assert np.array_equal(read.X.toarray(), ad.read_h5ad(h5ad).X.toarray())
+
+
+def test_an_output_is_replaced_only_where_it_is_an_output_of_the_same_kind(trained, tmp_path, capsys):
+    tenx = tmp_path / "tenx"
+    matrices = []
+    for seed in ("1", "2"):  # a rerun into the same folder replaces it
+        assert run(trained, "--output", str(tenx), "--cells", "30", "--seed", seed) == 0
+        assert sorted(path.name for path in tenx.iterdir()) == sorted(TENX_OUTPUT_FILES)
+        matrices.append(sc.read_10x_mtx(tenx).X.toarray())
+    assert not np.array_equal(*matrices)
+    assert run(trained, "--output", str(tmp_path / "seed2.h5ad"), "--cells", "30", "--seed", "2") == 0
+    assert np.array_equal(matrices[1], ad.read_h5ad(tmp_path / "seed2.h5ad").X.toarray())
+    (tmp_path / "seed2.h5ad").unlink()
+    assert [path.name for path in tmp_path.iterdir()] == ["tenx"]
+    # Refused before simulating: a folder with files of the user's, a file as a 10x folder, a folder as a file.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "cells.h5ad").mkdir()
+    (tmp_path / "afile").write_text("keep")
+    for output, problem in [("mine", "mine: a folder holding other files than a 10x output's (notes.txt); give a new "
+                                     "or empty folder"),
+                            ("cells.h5ad", "cells.h5ad: is a folder; the h5ad output is a file"),
+                            ("afile", "afile: is a file; a 10x output is a folder")]:
+        assert run(trained, "--output", str(tmp_path / output), "--format",
+                   "h5ad" if output.endswith(".h5ad") else "10x") == 2
+        assert problem in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "afile").read_text() == "keep"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "cells.h5ad", "mine", "tenx"]
 
 
 def test_a_table_too_large_is_refused_before_simulating(trained, tmp_path, monkeypatch, capsys):

@@ -227,6 +227,22 @@ def test_atomic_output_leaves_nothing_when_the_writer_fails(tmp_path):
     assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_atomic_output_of_a_folder_replaces_the_old_one_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "cells_10x"
+    for content in ("first", "second"):
+        with atomic_output(target) as temporary:
+            temporary.mkdir()
+            (temporary / "matrix.mtx.gz").write_text(content)
+    assert (target / "matrix.mtx.gz").read_text() == "second" and list(tmp_path.iterdir()) == [target]
+    # A writer failing half-way through a folder: its own error, the old folder kept, no temporary left.
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_output(target) as temporary:
+            temporary.mkdir()
+            (temporary / "matrix.mtx.gz").write_text("half")
+            raise RuntimeError("interrupted")
+    assert (target / "matrix.mtx.gz").read_text() == "second" and list(tmp_path.iterdir()) == [target]
+
+
 @pytest.mark.parametrize("v3", [False, True])
 def test_10x_h5_reads_as_the_same_matrix_in_a_tarball(tmp_path, v3):
     cells = read_10x_tarball(EMBEDDED_TARBALL)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import anndata as ad
 from . import InputError
 from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
 from .counts import COUNT_SAMPLING
+from .io import TENX_OUTPUT_FILES
 
 log = logging.getLogger("cvaesim")
 
@@ -53,6 +55,22 @@ def output_format_of(output: Path) -> str:
     return FORMAT_OF_SUFFIX[output.suffix]
 
 
+def check_output(output: Path, output_format: str) -> None:
+    """Refuse, before simulating, an output path whose file or folder the writer would not replace."""
+    if output_format != "10x":
+        if output.is_dir():
+            raise InputError(f"{output}: is a folder; the {output_format} output is a file")
+        return
+    if output.is_file():
+        raise InputError(f"{output}: is a file; a 10x output is a folder")
+    if output.is_dir():
+        # A former 10x output is replaced, as a former .h5ad is; a folder with anything else in it is the user's.
+        others = sorted(set(os.listdir(output)) - set(TENX_OUTPUT_FILES))
+        if others:
+            raise InputError(f"{output}: a folder holding other files than a 10x output's ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
+
+
 def at_least_one(text: str) -> int:
     number = int(text)
     if number < 1:
@@ -62,6 +80,7 @@ def at_least_one(text: str) -> int:
 
 def simulate_command(arguments: argparse.Namespace) -> None:
     output_format = arguments.format or output_format_of(arguments.output)
+    check_output(arguments.output, output_format)
     for path in (arguments.model, arguments.store):
         if not path.exists():
             raise InputError(f"{path}: no such file")

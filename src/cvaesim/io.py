@@ -7,6 +7,7 @@ import gzip
 import io
 import logging
 import os
+import shutil
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -27,17 +28,30 @@ BARCODE_NAMES = ("barcodes.tsv", "barcodes.tsv.gz")
 MTX_CHUNK_ROWS = 5_000_000
 
 
+# What cvaesim.writers.write_10x puts in its folder: a folder holding these alone may be replaced.
+TENX_OUTPUT_FILES = ("matrix.mtx.gz", "features.tsv.gz", "barcodes.tsv.gz", "cell_types.tsv")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path):
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path`` (for a file or a folder); rename it to ``path`` only if the
+    block succeeds, replacing what was there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix, which writers check
+    aside = path.with_name(f".old{os.getpid()}.{path.name}")
     try:
         yield temporary
+        if temporary.is_dir() and path.is_dir():
+            # One rename cannot replace a folder that holds files: the old one is moved aside first.
+            path.replace(aside)
         temporary.replace(path)
     finally:
-        temporary.unlink(missing_ok=True)
+        for leftover in (temporary, aside):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def write_h5ad(adata: ad.AnnData, path: str | Path) -> None:
