@@ -1,6 +1,7 @@
 import logging
 import gzip
 import tarfile
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -227,7 +228,7 @@ def test_atomic_output_leaves_nothing_when_the_writer_fails(tmp_path):
     assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
 
 
-def test_atomic_output_of_a_folder_replaces_the_old_one_and_leaves_nothing_on_failure(tmp_path):
+def test_atomic_output_of_a_folder_replaces_the_old_one_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "cells_10x"
     for content in ("first", "second"):
         with atomic_output(target) as temporary:
@@ -240,6 +241,20 @@ def test_atomic_output_of_a_folder_replaces_the_old_one_and_leaves_nothing_on_fa
             temporary.mkdir()
             (temporary / "matrix.mtx.gz").write_text("half")
             raise RuntimeError("interrupted")
+    assert (target / "matrix.mtx.gz").read_text() == "second" and list(tmp_path.iterdir()) == [target]
+    # The new folder failing to take the old one's place (after the old was moved aside): the old one back.
+    rename = Path.replace
+
+    def failing_for_the_new_folder(self, target_path):
+        if self.name.startswith(".tmp"):
+            raise OSError("no space left on device")
+        return rename(self, target_path)
+
+    monkeypatch.setattr(Path, "replace", failing_for_the_new_folder)
+    with pytest.raises(OSError, match="no space left"):
+        with atomic_output(target) as temporary:
+            temporary.mkdir()
+            (temporary / "matrix.mtx.gz").write_text("third")
     assert (target / "matrix.mtx.gz").read_text() == "second" and list(tmp_path.iterdir()) == [target]
 
 

@@ -43,9 +43,16 @@ def atomic_output(path: str | Path):
     try:
         yield temporary
         if temporary.is_dir() and path.is_dir():
-            # One rename cannot replace a folder that holds files: the old one is moved aside first.
+            # One rename cannot replace a folder that holds files: the old one is moved aside first,
+            # and back if the new one cannot take its place.
             path.replace(aside)
-        temporary.replace(path)
+            try:
+                temporary.replace(path)
+            except OSError:
+                aside.replace(path)
+                raise
+        else:
+            temporary.replace(path)
     finally:
         for leftover in (temporary, aside):
             if leftover.is_dir():
