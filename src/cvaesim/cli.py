@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def check_output(output: Path, output_format: str) -> None:
         raise InputError(f"{output}: is a file; a 10x output is a folder")
     if output.is_dir():
         # A former 10x output is replaced, as a former .h5ad is; a folder with anything else in it is the user's.
-        others = sorted(set(os.listdir(output)) - set(TENX_OUTPUT_FILES))
+        others = sorted({entry.name for entry in output.iterdir()} - set(TENX_OUTPUT_FILES))
         if others:
             raise InputError(f"{output}: a folder holding other files than a 10x output's ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")

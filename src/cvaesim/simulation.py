@@ -383,10 +383,10 @@ def check_store(store_meta: ad.AnnData, model: ConditionalConvVAE) -> None:
     if model.hyperparameters["n_genes"] is not None:  # an MSE model's image holds the genes without saying how many
         store["genes"], trained["genes"] = store_meta.n_vars, model.hyperparameters["n_genes"]
     if store != trained:
-        def described(sizes):
-            return ", ".join(f"{key} {value}" for key, value in sizes.items())
-        raise InputError(f"{source}: {described(store)}, but the model was trained on a store with "
-                         f"{described(trained)}; give the images.h5ad it was trained on")
+        store_sizes, trained_sizes = (", ".join(f"{key} {value}" for key, value in sizes.items())
+                                      for sizes in (store, trained))
+        raise InputError(f"{source}: {store_sizes}, but the model was trained on a store with {trained_sizes}; "
+                         f"give the images.h5ad it was trained on")
 
 
 def balanced_draws(members: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
