@@ -214,7 +214,12 @@ def test_a_store_the_model_was_not_trained_on_is_refused_naming_it(trained, tmp_
     cells.obs["cell_type"] = pd.Categorical(cells.obs["cell_type"])
     build_image_store(cells, None, "log1p_gene_max", 0.4, seed=0).write_h5ad(tmp_path / "other.h5ad")
     cells.write_h5ad(tmp_path / "filtered.h5ad")
+    earlier = ad.read_h5ad(trained / "images.h5ad")
+    del earlier.obs["total_counts"]  # a key that stores of earlier versions lack
+    earlier.write_h5ad(tmp_path / "earlier.h5ad")
     for store, problem in [
+        ("earlier.h5ad", "earlier.h5ad: an image store written by an earlier version of the workflow (no "
+                         "obs['total_counts']); rerun it from the reshape rule (snakemake --forcerun reshape)"),
         ("other.h5ad", "other.h5ad: image side 8, cell types 3, but the model was trained on a store with "
                        "image side 8, cell types 4; give the images.h5ad it was trained on"),
         ("filtered.h5ad", "filtered.h5ad: not an image store written by the reshape rule (no var['pixel'], "

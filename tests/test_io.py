@@ -110,17 +110,45 @@ def test_missing_matrix_and_inconsistent_sizes(tmp_path, small_cells):
         add_member(archive, "readme.txt", b"hi")
     with pytest.raises(InputError, match="expected one folder holding matrix.mtx"):
         read_10x_tarball(empty)
-    extra_barcode = small_cells[:10].copy()
-    path = write_tarball(tmp_path / "m.tar.gz", extra_barcode)
-    with tarfile.open(path) as source:
-        members = {m.name: source.extractfile(m).read() for m in source}
+    members = tarball_members(write_tarball(tmp_path / "m.tar.gz", small_cells[:10]))
     members["filtered_matrices_mex/hg19/barcodes.tsv"] += b"EXTRA-1\n"
-    broken = tmp_path / "broken.tar.gz"
-    with tarfile.open(broken, "w:gz") as archive:
+    with pytest.raises(InputError, match=r"11 barcodes; the barcode list has one line too many: a header line\?"):
+        read_10x_tarball(tarball_of(tmp_path / "broken.tar.gz", members))
+
+
+def tarball_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as source:
+        return {member.name: source.extractfile(member).read() for member in source}
+
+
+def tarball_of(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
         for name, payload in members.items():
             add_member(archive, name, payload)
-    with pytest.raises(InputError, match="11 barcodes"):
-        read_10x_tarball(broken)
+    return path
+
+
+def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, small_cells):
+    """A matrix written cells x genes (as R's writeMM of a Seurat matrix's transpose, or Parse's DGE.mtx) and
+    lists written with a header line (R's write.table by default) are the usual hand-made mistakes."""
+    cells = small_cells[:10, :7].copy()
+    members = tarball_members(write_tarball(tmp_path / "m.tar.gz", cells))
+    transposed = tarball_members(write_tarball(tmp_path / "t.tar.gz", ad.AnnData(X=sp.csr_matrix(cells.X).T)))
+    matrix = "filtered_matrices_mex/hg19/matrix.mtx"
+    with pytest.raises(InputError, match=r"lists 7 genes and 10 barcodes; they fit the matrix transposed"):
+        read_10x_tarball(tarball_of(tmp_path / "transposed.tar.gz", {**members, matrix: transposed[matrix]}))
+    genes, barcodes = "filtered_matrices_mex/hg19/genes.tsv", "filtered_matrices_mex/hg19/barcodes.tsv"
+    headed = {**members, genes: b"gene_id\tgene_name\tfeature_type\n" + members[genes],
+              barcodes: b"x\n" + members[barcodes]}
+    with pytest.raises(InputError, match=r"the gene and barcode lists have one line too many: a header line\?"):
+        read_10x_tarball(tarball_of(tmp_path / "headed.tar.gz", headed))
+    with pytest.raises(InputError, match=r"lists 7 genes and 12 barcodes$"):  # no guess for other differences
+        read_10x_tarball(tarball_of(tmp_path / "other.tar.gz", {**members, barcodes: members[barcodes] + b"A\nB\n"}))
+    ragged = {**members, genes: b"gene_id\tgene_name\n" + members[genes]}  # a header shorter than its rows
+    with pytest.raises(InputError, match=r"ragged.tar.gz: the gene list in filtered_matrices_mex/hg19/ could not be read"):
+        read_10x_tarball(tarball_of(tmp_path / "ragged.tar.gz", ragged))
+    with pytest.raises(InputError, match=r"empty.tar.gz: the barcode list in filtered_matrices_mex/hg19/ is empty"):
+        read_10x_tarball(tarball_of(tmp_path / "empty.tar.gz", {**members, barcodes: b""}))
 
 
 def test_annotation_errors_name_the_file_and_columns(tmp_path):

@@ -216,20 +216,43 @@ def read_10x_tarball(path: str | Path) -> ad.AnnData:
                         return gzip.GzipFile(fileobj=stream) if candidate.endswith(".gz") else stream
                 raise InputError(f"{path}: {folder}/ has no {what} file ({' or '.join(candidates)})")
 
+            def read_list(candidates: tuple[str, ...], what: str) -> pd.DataFrame:
+                try:
+                    return pd.read_csv(open_member(candidates, what), sep="\t", header=None, dtype=str)
+                except pd.errors.EmptyDataError as error:
+                    raise InputError(f"{path}: the {what} list in {folder}/ is empty") from error
+                except pd.errors.ParserError as error:  # rows of different lengths, as hand-made lists can have
+                    raise InputError(f"{path}: the {what} list in {folder}/ could not be read as a table "
+                                     f"({error})") from error
+
             counts = _read_matrix_market(open_member(MATRIX_NAMES, "matrix"), path)
-            genes = pd.read_csv(open_member(GENE_NAMES, "gene"), sep="\t", header=None, dtype=str)
-            barcodes = pd.read_csv(open_member(BARCODE_NAMES, "barcode"), sep="\t", header=None, dtype=str)[0]
+            genes = read_list(GENE_NAMES, "gene")
+            barcodes = read_list(BARCODE_NAMES, "barcode")[0]
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise InputError(f"{path}: the archive is truncated or corrupt ({error})") from error
 
     if counts.shape != (len(barcodes), len(genes)):
         raise InputError(
             f"{path}: matrix is {counts.shape[1]} genes x {counts.shape[0]} cells but the archive lists "
-            f"{len(genes)} genes and {len(barcodes)} barcodes"
+            f"{len(genes)} genes and {len(barcodes)} barcodes{listing_hint(counts.shape, len(genes), len(barcodes))}"
         )
     symbols = genes[1] if genes.shape[1] > 1 else genes[0]
     feature_types = genes[2].to_numpy() if genes.shape[1] > 2 else None  # v3: Gene Expression, Antibody Capture, ...
     return _cells_by_genes(counts, barcodes.to_numpy(), genes[0].to_numpy(), symbols.to_numpy(), path, feature_types)
+
+
+def listing_hint(shape: tuple[int, int], n_genes: int, n_barcodes: int) -> str:
+    """Why a hand-made matrix folder's lists may not fit its matrix (``shape`` as read: cells x genes)."""
+    n_cells, n_matrix_genes = shape
+    if (n_matrix_genes, n_cells) == (n_barcodes, n_genes):
+        return ("; they fit the matrix transposed: 10x's matrix.mtx has a row per gene and a column per cell "
+                "(write the transpose, e.g. scipy.io.mmwrite(path, counts.T))")
+    extra = [what for what, listed, expected in (("gene", n_genes, n_matrix_genes), ("barcode", n_barcodes, n_cells))
+             if listed == expected + 1]
+    if extra:
+        return (f"; the {' and '.join(extra)} list{'s have' if len(extra) > 1 else ' has'} one line too many: "
+                "a header line? 10x's lists have none")
+    return ""
 
 
 def read_10x_h5(path: str | Path) -> ad.AnnData:

@@ -374,6 +374,10 @@ def check_store(store_meta: ad.AnnData, model: ConditionalConvVAE) -> None:
     missing = ([f"var['{key}']" for key in ("pixel", "scale") if key not in store_meta.var]
                + [f"obs['{key}']" for key in ("cell_type", "split", "total_counts") if key not in store_meta.obs]
                + ([] if "image" in store_meta.uns else ["uns['image']"]))
+    if missing and "pixel" in store_meta.var and "image" in store_meta.uns:  # an earlier version's store
+        raise InputError(f"{source}: an image store written by an earlier version of the workflow (no "
+                         f"{', '.join(missing)}); rerun it from the reshape rule (snakemake --forcerun reshape) "
+                         f"and simulate with the model trained on the new store")
     if missing:
         raise InputError(f"{source}: not an image store written by the reshape rule (no {', '.join(missing)}); "
                          f"give the images.h5ad the model was trained on")
