@@ -1,6 +1,7 @@
 import logging
 import gzip
 import tarfile
+import zipfile
 from pathlib import Path
 
 import anndata as ad
@@ -10,7 +11,8 @@ import pytest
 import scipy.sparse as sp
 
 from cvaesim import InputError
-from cvaesim.io import atomic_output, container_problem, read_10x_h5, read_10x_tarball, read_annotation, read_h5ad_counts
+from cvaesim.io import (atomic_output, container_problem, counts_problem, read_10x_h5, read_10x_tarball,
+                        read_annotation, read_h5ad_counts)
 
 from conftest import EMBEDDED_ANNOTATION, EMBEDDED_H5AD, EMBEDDED_TARBALL, add_member, write_10x_h5, write_tarball
 
@@ -145,7 +147,7 @@ def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, 
     with pytest.raises(InputError, match=r"lists 7 genes and 12 barcodes$"):  # no guess for other differences
         read_10x_tarball(tarball_of(tmp_path / "other.tar.gz", {**members, barcodes: members[barcodes] + b"A\nB\n"}))
     ragged = {**members, genes: b"gene_id\tgene_name\n" + members[genes]}  # a header shorter than its rows
-    with pytest.raises(InputError, match=r"ragged.tar.gz: the gene list in filtered_matrices_mex/hg19/ could not be read"):
+    with pytest.raises(InputError, match=r"ragged.tar.gz: the gene list in filtered_matrices_mex/hg19/ could not"):
         read_10x_tarball(tarball_of(tmp_path / "ragged.tar.gz", ragged))
     with pytest.raises(InputError, match=r"empty.tar.gz: the barcode list in filtered_matrices_mex/hg19/ is empty"):
         read_10x_tarball(tarball_of(tmp_path / "empty.tar.gz", {**members, barcodes: b""}))
@@ -173,6 +175,15 @@ def test_annotation_errors_name_the_file_and_columns(tmp_path):
     padded = tmp_path / "padded.csv"  # as spreadsheets export them: spaces after commas, a byte-order mark, CRLF
     padded.write_bytes("\ufeffbarcodes, celltype\r\nA-1 , T cell\r\nB-1,\r\n".encode())
     assert read_annotation(padded, "barcodes", "celltype").index.tolist() == ["A-1", "B-1"]
+    unicode_text = tmp_path / "unicode.txt"  # Excel's "Unicode Text" export: UTF-16 with a byte-order mark
+    unicode_text.write_bytes("barcodes\tcelltype\r\nA-1\tT cell\r\nB-1\t\r\n".encode("utf-16"))
+    assert read_annotation(unicode_text, "barcodes", "celltype").equals(labels)
+    workbook = tmp_path / "annotation.xlsx"  # a workbook is a zip archive; so is a zipped table
+    with zipfile.ZipFile(workbook, "w") as archive:
+        archive.writestr("xl/worksheets/sheet1.xml", "<worksheet/>")
+    with pytest.raises(InputError, match=r"annotation.xlsx: a zip archive \(as an Excel .xlsx workbook is\), not a "
+                                         r"table; save the table as tab- or comma-separated text"):
+        read_annotation(workbook, "barcodes", "celltype")
     zipped.write_bytes(gzip.compress(csv.read_bytes())[:20])
     with pytest.raises(InputError, match="zipped.tsv: could not be read as a table"):
         read_annotation(zipped, "barcodes", "celltype")
@@ -205,6 +216,12 @@ def test_h5ad_must_hold_counts(tmp_path, small_cells):
     logged.write_h5ad(path)
     with pytest.raises(InputError, match=r"X holds non-integer values .*; raw counts are needed \(counts_layer names"):
         read_h5ad_counts(path, "cell_type", None)
+
+
+def test_a_value_just_off_a_whole_number_is_shown_as_it_is():
+    # Rounded to a few digits, 2.0000002 read "non-integer values (e.g. 2)".
+    nearly = sp.csr_matrix(np.array([[2.0000002, 1.0]], dtype=np.float32))
+    assert counts_problem(nearly).startswith("non-integer values (e.g. 2.0000002)")
 
 
 def test_h5ad_without_x_names_the_layer_holding_counts(tmp_path, small_cells):

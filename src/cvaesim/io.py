@@ -401,7 +401,7 @@ def counts_problem(matrix: sp.spmatrix | np.ndarray | None) -> str | None:
         return f"negative values (min {values.min()})"
     fractional = values != np.round(values)
     if np.any(fractional):
-        return f"non-integer values (e.g. {values[fractional][0]:g}), as normalised or log-transformed data do"
+        return f"non-integer values (e.g. {values[fractional][0]:.8g}), as normalised or log-transformed data do"
     return None
 
 
@@ -409,13 +409,19 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     """Read a barcode-to-cell-type table (tab-, comma- or semicolon-separated, with a header; gzipped or not)."""
     path = Path(path)
     with open(path, "rb") as handle:
-        gzipped = handle.read(2) == b"\x1f\x8b"  # the download keeps the name annotation.tsv whatever the source's
+        start = handle.read(4)  # the download keeps the name annotation.tsv whatever the source's
+    if start == b"PK\x03\x04":
+        raise InputError(f"{path}: a zip archive (as an Excel .xlsx workbook is), not a table; save the table as "
+                         "tab- or comma-separated text (and unzip it) and give that file")
+    gzipped = start[:2] == b"\x1f\x8b"
+    # Excel's "Unicode Text" export is UTF-16 with a byte-order mark.
+    encoding = "utf-16" if start[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8"
     try:
-        with (gzip.open if gzipped else open)(path, "rt", encoding="utf-8", errors="replace") as handle:
+        with (gzip.open if gzipped else open)(path, "rt", encoding=encoding, errors="replace") as handle:
             header = handle.readline()
         separator = next((candidate for candidate in "\t,;" if candidate in header), "\t")
         table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=[""],
-                            compression="gzip" if gzipped else None)
+                            compression="gzip" if gzipped else None, encoding=encoding)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError, EOFError) as error:
         raise InputError(f"{path}: could not be read as a table ({error})") from error
     # Spreadsheets and hand-edited tables pad names and cells ("barcodes, celltype"; "AAAC-1 ").
