@@ -205,13 +205,17 @@ def test_h5ad_must_hold_counts(tmp_path, small_cells):
         read_h5ad_counts(path, "celltype", "counts")
     with pytest.raises(InputError, match="no layer 'spliced'; its layers are 'counts'"):
         read_h5ad_counts(path, "cell_type", "spliced")
-    # Counts only in .raw, and a file with no counts anywhere.
-    logged.raw = small_cells
+    # Counts only in .raw (as in CELLxGENE files, whose genes are Ensembl ids with the symbols beside them; the
+    # gene annotation goes along), and a file with no counts anywhere.
+    counts = small_cells.copy()
+    counts.var["feature_name"] = [f"SYMBOL{j}" for j in range(counts.n_vars)]
+    logged.raw = counts
     del logged.layers["counts"]
     logged.write_h5ad(path)
     with pytest.raises(InputError, match="X holds non-integer values .*; 'raw' of this file holds integer counts"):
         read_h5ad_counts(path, "cell_type", None)
-    assert (read_h5ad_counts(path, "cell_type", "raw").X != small_cells.X).nnz == 0
+    from_raw = read_h5ad_counts(path, "cell_type", "raw")
+    assert (from_raw.X != small_cells.X).nnz == 0 and from_raw.var.equals(counts.var)
     logged.raw = None
     logged.write_h5ad(path)
     with pytest.raises(InputError, match=r"X holds non-integer values .*; raw counts are needed \(counts_layer names"):

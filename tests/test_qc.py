@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from cvaesim.qc import add_qc_metrics, combine, embed, qc_summary
+from cvaesim.qc import add_qc_metrics, combine, embed, marker_table, plot_markers, qc_summary
 
 from conftest import random_counts
 
@@ -45,6 +45,31 @@ def test_qc_metrics_include_the_mitochondrial_share_of_human_and_mouse_genes():
     summary = qc_summary(combined).set_index(["source", "cell_type"])
     real_t = combined.obs[(combined.obs["source"] == "real") & (combined.obs["cell_type"] == "T")]
     assert summary.loc[("real", "T"), "median_pct_counts_mt"] == np.median(real_t["pct_counts_mt"])
+
+
+def test_genes_named_by_ensembl_id_are_found_and_shown_by_symbol(caplog, tmp_path):
+    # CELLxGENE files name genes by Ensembl id and keep the symbols in var['feature_name'].
+    types = ["T", "B"]
+    real, simulated = random_counts(40, 30, types, seed=1), random_counts(30, 30, types, seed=2)
+    for cells in (real, simulated):
+        cells.var_names = [f"ENSG{j:011d}" for j in range(30)]
+        cells.obs["cell_type"] = pd.Categorical(cells.obs["cell_type"], categories=types)
+    real.var["feature_name"] = ["MT-CO1", "MT-ND1", "CD3E", "MTOR", *[f"GENE{j}" for j in range(26)]]
+    simulated.obs_names = [f"simulated_{i}" for i in range(simulated.n_obs)]
+    combined = combine(real, simulated, max_real_cells=100, seed=0)
+    with caplog.at_level(logging.INFO, logger="cvaesim.qc"):
+        add_qc_metrics(combined)
+    counts = combined.X.toarray()
+    np.testing.assert_allclose(combined.obs["pct_counts_mt"], 100 * counts[:, :2].sum(axis=1) / counts.sum(axis=1),
+                               rtol=1e-5)
+    assert "mitochondrial genes by var['feature_name']: 2" in caplog.text
+    # The marker table names each marker's symbol beside its id; the dot plot is labelled by symbol.
+    normalised = embed(combined, seed=0)
+    markers = marker_table(normalised, n_markers=3)
+    symbol_of = dict(zip(real.var_names, real.var["feature_name"]))
+    assert len(markers) and markers["symbol"].tolist() == [symbol_of[gene] for gene in markers["gene"]]
+    plot_markers(normalised, markers, tmp_path / "markers.png")
+    assert (tmp_path / "markers.png").stat().st_size > 0
 
 
 def test_real_cells_over_the_qc_limit_are_a_seeded_sample_and_the_log_says_so(caplog):

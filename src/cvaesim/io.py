@@ -476,7 +476,8 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
         X=sp.csr_matrix(counts, dtype=np.int32),  # checked above
         obs=pd.DataFrame({"cell_type": source.obs[label_column].astype(str).where(source.obs[label_column].notna())},
                          index=source.obs_names),
-        var=pd.DataFrame(index=var.index.astype(str)),
+        # The gene annotation goes along (Ensembl ids, symbols beside ids as in CELLxGENE files) into every output.
+        var=var.set_axis(var.index.astype(str)),
     )
     repeated = adata.obs_names[adata.obs_names.duplicated()]
     if len(repeated):

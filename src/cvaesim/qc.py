@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = ["real", "simulated"]
 MITOCHONDRIAL_PREFIXES = ("MT-", "mt-")  # human and mouse symbols, as scanpy's QC tutorials flag them
+# Where files named by Ensembl id keep the symbols: CELLxGENE's feature_name, scanpy's gene_symbols, ...
+SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "gene_name", "symbol")
 QC_METRICS = ["total_counts", "n_genes_by_counts", "pct_counts_mt", "fraction_zeros"]
 
 
@@ -37,18 +39,30 @@ def combine(real: ad.AnnData, simulated: ad.AnnData, max_real_cells: int, seed: 
             index=[f"{source}:{name}" for name in cells.obs_names]), var=pd.DataFrame(index=real.var_names))
         parts.append(part)
     combined = ad.concat(parts)
+    for column in SYMBOL_COLUMNS:
+        if column in real.var:
+            combined.var[column] = real.var[column].astype(str).to_numpy()
     combined.obs["source"] = pd.Categorical(combined.obs["source"], categories=SOURCES)
     combined.obs["cell_type"] = pd.Categorical(combined.obs["cell_type"], categories=cell_types)
     return combined
+
+
+def symbol_column(cells: ad.AnnData) -> str | None:
+    """The var column holding gene symbols where the genes are named otherwise, or None."""
+    return next((column for column in SYMBOL_COLUMNS if column in cells.var), None)
 
 
 def add_qc_metrics(combined: ad.AnnData) -> None:
     """scanpy's per-cell QC metrics, with the share of counts on mitochondrial genes (pct_counts_mt), whose
     excess marks damaged cells, and the fraction of genes not detected."""
     combined.var["mt"] = combined.var_names.str.startswith(MITOCHONDRIAL_PREFIXES)
+    symbols = symbol_column(combined)
+    if not combined.var["mt"].any() and symbols is not None:
+        combined.var["mt"] = combined.var[symbols].str.startswith(MITOCHONDRIAL_PREFIXES).to_numpy()
+        log.info("mitochondrial genes by var[%r]: %d", symbols, combined.var["mt"].sum())
     if not combined.var["mt"].any():
-        log.info("no mitochondrial genes (names starting with %s): pct_counts_mt is 0",
-                 " or ".join(MITOCHONDRIAL_PREFIXES))
+        log.info("no mitochondrial genes (names%s starting with %s): pct_counts_mt is 0",
+                 f" or var[{symbols!r}]" if symbols else "", " or ".join(MITOCHONDRIAL_PREFIXES))
     sc.pp.calculate_qc_metrics(combined, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
     combined.obs["fraction_zeros"] = 1.0 - combined.obs["n_genes_by_counts"] / combined.n_vars
 
@@ -115,7 +129,10 @@ def marker_table(normalised: ad.AnnData, n_markers: int) -> pd.DataFrame:
         for cell_type in names.columns:
             for rank, gene in enumerate(names[cell_type], start=1):
                 rows.append({"source": source, "cell_type": cell_type, "rank": rank, "gene": gene})
-    return pd.DataFrame(rows, columns=["source", "cell_type", "rank", "gene"])
+    markers = pd.DataFrame(rows, columns=["source", "cell_type", "rank", "gene"])
+    if (symbols := symbol_column(normalised)) is not None:
+        markers["symbol"] = normalised.var[symbols].reindex(markers["gene"]).to_numpy()
+    return markers
 
 
 def marker_overlap(markers: pd.DataFrame) -> pd.DataFrame:
@@ -135,10 +152,15 @@ def plot_markers(normalised: ad.AnnData, markers: pd.DataFrame, path, per_type: 
     real_top = markers[(markers["source"] == "real") & (markers["rank"] <= per_type)]
     genes = list(dict.fromkeys(real_top["gene"]))
     figure, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(genes)), 0.4 * normalised.obs["cell_type"].cat.categories.size + 3))
+    labels = genes
+    if "symbol" in markers:  # labelled by symbol rather than by id
+        symbols = markers.drop_duplicates("gene").set_index("gene")["symbol"].reindex(genes).astype(str)
+        labels = list(ad.utils.make_index_unique(pd.Index(symbols)))
     for axis, source in zip(axes, SOURCES):
         cells = normalised[normalised.obs["source"] == source]
         if genes:
-            sc.pl.dotplot(cells, genes, groupby="cell_type", ax=axis, show=False, title=f"{source} cells")
+            cells = ad.AnnData(X=cells[:, genes].X, obs=cells.obs, var=pd.DataFrame(index=labels))
+            sc.pl.dotplot(cells, labels, groupby="cell_type", ax=axis, show=False, title=f"{source} cells")
         else:
             axis.set_axis_off()
     figure.savefig(path, dpi=100, bbox_inches="tight")
