@@ -5,6 +5,7 @@ import zipfile
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -80,6 +81,22 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
     gzipped_mtx.write_bytes(gzip.compress(b"%%MatrixMarket matrix coordinate integer general\n" + b"1 1 1\n" * 200))
     assert container_problem(gzipped_mtx, "matrix.tar.gz").endswith(
         "; it is gzip-compressed, but neither a tar archive nor an HDF5 file")
+    # HDF5 files of other tools: a loom file's root 'matrix' is a dataset, not Cell Ranger's group (it crashed the
+    # 10x reader and was called a 10x HDF5 matrix); written here as the loom specification lays them out.
+    loom, h5seurat = tmp_path / "cells.loom", tmp_path / "cells.h5Seurat"
+    with h5py.File(loom, "w") as h5:
+        h5["matrix"] = small_cells.X.T.toarray()
+        h5["row_attrs/Gene"] = small_cells.var_names.to_numpy().astype("S")
+        h5["col_attrs/CellID"] = small_cells.obs_names.to_numpy().astype("S")
+        h5.create_group("layers")
+    with h5py.File(h5seurat, "w") as h5:
+        h5.create_group("assays/RNA")
+        h5.create_group("meta.data")
+    for path, advice in [(loom, r"it is a loom file: convert it to an .h5ad \(scanpy: sc.read_loom\(path\)"),
+                         (h5seurat, r"it is a Seurat .h5Seurat file: convert it to an .h5ad \(SeuratDisk")]:
+        for read in (read_10x_h5, lambda source: read_h5ad_counts(source, "cell_type", None)):
+            with pytest.raises(InputError, match=advice):
+                read(path)
     # A file of no known format gets no guess.
     bogus = tmp_path / "page.h5ad"
     bogus.write_text("<html>Access denied</html>")

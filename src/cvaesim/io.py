@@ -108,10 +108,17 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
             return None, "gzip-compressed, but neither a tar archive nor an HDF5 file"
         if head == HDF5_SIGNATURE:
             with h5py.File(path, "r") as h5:
-                if "matrix" in h5:
+                if isinstance(h5.get("matrix"), h5py.Group):
                     return "10x_h5", "a 10x HDF5 matrix"
                 if "X" in h5 and "obs" in h5:
                     return "h5ad", "an AnnData .h5ad file"
+                # HDF5 formats that no dataset format reads; each has a one-line conversion to .h5ad.
+                if "matrix" in h5 and "row_attrs" in h5 and "col_attrs" in h5:
+                    return None, ("a loom file: convert it to an .h5ad (scanpy: sc.read_loom(path).write_h5ad("
+                                  "new_path), the counts in X) and give that file as the source")
+                if "assays" in h5 and "meta.data" in h5:
+                    return None, ("a Seurat .h5Seurat file: convert it to an .h5ad (SeuratDisk: Convert(path, "
+                                  "dest = \"h5ad\")) and give that file as the source")
     except OSError:
         pass
     return None
@@ -264,7 +271,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
     path = Path(path)
     try:
         with h5py.File(path, "r") as h5:
-            if "matrix" in h5:
+            if isinstance(h5.get("matrix"), h5py.Group):
                 group, features = h5["matrix"], h5["matrix"].get("features")
                 if features is None:
                     raise InputError(f"{path}: the 'matrix' group has no 'features' (not a 10x HDF5 matrix)")
