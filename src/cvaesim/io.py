@@ -85,6 +85,7 @@ def tar_problem(error: Exception) -> str:
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def detected_format(path: str | Path) -> tuple[str | None, str] | None:
@@ -93,7 +94,7 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
     try:
         with open(path, "rb") as handle:
             head = handle.read(8)
-        if head[:2] == b"\x1f\x8b":
+        if head[:2] == GZIP_MAGIC:
             # What was compressed: a tar archive's header carries "ustar" at byte 257.
             try:
                 with gzip.open(path, "rb") as inner:
@@ -420,7 +421,7 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     if start == b"PK\x03\x04":
         raise InputError(f"{path}: a zip archive (as an Excel .xlsx workbook is), not a table; save the table as "
                          "tab- or comma-separated text (and unzip it) and give that file")
-    gzipped = start[:2] == b"\x1f\x8b"
+    gzipped = start[:2] == GZIP_MAGIC
     # Excel's "Unicode Text" export is UTF-16 with a byte-order mark.
     encoding = "utf-16" if start[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8"
     try:

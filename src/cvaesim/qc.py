@@ -39,9 +39,8 @@ def combine(real: ad.AnnData, simulated: ad.AnnData, max_real_cells: int, seed: 
             index=[f"{source}:{name}" for name in cells.obs_names]), var=pd.DataFrame(index=real.var_names))
         parts.append(part)
     combined = ad.concat(parts)
-    for column in SYMBOL_COLUMNS:
-        if column in real.var:
-            combined.var[column] = real.var[column].astype(str).to_numpy()
+    if (symbols := symbol_column(real)) is not None:
+        combined.var[symbols] = real.var[symbols].astype(str).to_numpy()
     combined.obs["source"] = pd.Categorical(combined.obs["source"], categories=SOURCES)
     combined.obs["cell_type"] = pd.Categorical(combined.obs["cell_type"], categories=cell_types)
     return combined
