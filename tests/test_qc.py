@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from cvaesim.qc import add_qc_metrics, combine, embed, marker_table, plot_markers, qc_summary
+from cvaesim.qc import MITOCHONDRIAL_SYMBOL, add_qc_metrics, combine, embed, marker_table, plot_markers, qc_summary
 
 from conftest import random_counts
 
@@ -45,6 +45,12 @@ def test_qc_metrics_include_the_mitochondrial_share_of_human_and_mouse_genes():
     summary = qc_summary(combined).set_index(["source", "cell_type"])
     real_t = combined.obs[(combined.obs["source"] == "real") & (combined.obs["cell_type"] == "T")]
     assert summary.loc[("real", "T"), "median_pct_counts_mt"] == np.median(real_t["pct_counts_mt"])
+
+
+def test_mitochondrial_genes_of_rat_fly_and_multi_genome_references_are_found():
+    names = pd.Index(["MT-CO1", "mt-Nd1", "Mt-co1", "mt:CoI", "GRCh38_MT-CO1", "mm10___mt-Co1", "hg19_MT-ND1",
+                      "MTOR", "MT1A", "MT2A", "GRCh38_MTOR", "SMT-1", "CD3E", "mtor"])
+    assert names[names.str.contains(MITOCHONDRIAL_SYMBOL)].tolist() == names[:7].tolist()
 
 
 def test_genes_named_by_ensembl_id_are_found_and_shown_by_symbol(caplog, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import anndata as ad
 import matplotlib
@@ -16,7 +17,10 @@ import scanpy as sc  # noqa: E402
 log = logging.getLogger(__name__)
 
 SOURCES = ["real", "simulated"]
-MITOCHONDRIAL_PREFIXES = ("MT-", "mt-")  # human and mouse symbols, as scanpy's QC tutorials flag them
+# Mitochondrial gene symbols as scanpy's QC tutorials flag them (human MT-, mouse mt-), in any case (rat Mt-)
+# or with fly's "mt:", after the genome prefix a multi-genome Cell Ranger reference adds (GRCh38_MT-CO1,
+# mm10___mt-Co1). Metallothioneins (MT1A, MT2A) and MTOR have no separator and are not matched.
+MITOCHONDRIAL_SYMBOL = re.compile(r"^(?:[A-Za-z0-9.]+_+)?mt[-:]", re.IGNORECASE)
 # Where files named by Ensembl id keep the symbols: CELLxGENE's feature_name, scanpy's gene_symbols, ...
 SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "gene_name", "symbol")
 QC_METRICS = ["total_counts", "n_genes_by_counts", "pct_counts_mt", "fraction_zeros"]
@@ -54,14 +58,14 @@ def symbol_column(cells: ad.AnnData) -> str | None:
 def add_qc_metrics(combined: ad.AnnData) -> None:
     """scanpy's per-cell QC metrics, with the share of counts on mitochondrial genes (pct_counts_mt), whose
     excess marks damaged cells, and the fraction of genes not detected."""
-    combined.var["mt"] = combined.var_names.str.startswith(MITOCHONDRIAL_PREFIXES)
+    combined.var["mt"] = combined.var_names.str.contains(MITOCHONDRIAL_SYMBOL)
     symbols = symbol_column(combined)
     if not combined.var["mt"].any() and symbols is not None:
-        combined.var["mt"] = combined.var[symbols].str.startswith(MITOCHONDRIAL_PREFIXES).to_numpy()
+        combined.var["mt"] = combined.var[symbols].str.contains(MITOCHONDRIAL_SYMBOL).to_numpy()
         log.info("mitochondrial genes by var[%r]: %d", symbols, combined.var["mt"].sum())
     if not combined.var["mt"].any():
-        log.info("no mitochondrial genes (names%s starting with %s): pct_counts_mt is 0",
-                 f" or var[{symbols!r}]" if symbols else "", " or ".join(MITOCHONDRIAL_PREFIXES))
+        log.info("no mitochondrial genes (names%s starting with MT- or mt: in any case, after any genome prefix): "
+                 "pct_counts_mt is 0", f" or var[{symbols!r}]" if symbols else "")
     sc.pp.calculate_qc_metrics(combined, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
     combined.obs["fraction_zeros"] = 1.0 - combined.obs["n_genes_by_counts"] / combined.n_vars
 
