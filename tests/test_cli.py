@@ -1,7 +1,9 @@
 """On-demand simulation from the command line, in every output format."""
 
+import re
 import subprocess
 import sys
+import zipfile
 
 import anndata as ad
 import numpy as np
@@ -231,6 +233,30 @@ def test_a_store_the_model_was_not_trained_on_is_refused_naming_it(trained, tmp_
     assert not (tmp_path / "x.h5ad").exists()
 
 
+def test_a_file_that_is_no_whole_model_is_refused_naming_it(trained, tmp_path, capsys):
+    # Keras itself called a cut-off .keras file "not found".
+    whole = (trained / "cvae.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "folder.keras").mkdir()
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
+        archive.writestr("config.json", "{}")
+    for name, problem in [
+        ("cut.keras", "cut.keras: a damaged or cut-off .keras file"),
+        ("folder.keras", "folder.keras: a folder, not a trained model"),
+        ("other.keras", "other.keras: a zip archive without model.weights.h5, so not a model saved by Keras"),
+    ]:
+        assert main(["simulate", "--model", str(tmp_path / name), "--store", str(trained / "images.h5ad"),
+                     "--output", str(tmp_path / "x.h5ad")]) == 2
+        assert problem in capsys.readouterr().err
+        with pytest.raises(InputError, match=re.escape(problem)):  # the simulate rule's way in
+            load_model(str(tmp_path / name))
+    (tmp_path / "history.tsv").write_text("epoch\tloss\n1\t3.5\n")
+    for path in (tmp_path / "history.tsv", trained / "images.h5ad"):
+        with pytest.raises(InputError, match=f"{path.name}: not a trained model"):
+            load_model(str(path))
+    assert not (tmp_path / "x.h5ad").exists()
+
+
 def test_help_and_refused_requests_come_without_loading_tensorflow(tmp_path):
     # TensorFlow takes seconds to load; the command line loads it only to simulate.
     def run(arguments: list[str]) -> subprocess.CompletedProcess:
@@ -250,3 +276,5 @@ def test_help_and_refused_requests_come_without_loading_tensorflow(tmp_path):
     assert result.stdout.split() == ["2", "False"] and "'.csv' is none of them" in result.stderr
     result = run(["simulate", "--model", "absent.keras", "--store", "s.h5ad", "--output", "o.h5ad"])
     assert result.stdout.split() == ["2", "False"] and "absent.keras: no such file" in result.stderr
+    result = run(["simulate", *paths, "--output", "o.h5ad"])
+    assert result.stdout.split() == ["2", "False"] and "m.keras: not a trained model" in result.stderr

@@ -16,7 +16,7 @@ import anndata as ad
 from . import InputError
 from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
 from .counts import COUNT_SAMPLING
-from .io import TENX_OUTPUT_FILES
+from .io import TENX_OUTPUT_FILES, model_file_problem
 
 log = logging.getLogger("cvaesim")
 
@@ -83,6 +83,8 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     for path in (arguments.model, arguments.store):
         if not path.exists():
             raise InputError(f"{path}: no such file")
+    if problem := model_file_problem(arguments.model):
+        raise InputError(f"{arguments.model}: {problem}")
     # Only now, with the request checked: these load TensorFlow, which takes seconds.
     from .simulation import Simulator
     from .steps import load_model

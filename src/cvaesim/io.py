@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
@@ -86,6 +87,7 @@ def tar_problem(error: Exception) -> str:
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 GZIP_MAGIC = b"\x1f\x8b"
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 def detected_format(path: str | Path) -> tuple[str | None, str] | None:
@@ -413,12 +415,32 @@ def counts_problem(matrix: sp.spmatrix | np.ndarray | None) -> str | None:
     return None
 
 
+def model_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a model the train rule saved (a Keras .keras zip archive), or None; checked before
+    Keras loads it, whose own message calls a cut-off file "not found"."""
+    if Path(path).is_dir():
+        return "a folder, not a trained model; give the cvae.keras file the train rule wrote"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            missing = {"config.json", "model.weights.h5"} - set(archive.namelist())
+    except zipfile.BadZipFile:
+        with open(path, "rb") as handle:
+            if handle.read(4) == ZIP_MAGIC:
+                return ("a damaged or cut-off .keras file (its zip archive lacks the directory at its end): copy it "
+                        "again in full, or retrain")
+        return "not a trained model (a .keras file is a zip archive); give the cvae.keras file the train rule wrote"
+    if missing:
+        return (f"a zip archive without {' or '.join(sorted(missing))}, so not a model saved by Keras; give the "
+                "cvae.keras file the train rule wrote")
+    return None
+
+
 def read_annotation(path: str | Path, barcode_column: str, label_column: str) -> pd.Series:
     """Read a barcode-to-cell-type table (tab-, comma- or semicolon-separated, with a header; gzipped or not)."""
     path = Path(path)
     with open(path, "rb") as handle:
         start = handle.read(4)  # the download keeps the name annotation.tsv whatever the source's
-    if start == b"PK\x03\x04":
+    if start == ZIP_MAGIC:
         raise InputError(f"{path}: a zip archive (as an Excel .xlsx workbook is), not a table; save the table as "
                          "tab- or comma-separated text (and unzip it) and give that file")
     gzipped = start[:2] == GZIP_MAGIC

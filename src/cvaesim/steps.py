@@ -18,8 +18,8 @@ from . import InputError
 from .download import fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from .images import build_image_store, layout_table
-from .io import (atomic_output, container_problem, read_10x_h5, read_10x_tarball, read_annotation, read_h5ad_counts,
-                 write_h5ad)
+from .io import (atomic_output, container_problem, model_file_problem, read_10x_h5, read_10x_tarball, read_annotation,
+                 read_h5ad_counts, write_h5ad)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ def train(store: str, model_path: str, history_tsv: str, history_plot: str, sett
 
 
 def load_model(path: str):
+    if problem := model_file_problem(path):
+        raise InputError(f"{path}: {problem}")
     import keras
 
     from . import model  # noqa: F401  registers the custom classes for deserialisation
