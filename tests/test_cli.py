@@ -233,7 +233,7 @@ def test_a_store_the_model_was_not_trained_on_is_refused_naming_it(trained, tmp_
     assert not (tmp_path / "x.h5ad").exists()
 
 
-def test_a_file_that_is_no_whole_model_is_refused_naming_it(trained, tmp_path, capsys):
+def test_a_file_that_is_no_whole_model_or_store_is_refused_naming_it(trained, tmp_path, capsys):
     # Keras itself called a cut-off .keras file "not found".
     whole = (trained / "cvae.keras").read_bytes()
     (tmp_path / "cut.keras").write_bytes(whole[: len(whole) // 2])
@@ -250,6 +250,18 @@ def test_a_file_that_is_no_whole_model_is_refused_naming_it(trained, tmp_path, c
         assert problem in capsys.readouterr().err
         with pytest.raises(InputError, match=re.escape(problem)):  # the simulate rule's way in
             load_model(str(tmp_path / name))
+    # h5py's own error for a store names no file.
+    store = (trained / "images.h5ad").read_bytes()
+    (tmp_path / "cut.h5ad").write_bytes(store[: len(store) // 2])
+    for name, problem in [
+        ("cut.h5ad", "cut.h5ad: not a readable HDF5 file, as an image store is (Unable to synchronously open file "
+                     "(truncated file"),
+        ("cut.keras", "cut.keras: not a readable HDF5 file, as an image store is"),
+        ("folder.keras", "folder.keras: a folder, not an image store"),
+    ]:
+        assert main(["simulate", "--model", str(trained / "cvae.keras"), "--store", str(tmp_path / name),
+                     "--output", str(tmp_path / "x.h5ad")]) == 2
+        assert problem in capsys.readouterr().err
     (tmp_path / "history.tsv").write_text("epoch\tloss\n1\t3.5\n")
     for path in (tmp_path / "history.tsv", trained / "images.h5ad"):
         with pytest.raises(InputError, match=f"{path.name}: not a trained model"):

@@ -85,6 +85,13 @@ def simulate_command(arguments: argparse.Namespace) -> None:
             raise InputError(f"{path}: no such file")
     if problem := model_file_problem(arguments.model):
         raise InputError(f"{arguments.model}: {problem}")
+    if arguments.store.is_dir():
+        raise InputError(f"{arguments.store}: a folder, not an image store; give the images.h5ad the reshape rule wrote")
+    try:
+        meta = ad.read_h5ad(arguments.store, backed="r")
+    except OSError as error:  # h5py's, which does not name the file
+        raise InputError(f"{arguments.store}: not a readable HDF5 file, as an image store is ({error}); give the "
+                         "images.h5ad the reshape rule wrote") from error
     # Only now, with the request checked: these load TensorFlow, which takes seconds.
     from .simulation import Simulator
     from .steps import load_model
@@ -93,7 +100,6 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     posteriors = arguments.posteriors
     if posteriors is None and (arguments.model.parent / "posteriors.npz").is_file():
         posteriors = arguments.model.parent / "posteriors.npz"
-    meta = ad.read_h5ad(arguments.store, backed="r")
     library_sizes = arguments.library_sizes or ("paired" if arguments.latent == "posterior" else "resampled")
     simulator = Simulator(load_model(str(arguments.model)), meta, arguments.batch_size, arguments.count_sampling,
                           library_sizes, arguments.latent, posteriors, arguments.calibration, arguments.origins)
