@@ -47,3 +47,25 @@ def test_mixed_precision_trains_with_float32_weights(backend, tmp_path):
     losses = result["history"]["loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert result["weight_dtypes"] == ["float32"]
+
+
+def test_training_runs_on_tensorflow_whatever_keras_json_says_and_refuses_another_backend_up_front(tmp_path):
+    # A ~/.keras/keras.json naming JAX (left by other work) once made the train rule run on JAX and fail at its
+    # first checkpoint, after an epoch, with "Checkpoint was expecting model to be a trackable object".
+    pytest.importorskip("jax")
+    (tmp_path / ".keras").mkdir()
+    (tmp_path / ".keras" / "keras.json").write_text('{"backend": "jax"}')
+    environment = {name: value for name, value in os.environ.items() if name not in ("KERAS_BACKEND", "KERAS_HOME")}
+    result = subprocess.run([sys.executable, "-c", "import cvaesim, keras\nprint(keras.backend.backend())"],
+                            capture_output=True, text=True, cwd=tmp_path, env={**environment, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["tensorflow"]
+    # Set on purpose, the other backend is kept, and training says what to change before it starts.
+    script = ("import keras\nfrom cvaesim.training import TrainingSettings, train\nprint(keras.backend.backend())\n"
+              "try:\n    train(None, TrainingSettings(), seed=0)\nexcept RuntimeError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env={**environment, "HOME": str(tmp_path), "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "jax", "training needs Keras's TensorFlow backend (resumable checkpoints, operation determinism), but Keras "
+        "runs on 'jax', as KERAS_BACKEND in the environment says; unset it or set KERAS_BACKEND=tensorflow"]

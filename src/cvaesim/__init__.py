@@ -6,6 +6,10 @@ import os
 # AMX. On AVX2 CPUs they run this model's convolutions 2-3x faster (measured with
 # perf/speed.py), so they are on unless the user chose; this must happen before TensorFlow loads.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# Training needs Keras's TensorFlow backend (resumable checkpoints, operation determinism). Without this,
+# a ~/.keras/keras.json left by other work naming another backend would apply; KERAS_BACKEND set by the
+# user still does (the model itself also runs on JAX), and training then says what to change.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 __version__ = "0.1.0"
 
