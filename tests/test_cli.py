@@ -6,6 +6,7 @@ import sys
 import zipfile
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -253,10 +254,14 @@ def test_a_file_that_is_no_whole_model_or_store_is_refused_naming_it(trained, tm
     # h5py's own error for a store names no file.
     store = (trained / "images.h5ad").read_bytes()
     (tmp_path / "cut.h5ad").write_bytes(store[: len(store) // 2])
+    with h5py.File(tmp_path / "matrix.h5", "w") as h5:  # HDF5, but no AnnData (as a 10x matrix is not)
+        h5.create_group("matrix")
     for name, problem in [
-        ("cut.h5ad", "cut.h5ad: not a readable HDF5 file, as an image store is (Unable to synchronously open file "
-                     "(truncated file"),
-        ("cut.keras", "cut.keras: not a readable HDF5 file, as an image store is"),
+        ("cut.h5ad", "cut.h5ad: not readable as an AnnData .h5ad file, as an image store is (Unable to "
+                     "synchronously open file (truncated file"),
+        ("cut.keras", "cut.keras: not readable as an AnnData .h5ad file, as an image store is"),
+        ("matrix.h5", "matrix.h5: not readable as an AnnData .h5ad file, as an image store is (Unable to "
+                      "synchronously open object (object 'obs' doesn't exist))"),
         ("folder.keras", "folder.keras: a folder, not an image store"),
     ]:
         assert main(["simulate", "--model", str(trained / "cvae.keras"), "--store", str(tmp_path / name),

@@ -89,9 +89,10 @@ def simulate_command(arguments: argparse.Namespace) -> None:
         raise InputError(f"{arguments.store}: a folder, not an image store; give the images.h5ad the reshape rule wrote")
     try:
         meta = ad.read_h5ad(arguments.store, backed="r")
-    except OSError as error:  # h5py's, which does not name the file
-        raise InputError(f"{arguments.store}: not a readable HDF5 file, as an image store is ({error}); give the "
-                         "images.h5ad the reshape rule wrote") from error
+    except (OSError, KeyError) as error:  # h5py's, which name no file: not HDF5, cut off, or HDF5 of another kind
+        raise InputError(f"{arguments.store}: not readable as an AnnData .h5ad file, as an image store is "
+                         f"({error.args[0] if error.args else error}); give the images.h5ad the reshape rule "
+                         "wrote") from error
     # Only now, with the request checked: these load TensorFlow, which takes seconds.
     from .simulation import Simulator
     from .steps import load_model
