@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -517,8 +518,9 @@ class Posteriors:
                 moments = ((arrays["share_mean"], arrays["share_square"]) if "share_mean" in arrays.files
                            else (None, None))
                 return cls(arrays["cells"], arrays["z_mean"], arrays["z_log_var"], str(path), *moments)
-        except (OSError, ValueError, KeyError) as error:
-            raise InputError(f"{path}: not a posteriors file written by the train rule ({error})") from error
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # cut off: BadZipFile
+            raise InputError(f"{path}: not a posteriors file written by the train rule, or one cut off ({error})"
+                             ) from error
 
 
 def proportional_plan(cell_types: list[str], real_counts: dict[str, int], total: int) -> dict[str, int]:
