@@ -195,6 +195,13 @@ def test_annotation_errors_name_the_file_and_columns(tmp_path):
     unicode_text = tmp_path / "unicode.txt"  # Excel's "Unicode Text" export: UTF-16 with a byte-order mark
     unicode_text.write_bytes("barcodes\tcelltype\r\nA-1\tT cell\r\nB-1\t\r\n".encode("utf-16"))
     assert read_annotation(unicode_text, "barcodes", "celltype").equals(labels)
+    windows = tmp_path / "windows.csv"  # Excel's CSV on Windows: Windows-1252, not UTF-8 (was refused)
+    windows.write_bytes("barcodes,celltype\r\nA-1,Naïve T cell\r\nB-1,\r\n".encode("cp1252"))
+    windows_labels = read_annotation(windows, "barcodes", "celltype")
+    assert windows_labels["A-1"] == "Naïve T cell" and pd.isna(windows_labels["B-1"])
+    windows.write_bytes(b"barcodes,celltype\nA-1,T\x81\n")  # 0x81: neither UTF-8 nor Windows-1252
+    with pytest.raises(InputError, match="windows.csv: text in none of the encodings utf-8, cp1252"):
+        read_annotation(windows, "barcodes", "celltype")
     workbook = tmp_path / "annotation.xlsx"  # a workbook is a zip archive; so is a zipped table
     with zipfile.ZipFile(workbook, "w") as archive:
         archive.writestr("xl/worksheets/sheet1.xml", "<worksheet/>")
