@@ -287,6 +287,9 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
                          f"{settings.reconstruction_loss} loss scores the images, not the counts")
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    # TF32, on by default on Ampere and later GPUs, rounds float32 convolutions and matrix products to 10-bit
+    # mantissas: on an H100 it cost realism (RF AUC 0.022 higher over ten seeds) at no gain in speed.
+    tf.config.experimental.enable_tensor_float_32_execution(False)
     devices = describe_devices()
     log.info("training on %s", devices)
     if settings.mixed_precision:
