@@ -446,21 +446,23 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     gzipped = start[:2] == GZIP_MAGIC
     # Excel's "Unicode Text" export is UTF-16 with a byte-order mark; its CSV on Windows is Windows-1252.
     encodings = ["utf-16"] if start[:2] in (b"\xff\xfe", b"\xfe\xff") else ["utf-8", "cp1252"]
-    for encoding in encodings:
-        try:
-            with (gzip.open if gzipped else open)(path, "rt", encoding=encoding, errors="replace") as handle:
-                header = handle.readline()
-            separator = next((candidate for candidate in "\t,;" if candidate in header), "\t")
-            table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=[""],
-                                compression="gzip" if gzipped else None, encoding=encoding)
-            break
-        except UnicodeDecodeError as error:
-            undecodable = error
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as error:
-            raise InputError(f"{path}: could not be read as a table ({error})") from error
-    else:
-        raise InputError(f"{path}: text in none of the encodings {', '.join(encodings)} ({undecodable}); save the "
-                         "table as UTF-8 text") from undecodable
+    try:
+        # The separators are ASCII, so the header finds them in any of the encodings.
+        with (gzip.open if gzipped else open)(path, "rt", encoding=encodings[0], errors="replace") as handle:
+            header = handle.readline()
+        separator = next((candidate for candidate in "\t,;" if candidate in header), "\t")
+        for encoding in encodings:
+            try:
+                table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=[""],
+                                    compression="gzip" if gzipped else None, encoding=encoding)
+                break
+            except UnicodeDecodeError as error:
+                undecodable = error
+        else:
+            raise InputError(f"{path}: text in none of the encodings {', '.join(encodings)} ({undecodable}); save "
+                             "the table as UTF-8 text") from undecodable
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as error:
+        raise InputError(f"{path}: could not be read as a table ({error})") from error
     if encoding == "cp1252":
         log.info("%s: not UTF-8; read as Windows-1252, as Excel writes CSV on Windows", path)
     # Spreadsheets and hand-edited tables pad names and cells ("barcodes, celltype"; "AAAC-1 ").

@@ -272,9 +272,9 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
     With ``checkpoint`` (a folder) every epoch is saved there and an interrupted run with the
     same ``fingerprint`` resumes; the folder is removed when training completes.
     """
-    if keras.backend.backend() != "tensorflow":
+    if (backend := keras.backend.backend()) != "tensorflow":
         raise RuntimeError(f"training needs Keras's TensorFlow backend (resumable checkpoints, operation determinism), "
-                           f"but Keras runs on {keras.backend.backend()!r}, as KERAS_BACKEND in the environment says; "
+                           f"but Keras runs on {backend!r}, as KERAS_BACKEND in the environment says; "
                            "unset it or set KERAS_BACKEND=tensorflow")
     import tensorflow as tf
 
