@@ -89,14 +89,15 @@ def write_tarball(path: Path, adata: ad.AnnData, folder: str = "filtered_matrice
     return path
 
 
-def write_10x_h5(path: Path, adata: ad.AnnData, v3: bool = True, antibodies: int = 0) -> Path:
+def write_10x_h5(path: Path, adata: ad.AnnData, v3: bool = True, antibodies: int = 0, genome: str = "hg19") -> Path:
     """A Cell Ranger HDF5 matrix: v3 (``matrix`` group, with ``antibodies`` extra Antibody Capture
-    features) or v2 (one genome group), genes x cells compressed by cell, names as bytes."""
+    features) or v2 (a ``genome`` group, added to the file if it exists), genes x cells compressed by cell,
+    names as bytes."""
     import h5py
 
     counts, ids, names, types = with_antibodies(adata, antibodies)
-    with h5py.File(path, "w") as h5:
-        group = h5.create_group("matrix" if v3 else "hg19")
+    with h5py.File(path, "w" if v3 else "a") as h5:
+        group = h5.create_group("matrix" if v3 else genome)
         group["data"], group["indices"], group["indptr"] = counts.data, counts.indices, counts.indptr
         group["shape"] = np.array([counts.shape[1], counts.shape[0]], dtype=np.int32)
         group["barcodes"] = np.array(adata.obs_names, dtype="S")

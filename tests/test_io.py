@@ -369,6 +369,27 @@ def test_a_matrix_without_gene_expression_features_is_refused(tmp_path, small_ce
         read_10x_tarball(path)
 
 
+def test_a_cell_ranger_2_file_of_two_genomes_joins_their_genes(tmp_path, small_cells, caplog):
+    """A mixed-species Cell Ranger 2 file lists the same cells under each genome, each with its own genes."""
+    human, mouse = small_cells[:, :30].copy(), small_cells[:, 30:].copy()
+    path = write_10x_h5(write_10x_h5(tmp_path / "barnyard.h5", human, v3=False, genome="hg19"), mouse, v3=False,
+                        genome="mm10")
+    with caplog.at_level(logging.INFO, logger="cvaesim.io"):
+        joined = read_10x_h5(path)
+    assert "genes of 2 genomes joined (hg19: 30, mm10: 20)" in caplog.text
+    assert list(joined.obs_names) == list(small_cells.obs_names)
+    assert list(joined.var_names) == list(small_cells.var_names)
+    assert joined.var["genome"].tolist() == ["hg19"] * 30 + ["mm10"] * 20
+    assert (joined.X != small_cells.X).nnz == 0
+    single = read_10x_h5(write_10x_h5(tmp_path / "human.h5", human, v3=False))
+    assert "genome" not in single.var and (single.X != human.X).nnz == 0
+    other_cells = small_cells[::-1, 30:].copy()
+    path = write_10x_h5(write_10x_h5(tmp_path / "apart.h5", human, v3=False), other_cells, v3=False, genome="mm10")
+    with pytest.raises(InputError, match=r"apart.h5: its genome groups hg19 and mm10 list different cells.*"
+                                         r"sc.read_10x_h5\(path, genome='mm10'\)"):
+        read_10x_h5(path)
+
+
 def test_broken_10x_h5_files_are_clear_errors(tmp_path, small_cells):
     import h5py
 

@@ -266,10 +266,12 @@ def listing_hint(shape: tuple[int, int], n_genes: int, n_barcodes: int) -> str:
 
 
 def read_10x_h5(path: str | Path) -> ad.AnnData:
-    """Read a 10x Genomics HDF5 matrix (Cell Ranger 3+ ``matrix`` group, or Cell Ranger 2's one genome group).
+    """Read a 10x Genomics HDF5 matrix (Cell Ranger 3+ ``matrix`` group, or Cell Ranger 2's genome groups).
 
     Of a Cell Ranger 3+ file only the Gene Expression features are kept (antibody capture
-    and other feature types are dropped, with a log line).
+    and other feature types are dropped, with a log line). A Cell Ranger 2 file of several genomes
+    (a mixed-species experiment) lists the same cells under each genome: their genes are joined side by
+    side, as Cell Ranger 3+ writes them, with each gene's genome in ``var['genome']``.
     """
     path = Path(path)
     try:
@@ -278,24 +280,51 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
                 group, features = h5["matrix"], h5["matrix"].get("features")
                 if features is None:
                     raise InputError(f"{path}: the 'matrix' group has no 'features' (not a 10x HDF5 matrix)")
+                counts, barcodes = _h5_counts(group, path)
                 gene_ids, symbols = _strings(features, "id", path), _strings(features, "name", path)
                 feature_types = _strings(features, "feature_type", path) if "feature_type" in features else None
+                genome_of_gene = None
             else:
-                genomes = [name for name, item in h5.items() if isinstance(item, h5py.Group)]
-                if len(genomes) != 1:
-                    raise InputError(f"{path}: expected a 'matrix' group (Cell Ranger 3+) or one genome group "
-                                     f"(Cell Ranger 2), found {', '.join(genomes) or 'none'}"
+                groups = sorted(name for name, item in h5.items() if isinstance(item, h5py.Group))
+                genomes = [name for name in groups if {"barcodes", "indptr"} <= set(h5[name])]
+                if not genomes:
+                    raise InputError(f"{path}: expected a 'matrix' group (Cell Ranger 3+) or genome groups "
+                                     f"(Cell Ranger 2), found {', '.join(groups) or 'no group'}"
                                      f"{format_hint(path, '10x_h5')}")
-                group = h5[genomes[0]]
-                gene_ids, symbols = _strings(group, "genes", path), _strings(group, "gene_names", path)
+                parts = [_h5_counts(h5[genome], path) for genome in genomes]
+                barcodes = parts[0][1]
+                for genome, (_, listed) in zip(genomes[1:], parts[1:]):
+                    if not np.array_equal(listed, barcodes):
+                        raise InputError(f"{path}: its genome groups {genomes[0]} and {genome} list different "
+                                         "cells, so their genes cannot be joined; write the genome wanted as an .h5ad "
+                                         f"(scanpy: sc.read_10x_h5(path, genome={genome!r})), add the labels to its "
+                                         "obs and give that file as an h5ad source")
+                counts = sp.hstack([part for part, _ in parts], format="csr")
+                gene_ids = np.concatenate([_strings(h5[genome], "genes", path) for genome in genomes])
+                symbols = np.concatenate([_strings(h5[genome], "gene_names", path) for genome in genomes])
                 feature_types = None
-            barcodes = _strings(group, "barcodes", path)
-            parts = {name: group[name][()] for name in ("data", "indices", "indptr", "shape") if name in group}
+                genome_of_gene = (np.repeat(genomes, [part.shape[1] for part, _ in parts])
+                                  if len(genomes) > 1 else None)
+                if genome_of_gene is not None:
+                    log.info("%s: genes of %d genomes joined (%s)", path, len(genomes),
+                             ", ".join(f"{genome}: {part.shape[1]}" for genome, (part, _) in zip(genomes, parts)))
     except OSError as error:
         raise InputError(f"{path}: not a readable HDF5 file ({error}); is the download complete?") from error
+    if (len(barcodes), len(gene_ids)) != counts.shape:
+        raise InputError(f"{path}: matrix is {counts.shape[1]} genes x {counts.shape[0]} cells but the file lists "
+                         f"{len(gene_ids)} features and {len(barcodes)} barcodes")
+    adata = _cells_by_genes(counts, barcodes, gene_ids, symbols, path, feature_types)
+    if genome_of_gene is not None:
+        adata.var["genome"] = genome_of_gene
+    return adata
+
+
+def _h5_counts(group: h5py.Group, path: Path) -> tuple[sp.csr_matrix, np.ndarray]:
+    """A 10x HDF5 group's counts as cells x genes, and its barcodes."""
+    parts = {name: group[name][()] for name in ("data", "indices", "indptr", "shape") if name in group}
     missing = sorted({"data", "indices", "indptr", "shape"} - set(parts))
     if missing:
-        raise InputError(f"{path}: the matrix has no {', '.join(missing)} (not a 10x HDF5 matrix)")
+        raise InputError(f"{path}: {group.name} has no {', '.join(missing)} (not a 10x HDF5 matrix)")
     n_genes, n_cells = (int(value) for value in parts["shape"])
     indices, indptr = parts["indices"], parts["indptr"]
     # Stored genes x cells, compressed by cell: the same arrays are cells x genes compressed by row.
@@ -303,10 +332,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
             or (len(indices) and (indices.min() < 0 or indices.max() >= n_genes))):
         raise InputError(f"{path}: the matrix's data, indices and indptr do not fit its {n_genes} x {n_cells} shape")
     counts = integer_counts(sp.csr_matrix((parts["data"], indices, indptr), shape=(n_cells, n_genes)), path)
-    if (len(barcodes), len(gene_ids)) != counts.shape:
-        raise InputError(f"{path}: matrix is {n_genes} genes x {n_cells} cells but the file lists "
-                         f"{len(gene_ids)} features and {len(barcodes)} barcodes")
-    return _cells_by_genes(counts, barcodes, gene_ids, symbols, path, feature_types)
+    return counts, _strings(group, "barcodes", path)
 
 
 def _strings(group: h5py.Group, name: str, path: Path) -> np.ndarray:
