@@ -96,6 +96,35 @@ def test_count_sampling_is_integer_and_centred_on_the_expectation():
     assert some.has_sorted_indices and some.indices.tolist() == [1] and some.indptr.tolist() == [0, 1, 1]
 
 
+def test_a_drawn_cell_expecting_any_count_has_one_as_every_real_cell_does():
+    """Cells of tiny libraries (the draw would leave half of them empty) are drawn given at least one count."""
+    n, expected_total = 20_000, 0.7
+    profiles = np.tile([1.0, 2.0, 0.0], (n, 1))
+    poisson = draw_counts(profiles, np.full(n, expected_total), "poisson", np.random.default_rng(0)).toarray()
+    totals = poisson.sum(axis=1)
+    assert totals.min() == 1
+    # A Poisson total given at least one: P(1) = lambda e^-lambda / (1 - e^-lambda), not one count added to each.
+    p_zero = np.exp(-expected_total)
+    assert abs((totals == 1).mean() - expected_total * p_zero / (1 - p_zero)) < 0.01
+    assert abs(totals.mean() - expected_total / (1 - p_zero)) < 4 * totals.std() / np.sqrt(n)
+    assert abs(poisson[:, 0].sum() / totals.sum() - 1 / 3) < 0.01 and poisson[:, 2].sum() == 0
+    # Negative binomial: each gene's counts as the draw's, given that the cell has any.
+    theta = np.array([0.5, np.inf, 1.0])
+    drawn = draw_counts(profiles, np.full(n, expected_total), "negative_binomial", np.random.default_rng(1),
+                        dispersion=theta).toarray()
+    assert drawn.sum(axis=1).min() == 1
+    mean_0, mean_1 = expected_total / 3, 2 * expected_total / 3
+    pmf_0 = nbinom.pmf(np.arange(4), theta[0], theta[0] / (theta[0] + mean_0))
+    zero_1 = np.exp(-mean_1)
+    given_any = pmf_0 / (1 - pmf_0[0] * zero_1)
+    given_any[0] = pmf_0[0] * (1 - zero_1) / (1 - pmf_0[0] * zero_1)
+    assert np.allclose(np.bincount(drawn[:, 0], minlength=4)[:4] / n, given_any, atol=0.01)
+    # Nothing to draw from: cells expecting no count stay empty, and rounding is what it is.
+    nothing = draw_counts(np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([5, 0]), "poisson", np.random.default_rng(2))
+    assert nothing.nnz == 0
+    assert draw_counts(np.array([[0.1, 0.2]]), np.array([0.5]), "round", np.random.default_rng(3)).nnz == 0
+
+
 def test_negative_binomial_counts_have_the_dispersion_asked_for():
     mean, theta = np.array([0.5, 5.0, 50.0, 5.0]), np.array([0.5, 2.0, 10.0, np.inf])
     drawn = draw_counts(np.tile(mean, (20_000, 1)), np.full(20_000, mean.sum()), "negative_binomial",

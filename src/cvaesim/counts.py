@@ -11,6 +11,10 @@ import scipy.sparse as sp
 COUNT_SAMPLING = ("poisson", "round", "negative_binomial")
 
 
+# Enough redraws for a cell expecting a single count to come out empty every time with odds of 1e-50.
+MAX_REDRAWS = 115
+
+
 def draw_counts(profiles: np.ndarray, totals: np.ndarray, method: str, rng: np.random.Generator,
                 dispersion: np.ndarray | None = None) -> sp.csr_matrix:
     """Sparse integer counts whose expectation is ``totals`` spread over the genes in proportion to ``profiles``.
@@ -19,18 +23,42 @@ def draw_counts(profiles: np.ndarray, totals: np.ndarray, method: str, rng: np.r
     gene independently from a Poisson; ``'negative_binomial'`` from a negative binomial with
     each gene's inverse dispersion ``dispersion`` (variance mu + mu^2 / dispersion; ``inf``:
     Poisson); ``'round'`` takes the nearest integer to the expectation.
+
+    A drawn cell has at least one count wherever it expects any: a real cell has (the filter drops
+    barcodes without a count), so a cell that came out empty is drawn again, which gives the draw's
+    distribution given at least one count. That matters only where libraries are tiny: a cell expecting
+    one count comes out empty 37% of the time.
     """
     if method not in COUNT_SAMPLING:
         raise ValueError(f"unknown count sampling {method!r}; choose one of {COUNT_SAMPLING}")
+    if method == "negative_binomial" and (dispersion is None or len(dispersion) != profiles.shape[1]):
+        raise ValueError("negative-binomial counts need one dispersion per gene")
+    totals = np.asarray(totals, dtype=np.float64)
+    counts = _counts_around(profiles, totals, method, rng, dispersion)
+    if method == "round":
+        return counts
+    expects_counts = (profiles.sum(axis=1) > 0) & (totals > 0)
+    for _ in range(MAX_REDRAWS):
+        empty = np.flatnonzero(expects_counts & (np.diff(counts.indptr) == 0))
+        if not len(empty):
+            break
+        redrawn = _counts_around(profiles[empty], totals[empty], method, rng, dispersion)
+        order = np.arange(counts.shape[0])
+        order[empty] = counts.shape[0] + np.arange(len(empty))
+        counts = sp.vstack([counts, redrawn], format="csr")[order]
+        counts.sort_indices()
+    return counts
+
+
+def _counts_around(profiles: np.ndarray, totals: np.ndarray, method: str, rng: np.random.Generator,
+                   dispersion: np.ndarray | None) -> sp.csr_matrix:
     if method == "poisson":
         return poisson_counts(profiles, totals, rng)
     sums = profiles.sum(axis=1, dtype=np.float64)
-    scale = np.divide(np.asarray(totals, dtype=np.float64), sums, out=np.zeros(len(sums)), where=sums > 0)
+    scale = np.divide(totals, sums, out=np.zeros(len(sums)), where=sums > 0)
     expected = profiles * scale[:, np.newaxis]
     if method == "round":
         return sp.csr_matrix(np.rint(expected).astype(np.int32))
-    if dispersion is None or len(dispersion) != profiles.shape[1]:
-        raise ValueError("negative-binomial counts need one dispersion per gene")
     return negative_binomial_counts(expected, np.asarray(dispersion, dtype=np.float64), rng)
 
 
