@@ -11,7 +11,7 @@ import scipy.sparse as sp
 COUNT_SAMPLING = ("poisson", "round", "negative_binomial")
 
 
-# Enough redraws for a cell expecting a single count to come out empty every time with odds of 1e-50.
+# How often a cell that came out empty is drawn again: one expecting a single count stays empty with odds of 1e-50.
 MAX_REDRAWS = 115
 
 

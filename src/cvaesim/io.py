@@ -303,9 +303,9 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
                 gene_ids = np.concatenate([_strings(h5[genome], "genes", path) for genome in genomes])
                 symbols = np.concatenate([_strings(h5[genome], "gene_names", path) for genome in genomes])
                 feature_types = None
-                genome_of_gene = (np.repeat(genomes, [part.shape[1] for part, _ in parts])
-                                  if len(genomes) > 1 else None)
-                if genome_of_gene is not None:
+                genome_of_gene = None
+                if len(genomes) > 1:
+                    genome_of_gene = np.repeat(genomes, [part.shape[1] for part, _ in parts])
                     log.info("%s: genes of %d genomes joined (%s)", path, len(genomes),
                              ", ".join(f"{genome}: {part.shape[1]}" for genome, (part, _) in zip(genomes, parts)))
     except OSError as error:
