@@ -2,6 +2,7 @@
 
 import logging
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
@@ -27,6 +28,18 @@ def test_the_embedding_works_past_scanpys_approximate_neighbour_threshold():
     pcs = normalised.obsm["X_pca"]
     to_others = np.sqrt(((np.delete(pcs, 0, axis=0) - pcs[0]) ** 2).sum(axis=1))
     np.testing.assert_allclose(np.sort(distances[0].data), np.sort(to_others)[:14], rtol=1e-4)
+
+
+def test_scanpys_default_neighbours_run_in_this_environment_past_8192_cells():
+    """Users cluster the simulated cells with scanpy in the workflow's environment; from 8,192 cells its default
+    neighbours come from pynndescent, whose 0.7 release returns arrays scanpy 1.11 cannot read ('getnnz')."""
+    import scanpy as sc
+
+    cells = ad.AnnData(np.random.default_rng(0).normal(size=(9000, 30)).astype(np.float32))
+    sc.pp.neighbors(cells, use_rep="X", random_state=0)
+    # Approximate neighbours: at least the 14 others of scanpy's default 15 for every cell.
+    assert cells.obsp["connectivities"].shape == (9000, 9000)
+    assert (np.diff(cells.obsp["distances"].indptr) >= 14).all()
 
 
 def test_qc_metrics_include_the_mitochondrial_share_of_human_and_mouse_genes():
