@@ -37,9 +37,10 @@ def draw_counts(profiles: np.ndarray, totals: np.ndarray, method: str, rng: np.r
     counts = _counts_around(profiles, totals, method, rng, dispersion)
     if method == "round":
         return counts
-    expects_counts = (profiles.sum(axis=1) > 0) & (totals > 0)
+    empty = np.flatnonzero(np.diff(counts.indptr) == 0)
+    # Only the empty cells are looked at: cells expecting no count (no profile or no library) stay empty.
+    empty = empty[(totals[empty] > 0) & (profiles[empty].sum(axis=1) > 0)]
     for _ in range(MAX_REDRAWS):
-        empty = np.flatnonzero(expects_counts & (np.diff(counts.indptr) == 0))
         if not len(empty):
             break
         redrawn = _counts_around(profiles[empty], totals[empty], method, rng, dispersion)
@@ -47,6 +48,7 @@ def draw_counts(profiles: np.ndarray, totals: np.ndarray, method: str, rng: np.r
         order[empty] = counts.shape[0] + np.arange(len(empty))
         counts = sp.vstack([counts, redrawn], format="csr")[order]
         counts.sort_indices()
+        empty = empty[np.diff(redrawn.indptr) == 0]
     return counts
 
 

@@ -274,6 +274,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
     side, as Cell Ranger 3+ writes them, with each gene's genome in ``var['genome']``.
     """
     path = Path(path)
+    feature_types = genome_of_gene = None
     try:
         with h5py.File(path, "r") as h5:
             if isinstance(h5.get("matrix"), h5py.Group):
@@ -282,8 +283,8 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
                     raise InputError(f"{path}: the 'matrix' group has no 'features' (not a 10x HDF5 matrix)")
                 counts, barcodes = _h5_counts(group, path)
                 gene_ids, symbols = _strings(features, "id", path), _strings(features, "name", path)
-                feature_types = _strings(features, "feature_type", path) if "feature_type" in features else None
-                genome_of_gene = None
+                if "feature_type" in features:
+                    feature_types = _strings(features, "feature_type", path)
             else:
                 groups = sorted(name for name, item in h5.items() if isinstance(item, h5py.Group))
                 genomes = [name for name in groups if {"barcodes", "indptr"} <= set(h5[name])]
@@ -291,23 +292,22 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
                     raise InputError(f"{path}: expected a 'matrix' group (Cell Ranger 3+) or genome groups "
                                      f"(Cell Ranger 2), found {', '.join(groups) or 'no group'}"
                                      f"{format_hint(path, '10x_h5')}")
-                parts = [_h5_counts(h5[genome], path) for genome in genomes]
-                barcodes = parts[0][1]
-                for genome, (_, listed) in zip(genomes[1:], parts[1:]):
+                matrices, barcode_lists, id_lists, symbol_lists = zip(*(
+                    (*_h5_counts(h5[genome], path), _strings(h5[genome], "genes", path),
+                     _strings(h5[genome], "gene_names", path)) for genome in genomes))
+                barcodes = barcode_lists[0]
+                for genome, listed in zip(genomes[1:], barcode_lists[1:]):
                     if not np.array_equal(listed, barcodes):
                         raise InputError(f"{path}: its genome groups {genomes[0]} and {genome} list different "
                                          "cells, so their genes cannot be joined; write the genome wanted as an .h5ad "
                                          f"(scanpy: sc.read_10x_h5(path, genome={genome!r})), add the labels to its "
                                          "obs and give that file as an h5ad source")
-                counts = sp.hstack([part for part, _ in parts], format="csr")
-                gene_ids = np.concatenate([_strings(h5[genome], "genes", path) for genome in genomes])
-                symbols = np.concatenate([_strings(h5[genome], "gene_names", path) for genome in genomes])
-                feature_types = None
-                genome_of_gene = None
+                counts = sp.hstack(matrices, format="csr")
+                gene_ids, symbols = np.concatenate(id_lists), np.concatenate(symbol_lists)
                 if len(genomes) > 1:
-                    genome_of_gene = np.repeat(genomes, [part.shape[1] for part, _ in parts])
+                    genome_of_gene = np.repeat(genomes, [matrix.shape[1] for matrix in matrices])
                     log.info("%s: genes of %d genomes joined (%s)", path, len(genomes),
-                             ", ".join(f"{genome}: {part.shape[1]}" for genome, (part, _) in zip(genomes, parts)))
+                             ", ".join(f"{genome}: {matrix.shape[1]}" for genome, matrix in zip(genomes, matrices)))
     except OSError as error:
         raise InputError(f"{path}: not a readable HDF5 file ({error}); is the download complete?") from error
     if (len(barcodes), len(gene_ids)) != counts.shape:
