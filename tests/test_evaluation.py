@@ -1,5 +1,6 @@
 import warnings
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -132,6 +133,24 @@ def test_evaluation_scores_every_source_type_and_metric(scored):
     assert result.cells["test"].to_dict() == labels[is_test].value_counts().to_dict()
     assert result.cells["simulated"].to_dict() == copies.obs["cell_type"].astype(str).value_counts().to_dict()
 
+
+
+def test_cell_types_are_scored_listed_and_plotted_in_the_data_order(tmp_path, monkeypatch):
+    real = random_counts(300, 30, TYPES, seed=7)
+    real.obs["cell_type"] = pd.Categorical(real.obs["cell_type"], categories=TYPES)  # not alphabetical
+    is_test = np.arange(300) % 2 == 0
+    simulated = real[~is_test].copy()
+    simulated.obs_names = [f"sim_{i}" for i in range(simulated.n_obs)]
+    result = evaluate(real, is_test, simulated, EvaluationSettings(n_trees=10, n_components=5, n_markers=5))
+    assert list(result.cells.index) == TYPES
+    per_type = result.metrics[result.metrics["cell_type"] != "overall"]
+    assert list(dict.fromkeys(per_type["cell_type"])) == TYPES
+    assert list(dict.fromkeys(result.confusion["conditioned_type"])) == TYPES
+    monkeypatch.setattr("cvaesim.plots.plt.close", lambda figure: None)  # keep the figure to read its axis
+    plot_per_type(result.metrics, tmp_path / "per_type.png", result.cells)
+    shown = [tick.get_text().split("\n")[0] for tick in plt.gcf().axes[-1].get_xticklabels()]
+    plt.close("all")
+    assert shown == TYPES
 
 def test_too_few_cells_to_score_any_type_give_nan_metrics_and_say_why(tmp_path, caplog):
     # A first try on a small subset: no type has evaluate.min_cells test cells.

@@ -1,15 +1,16 @@
 import logging
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cvaesim import InputError
+from cvaesim import InputError, steps
 from cvaesim.filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from cvaesim.io import read_10x_tarball, read_annotation
 
-from conftest import EMBEDDED_ANNOTATION, EMBEDDED_TARBALL
+from conftest import AWKWARD_TYPES, EMBEDDED_ANNOTATION, EMBEDDED_TARBALL
 
 
 def test_defaults_keep_every_labelled_cell_and_drop_undetected_genes(small_cells):
@@ -71,6 +72,30 @@ def test_spaces_around_labels_do_not_make_another_cell_type(small_cells, caplog)
     assert list(filtered.obs["cell_type"]) == [first, first, *small_cells.obs["cell_type"].iloc[2:]]
     assert "cells.h5ad: 2 labels had spaces around them" in caplog.text
 
+
+
+def test_an_h5ad_categorical_label_column_keeps_its_order_without_unused_categories(small_cells, tmp_path):
+    # scanpy's plots follow a categorical's order; a subset keeps categories no cell has any more.
+    cells = small_cells.copy()
+    order = sorted(AWKWARD_TYPES, reverse=True)
+    cells.obs["annotation"] = pd.Categorical(cells.obs["cell_type"], categories=[order[0], "Gone", *order[1:]])
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    steps.filter_dataset(str(tmp_path / "cells.h5ad"), str(tmp_path / "filtered.h5ad"), "h5ad", "annotation")
+    filtered = ad.read_h5ad(tmp_path / "filtered.h5ad")
+    assert list(filtered.obs["cell_type"].cat.categories) == order
+    assert list(filtered.obs["cell_type"]) == list(small_cells.obs["cell_type"])
+
+
+def test_integer_cluster_ids_are_named_and_ordered_as_numbers(small_cells, caplog):
+    cells = small_cells.copy()
+    ids = np.arange(cells.n_obs) % 12
+    with_missing = np.where(np.arange(cells.n_obs) == 0, np.nan, ids)  # floats: 3.0 where 3 was meant
+    # As text from an annotation table, as integers, as floats with a missing value, as a categorical of floats.
+    for labels in (ids.astype(str), ids, with_missing, pd.Categorical(with_missing)):
+        cells.obs["cell_type"] = labels
+        filtered = filter_cells_and_genes(cells, FilterThresholds(), "cells.h5ad")
+        assert list(filtered.obs["cell_type"].cat.categories) == [str(i) for i in range(12)]
+        assert list(filtered.obs["cell_type"]) == [str(i) for i in ids[cells.n_obs - filtered.n_obs:]]
 
 def test_thresholds_drop_cells_genes_and_small_types(small_cells):
     totals = np.asarray(small_cells.X.sum(axis=1)).ravel()

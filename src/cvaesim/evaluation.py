@@ -299,7 +299,9 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     real_properties_of = {}  # (reference, cell type) -> properties: the three simulators share the test cells
     # A type too rare for a test cell is still trained on and simulated: it is named among the unscored, and the
     # confusion matrix keeps its cells and the cells called it.
-    types = sorted(set(test_labels) | set(train_labels) | set(plan))
+    named = set(test_labels) | set(train_labels) | set(plan)
+    known = [name for name in real.obs["cell_type"].astype("category").cat.categories if name in named]
+    types = known + sorted(named - set(known))  # the data's own order (see filtering.type_order)
     sizes = {cell_type: (int((test_labels == cell_type).sum()), plan.get(cell_type, 0)) for cell_type in types}
     unscored = {cell_type: pair for cell_type, pair in sizes.items() if min(pair) < settings.min_cells}
     if unscored:
@@ -376,7 +378,7 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
     metrics = pd.concat([metrics, overall], ignore_index=True)
     cells = pd.DataFrame({"training": pd.Series(train_labels).value_counts(),
                           "test": pd.Series(test_labels).value_counts(), "simulated": pd.Series(plan, dtype=int)})
-    cells = cells.fillna(0).astype(int).rename_axis("cell_type")
+    cells = cells.reindex(types).fillna(0).astype(int).rename_axis("cell_type")
     return Evaluation(metrics, pd.DataFrame(confusion, columns=["source", "conditioned_type", "predicted_type", "cells"]),
                       gene_statistics, cells)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
     labels = adata.obs["cell_type"].astype(object)
     named = labels.notna()
     # 'T cell ' and 'T cell' name one type, as spreadsheets and hand-made tables leave them.
-    text = labels[named].astype(str)
+    text = labels[named].map(label_name)
     stripped = text.str.strip()
     padded = stripped.ne(text)
     if padded.any():
@@ -130,8 +131,28 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
             f"{source}: no cells or genes pass the filter thresholds {thresholds} "
             f"({filtered.n_obs} cells x {filtered.n_vars} genes left)"
         )
-    filtered.obs["cell_type"] = pd.Categorical(labels.to_numpy()[keep_cells].astype(str))
+    kept = labels.to_numpy()[keep_cells].astype(str)
+    filtered.obs["cell_type"] = pd.Categorical(kept, categories=type_order(adata.obs["cell_type"], kept))
     filtered.X = filtered.X.astype(np.int32)
     log.info("%s: kept %d of %d cells and %d of %d genes; %d cell types", source, filtered.n_obs, adata.n_obs,
              filtered.n_vars, adata.n_vars, filtered.obs["cell_type"].cat.categories.size)
     return filtered
+
+
+def label_name(label: object) -> str:
+    """A label as text: integer ids that a column with missing values holds as floats read '3', not '3.0'."""
+    if isinstance(label, (float, np.floating)) and float(label).is_integer():
+        return str(int(label))
+    return str(label)
+
+
+def type_order(source_labels: pd.Series, kept: np.ndarray) -> list[str]:
+    """The cell types in the source's own order where its labels are categorical (scanpy's clusters, a curated
+    annotation), else integer ids in numeric order ('2' before '10'), else alphabetical: reports and plots follow it."""
+    present = set(kept)
+    if isinstance(source_labels.dtype, pd.CategoricalDtype):
+        names = (label_name(category).strip() for category in source_labels.cat.categories)
+        return [name for name in dict.fromkeys(names) if name in present]
+    if all(re.fullmatch(r"-?\d+", name) for name in present):
+        return sorted(present, key=lambda name: (int(name), name))
+    return sorted(present)

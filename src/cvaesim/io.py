@@ -541,8 +541,8 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
         raise InputError(f"{path}: {where} holds {problem}; raw counts are needed{hint}")
     adata = ad.AnnData(
         X=sp.csr_matrix(counts, dtype=np.int32),  # checked above
-        obs=pd.DataFrame({"cell_type": source.obs[label_column].astype(str).where(source.obs[label_column].notna())},
-                         index=source.obs_names),
+        # As stored (categorical, numbers, text): the filter names the types and keeps a categorical's order.
+        obs=pd.DataFrame({"cell_type": source.obs[label_column]}, index=source.obs_names),
         # The gene annotation goes along (Ensembl ids, symbols beside ids as in CELLxGENE files) into every output.
         var=var.set_axis(var.index.astype(str)),
     )

@@ -36,10 +36,12 @@ def plot_per_type(metrics: pd.DataFrame, path, cells: pd.DataFrame | None = None
     """One panel per metric: each cell type's value for the model, the baselines and the control;
     ``cells`` (training and test cells per type) goes under each type's name."""
     per_type = metrics[metrics["cell_type"] != "overall"]
-    figure, axes = plt.subplots(len(names), 1, figsize=(max(8, 0.9 * per_type["cell_type"].nunique()), 2.6 * len(names)),
+    cell_types = list(dict.fromkeys(per_type["cell_type"]))  # in the evaluation's order, which is the data's
+    figure, axes = plt.subplots(len(names), 1, figsize=(max(8, 0.9 * len(cell_types)), 2.6 * len(names)),
                                 sharex=True)
     for axis, name in zip(axes, names):
-        table = per_type[per_type["metric"] == name].pivot(index="cell_type", columns="source", values="value")
+        table = (per_type[per_type["metric"] == name].pivot(index="cell_type", columns="source", values="value")
+                 .reindex(cell_types))
         if not table.empty:
             table.plot.bar(ax=axis, width=0.8, legend=False)
         axis.set_ylabel(name.replace("_", " "))
