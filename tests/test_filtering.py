@@ -38,6 +38,25 @@ def test_cells_without_counts_are_dropped_at_the_default_thresholds(small_cells,
     assert "cells.h5ad: 2 of 120 labelled cells have no counts and are dropped" in caplog.text
 
 
+
+def test_explicitly_stored_zeros_are_no_detection(small_cells, caplog):
+    cells = small_cells.copy()
+    dense = cells.X.toarray()
+    dense[:, 3] = 0
+    dense[0, 5:] = 0  # a cell with counts in five genes only
+    stored = np.ones_like(dense, dtype=bool)
+    stored[1:, 10:] = dense[1:, 10:] > 0  # every entry of the first cell and of ten genes stored, zeros too
+    rows, genes = np.nonzero(stored)
+    cells.X = sp.csr_matrix((dense[rows, genes], (rows, genes)), shape=dense.shape)
+    assert (cells.X.data == 0).any()
+    with caplog.at_level(logging.INFO):
+        filtered = filter_cells_and_genes(cells, FilterThresholds(min_genes_per_cell=6), "cells.h5ad")
+    assert "GENE3" not in filtered.var_names  # no cell counts it: undetected
+    assert list(filtered.obs_names) == list(cells.obs_names[(dense > 0).sum(axis=1) >= 6])
+    assert cells.obs_names[0] not in filtered.obs_names
+    assert not (filtered.X.data == 0).any()
+    assert "explicitly stored zeros dropped" in caplog.text
+
 def test_blank_and_missing_labels_name_no_cell_type(small_cells, caplog):
     cells = small_cells.copy()
     cells.obs["cell_type"] = cells.obs["cell_type"].astype(object)

@@ -85,6 +85,12 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{source}: the matrix holds no {'cells' if adata.n_obs == 0 else 'genes'} "
                          f"({adata.n_obs} x {adata.n_vars})")
+    counts = adata.X.copy()
+    counts.eliminate_zeros()
+    if counts.nnz < adata.X.nnz:  # some converters keep them, and so does assigning 0 into a sparse matrix
+        log.info("%s: %d explicitly stored zeros dropped: a stored zero is no detection", source,
+                 adata.X.nnz - counts.nnz)
+        adata = ad.AnnData(counts, obs=adata.obs, var=adata.var)
     labels = adata.obs["cell_type"].astype(object)
     named = labels.notna()
     # 'T cell ' and 'T cell' name one type, as spreadsheets and hand-made tables leave them.
@@ -105,7 +111,6 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
         raise InputError(f"{source}: none of its {adata.n_obs} cells has a label (every label is missing)")
     if not labelled.all():
         log.warning("%s: %d of %d cells have no label and are dropped", source, (~labelled).sum(), adata.n_obs)
-    counts = adata.X
     totals = np.asarray(counts.sum(axis=1)).ravel()
     # A barcode without a single count has no expression profile to learn, whatever the thresholds say.
     empty = labelled & (totals == 0)
