@@ -209,7 +209,8 @@ def marker_scores(real: ad.AnnData, simulated: ad.AnnData, real_tops: dict, simu
 def labelled_view(normalised: sp.csr_matrix, labels: np.ndarray, genes: pd.Index) -> ad.AnnData:
     """Log-normalised cells with their types, for marker ranking."""
     return ad.AnnData(X=normalised, var=pd.DataFrame(index=genes),
-                      obs=pd.DataFrame({"cell_type": labels}, index=[str(i) for i in range(len(labels))]))
+                      # categorical already: anndata would convert it, logging "storing 'cell_type' as categorical"
+                      obs=pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[str(i) for i in range(len(labels))]))
 
 
 class Space:
