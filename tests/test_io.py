@@ -390,6 +390,20 @@ def test_a_cell_ranger_2_file_of_two_genomes_joins_their_genes(tmp_path, small_c
         read_10x_h5(path)
 
 
+
+def test_a_cell_ranger_3_file_of_two_genomes_names_each_gene_s_genome(tmp_path, small_cells):
+    import h5py
+
+    path = write_10x_h5(tmp_path / "barnyard.h5", small_cells, antibodies=2)
+    genomes = ["GRCh38"] * 30 + ["mm10"] * 20 + ["", ""]  # Cell Ranger leaves antibodies' genome blank
+    with h5py.File(path, "a") as h5:
+        h5["matrix/features/genome"] = np.array(genomes, dtype="S")
+    cells = read_10x_h5(path)
+    assert cells.n_vars == 50 and cells.var["genome"].tolist() == genomes[:50]
+    with h5py.File(path, "a") as h5:
+        h5["matrix/features/genome"][...] = np.array(["GRCh38"] * 52, dtype="S")
+    assert "genome" not in read_10x_h5(path).var  # one genome: nothing to tell apart
+
 def test_broken_10x_h5_files_are_clear_errors(tmp_path, small_cells):
     import h5py
 

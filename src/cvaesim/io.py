@@ -271,7 +271,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
     Of a Cell Ranger 3+ file only the Gene Expression features are kept (antibody capture
     and other feature types are dropped, with a log line). A Cell Ranger 2 file of several genomes
     (a mixed-species experiment) lists the same cells under each genome: their genes are joined side by
-    side, as Cell Ranger 3+ writes them, with each gene's genome in ``var['genome']``.
+    side, as Cell Ranger 3+ writes them; a gene's genome is in ``var['genome']`` where there are several.
     """
     path = Path(path)
     feature_types = genome_of_gene = None
@@ -285,6 +285,8 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
                 gene_ids, symbols = _strings(features, "id", path), _strings(features, "name", path)
                 if "feature_type" in features:
                     feature_types = _strings(features, "feature_type", path)
+                if "genome" in features:  # each feature's; several in a mixed-species experiment
+                    genome_of_gene = _strings(features, "genome", path)
             else:
                 groups = sorted(name for name, item in h5.items() if isinstance(item, h5py.Group))
                 genomes = [name for name in groups if {"barcodes", "indptr"} <= set(h5[name])]
@@ -304,8 +306,8 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
                                          "obs and give that file as an h5ad source")
                 counts = sp.hstack(matrices, format="csr")
                 gene_ids, symbols = np.concatenate(id_lists), np.concatenate(symbol_lists)
+                genome_of_gene = np.repeat(genomes, [matrix.shape[1] for matrix in matrices])
                 if len(genomes) > 1:
-                    genome_of_gene = np.repeat(genomes, [matrix.shape[1] for matrix in matrices])
                     log.info("%s: genes of %d genomes joined (%s)", path, len(genomes),
                              ", ".join(f"{genome}: {matrix.shape[1]}" for genome, matrix in zip(genomes, matrices)))
     except OSError as error:
@@ -313,10 +315,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
     if (len(barcodes), len(gene_ids)) != counts.shape:
         raise InputError(f"{path}: matrix is {counts.shape[1]} genes x {counts.shape[0]} cells but the file lists "
                          f"{len(gene_ids)} features and {len(barcodes)} barcodes")
-    adata = _cells_by_genes(counts, barcodes, gene_ids, symbols, path, feature_types)
-    if genome_of_gene is not None:
-        adata.var["genome"] = genome_of_gene
-    return adata
+    return _cells_by_genes(counts, barcodes, gene_ids, symbols, path, feature_types, genome_of_gene)
 
 
 def _h5_counts(group: h5py.Group, path: Path) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -343,9 +342,10 @@ def _strings(group: h5py.Group, name: str, path: Path) -> np.ndarray:
 
 
 def _cells_by_genes(counts: sp.csr_matrix, barcodes, gene_ids, symbols, path: Path,
-                    feature_types: np.ndarray | None = None) -> ad.AnnData:
-    """Cells x genes with symbols as gene names (made unique) and the ids beside them; of a Cell Ranger 3+
-    matrix only the Gene Expression features (antibody capture, CRISPR guides and the like are dropped)."""
+                    feature_types: np.ndarray | None = None, genomes: np.ndarray | None = None) -> ad.AnnData:
+    """Cells x genes with symbols as gene names (made unique) and the ids beside them, and each gene's genome
+    where the genes come from several (``var['genome']``); of a Cell Ranger 3+ matrix only the Gene Expression
+    features (antibody capture, CRISPR guides and the like are dropped)."""
     if feature_types is not None:
         feature_types = np.asarray(feature_types, dtype=str)
         expression = feature_types == "Gene Expression"
@@ -357,8 +357,11 @@ def _cells_by_genes(counts: sp.csr_matrix, barcodes, gene_ids, symbols, path: Pa
                      len(expression), ", ".join(sorted(set(feature_types[~expression]))))
             counts, gene_ids, symbols = (counts[:, expression], np.asarray(gene_ids)[expression],
                                          np.asarray(symbols)[expression])
+            genomes = None if genomes is None else np.asarray(genomes)[expression]
     var = pd.DataFrame({"gene_ids": np.asarray(gene_ids, dtype=str)},
                        index=pd.Index(np.asarray(symbols, dtype=str), name=None))
+    if genomes is not None and len(set(genomes)) > 1:
+        var["genome"] = np.asarray(genomes, dtype=str)
     adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(np.asarray(barcodes, dtype=str))), var=var)
     return with_unique_gene_names(adata, path)
 
