@@ -105,7 +105,7 @@ def test_an_h5ad_categorical_label_column_keeps_its_order_without_unused_categor
     assert list(filtered.obs["cell_type"]) == list(small_cells.obs["cell_type"])
 
 
-def test_integer_cluster_ids_are_named_and_ordered_as_numbers(small_cells, caplog):
+def test_integer_cluster_ids_are_named_and_ordered_as_numbers(small_cells):
     cells = small_cells.copy()
     ids = np.arange(cells.n_obs) % 12
     with_missing = np.where(np.arange(cells.n_obs) == 0, np.nan, ids)  # floats: 3.0 where 3 was meant

@@ -85,12 +85,13 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{source}: the matrix holds no {'cells' if adata.n_obs == 0 else 'genes'} "
                          f"({adata.n_obs} x {adata.n_vars})")
-    counts = adata.X.copy()
-    counts.eliminate_zeros()
-    if counts.nnz < adata.X.nnz:  # some converters keep them, and so does assigning 0 into a sparse matrix
-        log.info("%s: %d explicitly stored zeros dropped: a stored zero is no detection", source,
-                 adata.X.nnz - counts.nnz)
+    stored_zeros = int((adata.X.data == 0).sum())
+    if stored_zeros:  # some converters keep them, and so does assigning 0 into a sparse matrix
+        log.info("%s: %d explicitly stored zeros dropped: a stored zero is no detection", source, stored_zeros)
+        counts = adata.X.copy()  # only then: a copy of PBMC68k's matrix is half a gigabyte
+        counts.eliminate_zeros()
         adata = ad.AnnData(counts, obs=adata.obs, var=adata.var)
+    counts = adata.X
     labels = adata.obs["cell_type"].astype(object)
     named = labels.notna()
     # 'T cell ' and 'T cell' name one type, as spreadsheets and hand-made tables leave them.
