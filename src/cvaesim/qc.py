@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 
 import anndata as ad
 import matplotlib
@@ -117,6 +118,16 @@ def plot_embedding(normalised: ad.AnnData, basis: str, path) -> None:
     plt.close(figure)
 
 
+def wilcoxon_markers(cells: ad.AnnData, groups: list[str], n_markers: int) -> pd.DataFrame:
+    """The top ``n_markers`` genes of each group (Wilcoxon, the group against the rest), a column per group."""
+    with warnings.catch_warnings():
+        # scanpy builds its result a column at a time; from about 20 types on, pandas warns of fragmentation
+        # hundreds of times per call, filling the log with a note on scanpy's internals.
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        sc.tl.rank_genes_groups(cells, "cell_type", groups=groups, method="wilcoxon", n_genes=n_markers)
+    return pd.DataFrame(cells.uns["rank_genes_groups"]["names"])
+
+
 def marker_table(normalised: ad.AnnData, n_markers: int) -> pd.DataFrame:
     """Top ``n_markers`` of each cell type (Wilcoxon, one type versus the rest) in real and in simulated cells."""
     rows = []
@@ -127,8 +138,7 @@ def marker_table(normalised: ad.AnnData, n_markers: int) -> pd.DataFrame:
         if len(groups) < 2:
             log.warning("%s cells: fewer than two cell types with two cells; no markers", source)
             continue
-        sc.tl.rank_genes_groups(cells, "cell_type", groups=groups, method="wilcoxon", n_genes=n_markers)
-        names = pd.DataFrame(cells.uns["rank_genes_groups"]["names"])
+        names = wilcoxon_markers(cells, groups, n_markers)
         for cell_type in names.columns:
             for rank, gene in enumerate(names[cell_type], start=1):
                 rows.append({"source": source, "cell_type": cell_type, "rank": rank, "gene": gene})
