@@ -4,7 +4,7 @@ Uses the filtered matrix that ``perf/pbmc68k_scale.py`` writes (68,579 PBMC68k-s
 20,387 genes); the test cells are the reshape rule's split (40%, stratified, seed 0). The
 simulated cells are stand-ins, drawn by the evaluation's own negative-binomial baseline in
 the test cells' type proportions: the time to score cells does not depend on who made them.
-Prints the wall time and peak resident memory of the scoring.
+Prints the wall time and peak resident memory of the scoring (``--repeats`` as ``evaluate.repeats``).
 
     .venv/bin/python perf/pbmc68k_scale.py --workdir /tmp/pbmc68k-scale
     .venv/bin/python perf/evaluate_scale.py --workdir /tmp/pbmc68k-scale
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="as the evaluate rule's threads")
     parser.add_argument("--training-cells", action="store_true",
                         help="evaluate.training_cells: true (score a sample of the training cells too)")
+    parser.add_argument("--repeats", type=int, default=1, help="evaluate.repeats (matched samples averaged over)")
     arguments = parser.parse_args()
     filtered = arguments.workdir / "results" / "pbmc68k_shaped" / "filtered.h5ad"
     if not filtered.exists():
@@ -49,7 +50,8 @@ def main() -> None:
     simulated = baseline(counts[~is_test], labels[~is_test], plan, "nb", seed=1)
     simulated.var_names = real.var_names
     started = time.perf_counter()
-    settings = EvaluationSettings(n_jobs=arguments.threads, training_cells=arguments.training_cells)
+    settings = EvaluationSettings(n_jobs=arguments.threads, training_cells=arguments.training_cells,
+                                  repeats=arguments.repeats)
     result = evaluate(real, is_test, simulated, settings)
     seconds = time.perf_counter() - started
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {is_test.sum()} real test cells, "

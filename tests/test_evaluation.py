@@ -1,4 +1,5 @@
 import warnings
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from cvaesim.evaluation import (CONTROL, METRICS, TRAINING, EvaluationSettings, Space, baseline, evaluate, forest_auc,
-                                mmd, overall_table, properties, training_sample)
+                                mmd, overall_table, properties, repeat_seeds, training_sample)
 from cvaesim.plots import plot_per_type
 
 from conftest import random_counts
@@ -243,3 +244,29 @@ def test_forests_fitted_in_worker_processes_give_the_same_metrics(scored):
     assert settings.n_jobs == 1  # every forest fitted in this process
     beside = evaluate(real, is_test, copies, EvaluationSettings(**{**settings.__dict__, "n_jobs": 3}))
     pd.testing.assert_frame_equal(result.metrics, beside.metrics)
+
+
+def test_repeats_average_the_matched_scores_over_samples_each_scored_as_one_evaluation_at_its_seed():
+    # About 50 test cells of each type against 100 "simulated" ones of the same distribution: each matched sample
+    # takes other simulated cells.
+    cells = random_counts(700, 40, TYPES, seed=4)
+    real, simulated = cells[:400].copy(), cells[400:].copy()
+    is_test = np.random.default_rng(1).random(400) < 0.4
+    simulated.obs_names = [f"sim_{i}" for i in range(simulated.n_obs)]
+    settings = EvaluationSettings(n_trees=20, n_components=8, n_markers=5, repeats=3)
+    seeds = repeat_seeds(settings)
+    assert seeds[0] == settings.seed and len(set(seeds)) == 3
+    averaged = evaluate(real, is_test, simulated, settings).metrics
+    singles = [evaluate(real, is_test, simulated, replace(settings, repeats=1, seed=seed)).metrics for seed in seeds]
+    repeated = ["rf_auc", "mmd", "memorisation_ratio"]
+    for metric in repeated:
+        def values(metrics):
+            chosen = metrics[(metrics["source"] == "cvae") & (metrics["metric"] == metric)]
+            return chosen.set_index("cell_type")["value"].drop("overall")
+        each = pd.concat([values(single) for single in singles], axis=1)
+        assert (each.nunique(axis=1) == 3).all(), metric  # three different samples of the simulated cells
+        np.testing.assert_allclose(values(averaged), each.mean(axis=1), rtol=1e-12, err_msg=metric)
+    # Everything else is the evaluation's own seed's: as a single evaluation scores it.
+    others = ~averaged["metric"].isin(repeated)
+    pd.testing.assert_frame_equal(averaged[others].reset_index(drop=True),
+                                  singles[0][~singles[0]["metric"].isin(repeated)].reset_index(drop=True))

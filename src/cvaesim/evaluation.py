@@ -11,12 +11,15 @@ around the mean profile of the type's training cells, with library sizes resampl
 A sample of the training cells themselves is scored too (``training_cells``): what handing back
 the training data scores, i.e. the best any simulator fitted on them can reach against these test
 cells on each distance (the real-versus-real halves are smaller, so their distances are larger).
+With ``repeats``, the scores of the matched cells (forest AUC, MMD, memorisation) are averaged over as
+many matched samples, each with its own space and forest: a type with few test cells is otherwise scored
+on one small sample of its simulated cells, and its score moves with that sample.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anndata as ad
 import numpy as np
@@ -55,6 +58,15 @@ class EvaluationSettings:
     seed: int = 0
     n_jobs: int = 1  # cores: the scoring and n_jobs - 1 processes fitting forests beside it
     training_cells: bool = False  # score a sample of the training cells too (one more source's time)
+    # Matched samples (each with its own PCA, forest and folds) that the forest AUC, MMD and memorisation ratio
+    # are averaged over: with a few dozen test cells of a type, one sample's scores move with the seed.
+    repeats: int = 1
+
+
+def repeat_seeds(settings: EvaluationSettings) -> list[int]:
+    """The seed of each matched sample: the first is the evaluation's own, so one repeat scores as before."""
+    further = np.random.SeedSequence([settings.seed, 1]).generate_state(settings.repeats - 1)
+    return [settings.seed, *(int(seed) for seed in further)]
 
 
 def baseline(counts: sp.csr_matrix, labels: np.ndarray, plan: dict[str, int], kind: str, seed: int) -> ad.AnnData:
@@ -131,11 +143,13 @@ class Forests:
     def __init__(self, settings: EvaluationSettings):
         self.settings = settings
         self.workers = get_reusable_executor(max_workers=settings.n_jobs - 1) if settings.n_jobs > 1 else None
-        self.pending = []  # (key, future or None, real, simulated)
+        self.pending = []  # (key, future or None, real, simulated, settings)
 
-    def add(self, key, real: np.ndarray, simulated: np.ndarray) -> None:
-        future = self.workers.submit(forest_auc, real, simulated, self.settings) if self.workers else None
-        self.pending.append((key, future, real, simulated))
+    def add(self, key, real: np.ndarray, simulated: np.ndarray, seed: int) -> None:
+        """A forest and its folds seeded by ``seed`` (each repeat's own)."""
+        settings = replace(self.settings, seed=seed)
+        future = self.workers.submit(forest_auc, real, simulated, settings) if self.workers else None
+        self.pending.append((key, future, real, simulated, settings))
 
     def aucs(self) -> list[tuple]:
         """(key, AUC) of every forest, in the order added."""
@@ -143,12 +157,12 @@ class Forests:
         # The workers take the forests from the front of the queue, this process from the back,
         # until it meets one that a worker has started.
         for index in reversed(range(len(self.pending))):
-            _, future, real, simulated = self.pending[index]
+            _, future, real, simulated, settings = self.pending[index]
             if future is not None and not future.cancel():
                 break
-            fitted_here[index] = forest_auc(real, simulated, self.settings)
+            fitted_here[index] = forest_auc(real, simulated, settings)
         return [(key, fitted_here[index] if index in fitted_here else future.result())
-                for index, (key, future, _, _) in enumerate(self.pending)]
+                for index, (key, future, *_) in enumerate(self.pending)]
 
 
 def subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -315,17 +329,21 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
         log.warning("one cell type in the training cells: cell-type fidelity and marker agreement are not defined "
                     "(NaN)")
     forests = Forests(settings)
+    seeds = repeat_seeds(settings)
     for source, (source_counts, source_labels) in entries.items():
         source_normalised = test_normalised[half] if source == CONTROL else log_normalise(source_counts)
         real_normalised = test_normalised[~half] if source == CONTROL else test_normalised
         real_counts, real_type_labels = reference[source]
         reference_name = CONTROL if source == CONTROL else "test"
-        space = Space(real_normalised, real_type_labels, source_normalised, source_labels, settings.n_components,
-                      settings.seed, settings.max_cells_per_type)
-        real_pcs, source_pcs = space.project(real_normalised), space.project(source_normalised)
-        train_pcs = space.project(train_normalised)
-        nearest_train = NearestNeighbors(n_neighbors=1).fit(train_pcs)
-        if several_types:
+        samples = []  # per repeat: the matched space, its real and compared cells' coordinates, the training cells'
+        for seed in seeds:
+            space = Space(real_normalised, real_type_labels, source_normalised, source_labels, settings.n_components,
+                          seed, settings.max_cells_per_type)
+            train_pcs = space.project(train_normalised)
+            samples.append((space, space.project(real_normalised), space.project(source_normalised), train_pcs,
+                            NearestNeighbors(n_neighbors=1).fit(train_pcs)))
+        if several_types:  # every compared cell is classified: the first space serves
+            _, _, source_pcs, train_pcs, _ = samples[0]
             classifier = KNeighborsClassifier(n_neighbors=5).fit(train_pcs, train_labels)
             predicted = classifier.predict(source_pcs)
             matrix = confusion_matrix(source_labels, predicted, labels=types)
@@ -342,18 +360,22 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
             in_real, in_source = real_type_labels == cell_type, source_labels == cell_type
             if in_real.sum() < settings.min_cells or in_source.sum() < settings.min_cells:
                 continue
-            real_rows, source_rows = space.rows[cell_type]  # as many of each side, all in the space's fit
-            a, b = real_pcs[real_rows], source_pcs[source_rows]
-            # Distances to the nearest training cell, for the sampled cells only: a median needs no more.
-            real_distance, source_distance = (nearest_train.kneighbors(cells)[0].ravel() for cells in (a, b))
-            sample = a[subsample(len(a), 500, rng)]
-            pairwise = np.sqrt(np.maximum(((sample[:, None, :] - sample[None, :, :]) ** 2).sum(-1), 0))
-            bandwidths = np.median(pairwise[pairwise > 0]) * np.array([0.5, 1.0, 2.0, 4.0])
-            forests.add((source, cell_type), a, b)
+            discrepancies, ratios = [], []
+            for seed, (space, real_pcs, source_pcs, _, nearest_train) in zip(seeds, samples):
+                real_rows, source_rows = space.rows[cell_type]  # as many of each side, all in the space's fit
+                a, b = real_pcs[real_rows], source_pcs[source_rows]
+                # Distances to the nearest training cell, for the sampled cells only: a median needs no more.
+                real_distance, source_distance = (nearest_train.kneighbors(cells)[0].ravel() for cells in (a, b))
+                sample = a[subsample(len(a), 500, rng)]
+                pairwise = np.sqrt(np.maximum(((sample[:, None, :] - sample[None, :, :]) ** 2).sum(-1), 0))
+                bandwidths = np.median(pairwise[pairwise > 0]) * np.array([0.5, 1.0, 2.0, 4.0])
+                forests.add((source, cell_type), a, b, seed)
+                discrepancies.append(mmd(a, b, bandwidths))
+                ratios.append(np.median(source_distance) / max(np.median(real_distance), 1e-12))
             scores = {
-                "mmd": mmd(a, b, bandwidths),
+                "mmd": float(np.mean(discrepancies)),
                 "fidelity_accuracy": float(np.mean(predicted[in_source] == cell_type)) if several_types else np.nan,
-                "memorisation_ratio": float(np.median(source_distance) / max(np.median(real_distance), 1e-12)),
+                "memorisation_ratio": float(np.mean(ratios)),
             }
             if (reference_name, cell_type) not in real_properties_of:
                 real_properties_of[reference_name, cell_type] = properties(real_counts[in_real])
@@ -364,8 +386,10 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
             scores.update(marker_scores(reference_view, source_view, reference_tops, source_tops, cell_type))
             rows.extend((source, cell_type, metric, value) for metric, value in scores.items())
         log.info("scored %s", source)
-    aucs = forests.aucs()
-    rows.extend((source, cell_type, "rf_auc", auc) for (source, cell_type), auc in aucs)
+    aucs = pd.DataFrame(forests.aucs(), columns=["key", "auc"])
+    # A type's forests, one per repeat, in a row: averaged in the order the types were scored.
+    mean_aucs = aucs.groupby("key", sort=False)["auc"].mean()
+    rows.extend((source, cell_type, "rf_auc", auc) for (source, cell_type), auc in mean_aucs.items())
     log.info("fitted %d forests", len(aucs))
     metrics = pd.DataFrame(rows, columns=["source", "cell_type", "metric", "value"])
     weights = pd.Series(test_labels).value_counts(normalize=True)
