@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import anndata as ad
 import numpy as np
@@ -266,6 +267,16 @@ class Space:
         return self.pca.transform(normalised[:, self.genes])
 
 
+class MatchedSample(NamedTuple):
+    """One repeat's matched cells of a comparison: its space and every cell's coordinates in it."""
+
+    space: Space
+    real_pcs: np.ndarray
+    compared_pcs: np.ndarray
+    train_pcs: np.ndarray
+    nearest_train: NearestNeighbors
+
+
 @dataclass
 class Evaluation:
     metrics: pd.DataFrame  # source, cell_type ("overall" too), metric, value
@@ -335,17 +346,16 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
         real_normalised = test_normalised[~half] if source == CONTROL else test_normalised
         real_counts, real_type_labels = reference[source]
         reference_name = CONTROL if source == CONTROL else "test"
-        samples = []  # per repeat: the matched space, its real and compared cells' coordinates, the training cells'
+        samples = []
         for seed in seeds:
             space = Space(real_normalised, real_type_labels, source_normalised, source_labels, settings.n_components,
                           seed, settings.max_cells_per_type)
             train_pcs = space.project(train_normalised)
-            samples.append((space, space.project(real_normalised), space.project(source_normalised), train_pcs,
-                            NearestNeighbors(n_neighbors=1).fit(train_pcs)))
+            samples.append(MatchedSample(space, space.project(real_normalised), space.project(source_normalised),
+                                         train_pcs, NearestNeighbors(n_neighbors=1).fit(train_pcs)))
         if several_types:  # every compared cell is classified: the first space serves
-            _, _, source_pcs, train_pcs, _ = samples[0]
-            classifier = KNeighborsClassifier(n_neighbors=5).fit(train_pcs, train_labels)
-            predicted = classifier.predict(source_pcs)
+            classifier = KNeighborsClassifier(n_neighbors=5).fit(samples[0].train_pcs, train_labels)
+            predicted = classifier.predict(samples[0].compared_pcs)
             matrix = confusion_matrix(source_labels, predicted, labels=types)
             for i, conditioned in enumerate(types):
                 for j, called in enumerate(types):
@@ -361,11 +371,12 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
             if in_real.sum() < settings.min_cells or in_source.sum() < settings.min_cells:
                 continue
             discrepancies, ratios = [], []
-            for seed, (space, real_pcs, source_pcs, _, nearest_train) in zip(seeds, samples):
-                real_rows, source_rows = space.rows[cell_type]  # as many of each side, all in the space's fit
-                a, b = real_pcs[real_rows], source_pcs[source_rows]
+            for seed, matched in zip(seeds, samples):
+                real_rows, source_rows = matched.space.rows[cell_type]  # as many of each side, all in the fit
+                a, b = matched.real_pcs[real_rows], matched.compared_pcs[source_rows]
                 # Distances to the nearest training cell, for the sampled cells only: a median needs no more.
-                real_distance, source_distance = (nearest_train.kneighbors(cells)[0].ravel() for cells in (a, b))
+                real_distance, source_distance = (matched.nearest_train.kneighbors(cells)[0].ravel()
+                                                  for cells in (a, b))
                 sample = a[subsample(len(a), 500, rng)]
                 pairwise = np.sqrt(np.maximum(((sample[:, None, :] - sample[None, :, :]) ** 2).sum(-1), 0))
                 bandwidths = np.median(pairwise[pairwise > 0]) * np.array([0.5, 1.0, 2.0, 4.0])
