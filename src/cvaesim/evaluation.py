@@ -397,10 +397,12 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
             scores.update(marker_scores(reference_view, source_view, reference_tops, source_tops, cell_type))
             rows.extend((source, cell_type, metric, value) for metric, value in scores.items())
         log.info("scored %s", source)
-    aucs = pd.DataFrame(forests.aucs(), columns=["key", "auc"])
-    # A type's forests, one per repeat, in a row: averaged in the order the types were scored.
-    mean_aucs = aucs.groupby("key", sort=False)["auc"].mean()
-    rows.extend((source, cell_type, "rf_auc", auc) for (source, cell_type), auc in mean_aucs.items())
+    aucs = forests.aucs()
+    by_type = {}  # a type's forests, one per repeat, in the order the types were scored
+    for key, auc in aucs:
+        by_type.setdefault(key, []).append(auc)
+    rows.extend((source, cell_type, "rf_auc", float(np.mean(values)))
+                for (source, cell_type), values in by_type.items())
     log.info("fitted %d forests", len(aucs))
     metrics = pd.DataFrame(rows, columns=["source", "cell_type", "metric", "value"])
     weights = pd.Series(test_labels).value_counts(normalize=True)
