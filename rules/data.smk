@@ -38,6 +38,9 @@ rule filter:
             "barcode_column", "barcodes"
         ),
         counts_layer=lambda wildcards: dataset(wildcards.dataset).get("counts_layer"),
+        round_counts=lambda wildcards: dataset(wildcards.dataset).get(
+            "round_counts", False
+        ),
         thresholds=config["filter"],
     script:
         "../scripts/filter.py"

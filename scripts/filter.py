@@ -12,4 +12,5 @@ filter_dataset(
     barcode_column=snakemake.params.barcode_column,
     counts_layer=snakemake.params.counts_layer,
     thresholds=snakemake.params.thresholds,
+    round_counts=snakemake.params.round_counts,
 )

@@ -73,7 +73,8 @@ def write_tarball(path: Path, adata: ad.AnnData, folder: str = "filtered_matrice
     Antibody Capture features) layout."""
     counts, ids, names, types = with_antibodies(adata, antibodies)
     coo = sp.coo_matrix(counts.T)
-    mtx = "%%MatrixMarket matrix coordinate integer general\n%\n" + f"{coo.shape[0]} {coo.shape[1]} {coo.nnz}\n"
+    field = "real" if np.issubdtype(coo.dtype, np.floating) else "integer"
+    mtx = f"%%MatrixMarket matrix coordinate {field} general\n%\n{coo.shape[0]} {coo.shape[1]} {coo.nnz}\n"
     mtx += "".join(f"{g + 1} {c + 1} {v}\n" for g, c, v in zip(coo.row, coo.col, coo.data))
     genes = "".join(f"{gene_id}\t{name}\t{kind}\n" for gene_id, name, kind in zip(ids, names, types))
     barcodes = "".join(f"{name}\n" for name in adata.obs_names)

@@ -252,6 +252,49 @@ def test_a_value_just_off_a_whole_number_is_shown_as_it_is():
     assert counts_problem(nearly).startswith("non-integer values (e.g. 2.0000002)")
 
 
+@pytest.mark.parametrize("container", ["h5ad", "h5", "tarball"])
+def test_expected_counts_are_rounded_when_asked(tmp_path, small_cells, container, caplog):
+    # As SoupX leaves a matrix: each count less a fractional share of ambient RNA.
+    expected = sp.csr_matrix(small_cells.X, dtype=np.float32)
+    expected.data -= np.random.default_rng(0).uniform(0, 0.8, expected.nnz).astype(np.float32)
+    corrected = small_cells.copy()
+    corrected.X = expected
+    path = tmp_path / f"soup.{container}"
+    if container == "h5ad":
+        corrected.write_h5ad(path)
+
+        def read(rounding):
+            return read_h5ad_counts(path, "cell_type", None, rounding)
+    else:
+        (write_10x_h5 if container == "h5" else write_tarball)(path, corrected)
+
+        def read(rounding):
+            return (read_10x_h5 if container == "h5" else read_10x_tarball)(path, rounding)
+    with pytest.raises(InputError, match=f"soup.{container}: .*non-integer values .*round_counts: true"):
+        read(False)
+    with caplog.at_level(logging.WARNING):
+        adata = read(True)
+    nearest = np.round(expected.toarray())
+    assert adata.X.dtype == np.int32 and np.array_equal(adata.X.toarray(), nearest)
+    assert adata.X.nnz == np.count_nonzero(nearest) < expected.nnz  # values rounded to 0 are not stored
+    assert f"{expected.nnz} of {expected.nnz} stored values were not whole numbers and were rounded" in caplog.text
+    assert list(adata.obs_names) == list(small_cells.obs_names)
+
+
+def test_normalised_data_are_not_rounded_into_counts(tmp_path, small_cells):
+    counts = small_cells.X.toarray().astype(np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts * 1e4, totals, out=np.zeros_like(counts), where=totals > 0)  # normalize_total
+    for values, told in ((normalised, r"all sum to 10000, as normalised data do"),
+                         (np.log1p(normalised), r"all sum to 10000 after expm1 \(log-normalised\)")):
+        path = tmp_path / "normalised.h5ad"
+        ad.AnnData(X=sp.csr_matrix(values.astype(np.float32)), obs=small_cells.obs).write_h5ad(path)
+        with pytest.raises(InputError, match=f"normalised.h5ad: X holds non-integer values whose cells {told}"):
+            read_h5ad_counts(path, "cell_type", None, round_counts=True)
+    assert counts_problem(-np.eye(3) / 2, round_counts=True).startswith("negative values")
+    assert counts_problem(np.full((2, 2), np.nan), round_counts=True) == "NaN or infinite values"
+
+
 def test_h5ad_without_x_names_the_layer_holding_counts(tmp_path, small_cells):
     layered = ad.AnnData(obs=small_cells.obs, var=small_cells.var, layers={"counts": small_cells.X})
     path = tmp_path / "layers_only.h5ad"

@@ -193,11 +193,11 @@ def pack_10x_folder(folder: str | Path, destination: str | Path) -> None:
                 archive.addfile(member, handle)
 
 
-def read_10x_tarball(path: str | Path) -> ad.AnnData:
+def read_10x_tarball(path: str | Path, round_counts: bool = False) -> ad.AnnData:
     """Read a 10x Genomics matrix (v2 ``genes.tsv`` or v3 ``features.tsv.gz``) from a tarball.
 
     Members are read in memory, never extracted, and unsafe members (absolute paths,
-    ``..``, links) are refused.
+    ``..``, links) are refused. ``round_counts``: see ``integer_counts``.
     """
     path = Path(path)
     try:
@@ -235,7 +235,7 @@ def read_10x_tarball(path: str | Path) -> ad.AnnData:
                     raise InputError(f"{path}: the {what} list in {folder}/ could not be read as a table "
                                      f"({error})") from error
 
-            counts = _read_matrix_market(open_member(MATRIX_NAMES, "matrix"), path)
+            counts = _read_matrix_market(open_member(MATRIX_NAMES, "matrix"), path, round_counts)
             genes = read_list(GENE_NAMES, "gene")
             barcodes = read_list(BARCODE_NAMES, "barcode")[0]
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
@@ -265,13 +265,14 @@ def listing_hint(shape: tuple[int, int], n_genes: int, n_barcodes: int) -> str:
     return ""
 
 
-def read_10x_h5(path: str | Path) -> ad.AnnData:
+def read_10x_h5(path: str | Path, round_counts: bool = False) -> ad.AnnData:
     """Read a 10x Genomics HDF5 matrix (Cell Ranger 3+ ``matrix`` group, or Cell Ranger 2's genome groups).
 
     Of a Cell Ranger 3+ file only the Gene Expression features are kept (antibody capture
     and other feature types are dropped, with a log line). A Cell Ranger 2 file of several genomes
     (a mixed-species experiment) lists the same cells under each genome: their genes are joined side by
     side, as Cell Ranger 3+ writes them; a gene's genome is in ``var['genome']`` where there are several.
+    ``round_counts``: see ``integer_counts``.
     """
     path = Path(path)
     feature_types = genome_of_gene = None
@@ -281,7 +282,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
                 group, features = h5["matrix"], h5["matrix"].get("features")
                 if features is None:
                     raise InputError(f"{path}: the 'matrix' group has no 'features' (not a 10x HDF5 matrix)")
-                counts, barcodes = _h5_counts(group, path)
+                counts, barcodes = _h5_counts(group, path, round_counts)
                 gene_ids, symbols = _strings(features, "id", path), _strings(features, "name", path)
                 if "feature_type" in features:
                     feature_types = _strings(features, "feature_type", path)
@@ -295,7 +296,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
                                      f"(Cell Ranger 2), found {', '.join(groups) or 'no group'}"
                                      f"{format_hint(path, '10x_h5')}")
                 matrices, barcode_lists, id_lists, symbol_lists = zip(*(
-                    (*_h5_counts(h5[genome], path), _strings(h5[genome], "genes", path),
+                    (*_h5_counts(h5[genome], path, round_counts), _strings(h5[genome], "genes", path),
                      _strings(h5[genome], "gene_names", path)) for genome in genomes))
                 barcodes = barcode_lists[0]
                 for genome, listed in zip(genomes[1:], barcode_lists[1:]):
@@ -318,7 +319,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
     return _cells_by_genes(counts, barcodes, gene_ids, symbols, path, feature_types, genome_of_gene)
 
 
-def _h5_counts(group: h5py.Group, path: Path) -> tuple[sp.csr_matrix, np.ndarray]:
+def _h5_counts(group: h5py.Group, path: Path, round_counts: bool) -> tuple[sp.csr_matrix, np.ndarray]:
     """A 10x HDF5 group's counts as cells x genes, and its barcodes."""
     parts = {name: group[name][()] for name in ("data", "indices", "indptr", "shape") if name in group}
     missing = sorted({"data", "indices", "indptr", "shape"} - set(parts))
@@ -330,7 +331,8 @@ def _h5_counts(group: h5py.Group, path: Path) -> tuple[sp.csr_matrix, np.ndarray
     if (len(indptr) != n_cells + 1 or indptr[-1] != len(indices) or len(parts["data"]) != len(indices)
             or (len(indices) and (indices.min() < 0 or indices.max() >= n_genes))):
         raise InputError(f"{path}: the matrix's data, indices and indptr do not fit its {n_genes} x {n_cells} shape")
-    counts = integer_counts(sp.csr_matrix((parts["data"], indices, indptr), shape=(n_cells, n_genes)), path)
+    counts = integer_counts(sp.csr_matrix((parts["data"], indices, indptr), shape=(n_cells, n_genes)), path,
+                            round_counts)
     return counts, _strings(group, "barcodes", path)
 
 
@@ -375,7 +377,7 @@ def with_unique_gene_names(adata: ad.AnnData, path: str | Path) -> ad.AnnData:
     return adata
 
 
-def _read_matrix_market(stream, path: Path) -> sp.csr_matrix:
+def _read_matrix_market(stream, path: Path, round_counts: bool) -> sp.csr_matrix:
     """Parse a genes x cells Matrix Market stream into a cells x genes CSR of int32 counts.
 
     Chunked, with int32 indices, so PBMC68k's 55 million entries fit in about 1 GB.
@@ -413,22 +415,40 @@ def _read_matrix_market(stream, path: Path) -> sp.csr_matrix:
         raise InputError(f"{path}: matrix.mtx has {filled} entries but its header promises {n_entries}")
     if n_entries and (genes.min() < 1 or genes.max() > n_genes or cells.min() < 1 or cells.max() > n_cells):
         raise InputError(f"{path}: matrix.mtx has indices outside its {n_genes} x {n_cells} shape")
-    return integer_counts(sp.csr_matrix((values, (cells - 1, genes - 1)), shape=(n_cells, n_genes)), path)
+    return integer_counts(sp.csr_matrix((values, (cells - 1, genes - 1)), shape=(n_cells, n_genes)), path,
+                          round_counts)
 
 
-def integer_counts(matrix, source: str | Path) -> sp.csr_matrix:
+def integer_counts(matrix, source: str | Path, round_counts: bool = False) -> sp.csr_matrix:
     """The matrix as int32 CSR counts (no copy when it already is); refused, naming ``source``, when it
-    holds anything but raw counts."""
+    holds anything but raw counts. ``round_counts``: non-integer values are rounded to the nearest integer
+    (expected counts, as ambient-RNA correction and EM quantifiers give), unless the cells look normalised."""
     matrix = sp.csr_matrix(matrix)
-    problem = counts_problem(matrix)
+    problem = counts_problem(matrix, round_counts)
     if problem is not None:
         raise InputError(f"{source}: the count matrix holds {problem}; raw counts are needed (for an .h5ad, "
                          "counts_layer names the layer that holds them)")
+    if round_counts:
+        matrix = rounded(matrix, source)
     return matrix if matrix.dtype == np.int32 else matrix.astype(np.int32)
 
 
-def counts_problem(matrix: sp.spmatrix | np.ndarray | None) -> str | None:
-    """What makes ``matrix`` not raw counts, or None."""
+def rounded(matrix: sp.csr_matrix, source: str | Path) -> sp.csr_matrix:
+    """Non-integer values rounded to the nearest integer (values that round to 0 leave the matrix), logged."""
+    fractional = matrix.data != np.round(matrix.data)
+    if not fractional.any():
+        return matrix
+    matrix = matrix.copy()
+    matrix.data = np.round(matrix.data)
+    matrix.eliminate_zeros()
+    log.warning("%s: %d of %d stored values were not whole numbers and were rounded (round_counts: true)",
+                source, fractional.sum(), len(fractional))
+    return matrix
+
+
+def counts_problem(matrix: sp.spmatrix | np.ndarray | None, round_counts: bool = False) -> str | None:
+    """What makes ``matrix`` not raw counts, or None. With ``round_counts`` non-integer values are allowed,
+    except where the cells are normalised: rounding those would not give counts."""
     if matrix is None:
         return "no matrix at all (None, as in files that keep their data only in layers)"
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
@@ -439,8 +459,27 @@ def counts_problem(matrix: sp.spmatrix | np.ndarray | None) -> str | None:
     if values.min() < 0:
         return f"negative values (min {values.min()})"
     fractional = values != np.round(values)
-    if np.any(fractional):
-        return f"non-integer values (e.g. {values[fractional][0]:.8g}), as normalised or log-transformed data do"
+    if not np.any(fractional):
+        return None
+    if not round_counts:
+        return (f"non-integer values (e.g. {values[fractional][0]:.8g}), as normalised or log-transformed data do "
+                "(expected counts, as SoupX or alevin give, can be rounded: round_counts: true in the dataset's "
+                "config entry)")
+    return normalised_problem(matrix)
+
+
+def normalised_problem(matrix: sp.spmatrix | np.ndarray) -> str | None:
+    """Why non-integer values are normalised data rather than expected counts, or None: every cell sums to
+    the same total (scanpy's normalize_total), or does so after expm1 (normalize_total, then log1p)."""
+    matrix = sp.csr_matrix(matrix, dtype=np.float64)
+    unlogged = matrix.copy()
+    unlogged.data = np.expm1(unlogged.data)
+    for what, cells in (("", matrix), (" after expm1 (log-normalised)", unlogged)):
+        totals = np.asarray(cells.sum(axis=1)).ravel()
+        totals = totals[totals > 0]  # cells without counts stay at 0 through normalisation
+        if len(totals) > 1 and totals.max() - totals.min() <= 1e-3 * totals.max():
+            return (f"non-integer values whose cells all sum to {np.median(totals):.6g}{what}, as normalised data "
+                    "do; rounding them would not give counts")
     return None
 
 
@@ -511,8 +550,10 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     return pd.Series(table[label_column].to_numpy(), index=table[barcode_column].to_numpy(), name="cell_type")
 
 
-def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | None) -> ad.AnnData:
-    """Read counts and labels from an .h5ad; ``counts_layer`` names a layer, ``raw``, or None for X."""
+def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | None,
+                     round_counts: bool = False) -> ad.AnnData:
+    """Read counts and labels from an .h5ad; ``counts_layer`` names a layer, ``raw``, or None for X;
+    ``round_counts``: see ``integer_counts``."""
     path = Path(path)
     try:
         source = ad.read_h5ad(path)
@@ -533,7 +574,7 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
             f"{path}: no layer {counts_layer!r}; its layers are {', '.join(map(repr, source.layers)) or 'none'}"
         )
     counts, var = candidates[counts_layer]
-    problem = counts_problem(counts)
+    problem = counts_problem(counts, round_counts)
     if problem is not None:
         where = "X" if counts_layer is None else f"counts_layer {counts_layer!r}"
         holding_counts = [repr(name) for name, (matrix, _) in candidates.items()
@@ -543,7 +584,7 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
                 "config entry" if holding_counts else " (counts_layer names the layer or 'raw' that holds them)")
         raise InputError(f"{path}: {where} holds {problem}; raw counts are needed{hint}")
     adata = ad.AnnData(
-        X=sp.csr_matrix(counts, dtype=np.int32),  # checked above
+        X=integer_counts(counts, path, round_counts),  # checked above: converts (and rounds)
         # As stored (categorical, numbers, text): the filter names the types and keeps a categorical's order.
         obs=pd.DataFrame({"cell_type": source.obs[label_column]}, index=source.obs_names),
         # The gene annotation goes along (Ensembl ids, symbols beside ids as in CELLxGENE files) into every output.

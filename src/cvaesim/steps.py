@@ -39,16 +39,18 @@ def filter_dataset(
     barcode_column: str = "barcodes",
     counts_layer: str | None = None,
     thresholds: dict | None = None,
+    round_counts: bool = False,
 ) -> None:
-    """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']``."""
+    """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']``; ``round_counts``
+    rounds non-integer counts (see ``io.integer_counts``)."""
     if format in ("10x_tarball", "10x_h5"):
         if annotation is None:
             raise InputError(f"{matrix}: a 10x matrix needs an annotation file with the cell types")
         labels = read_annotation(annotation, barcode_column, label_column)
         read = read_10x_tarball if format == "10x_tarball" else read_10x_h5
-        adata = attach_labels(read(matrix), labels, matrix, annotation)
+        adata = attach_labels(read(matrix, round_counts), labels, matrix, annotation)
     elif format == "h5ad":
-        adata = read_h5ad_counts(matrix, label_column, counts_layer)
+        adata = read_h5ad_counts(matrix, label_column, counts_layer, round_counts)
     else:
         raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
     filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix)
