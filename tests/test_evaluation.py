@@ -270,3 +270,35 @@ def test_repeats_average_the_matched_scores_over_samples_each_scored_as_one_eval
     others = ~averaged["metric"].isin(repeated)
     pd.testing.assert_frame_equal(averaged[others].reset_index(drop=True),
                                   singles[0][~singles[0]["metric"].isin(repeated)].reset_index(drop=True))
+
+
+def test_the_control_draws_new_halves_of_each_type_for_each_further_repeat(monkeypatch):
+    import cvaesim.evaluation as evaluation
+
+    cells = random_counts(300, 30, TYPES, seed=5)
+    real, simulated = cells[:200].copy(), cells[200:].copy()
+    simulated.obs_names = [f"sim_{i}" for i in range(simulated.n_obs)]
+    is_test = np.random.default_rng(2).random(200) < 0.5
+    fitted = []  # each space's (real side, its labels, compared side, its labels)
+
+    class RecordingSpace(Space):
+        def __init__(self, real_side, real_labels, compared_side, compared_labels, *rest):
+            fitted.append((real_side, real_labels, compared_side, compared_labels))
+            super().__init__(real_side, real_labels, compared_side, compared_labels, *rest)
+
+    monkeypatch.setattr(evaluation, "Space", RecordingSpace)
+
+    def control_sides(repeats):
+        fitted.clear()
+        evaluate(real, is_test, simulated, EvaluationSettings(n_trees=10, n_components=8, n_markers=5, repeats=repeats))
+        # The control's spaces are the ones fitted on fewer real cells than there are test cells.
+        return [entry for entry in fitted if entry[0].shape[0] < is_test.sum()]
+
+    (single,), repeated = control_sides(1), control_sides(3)
+    assert len(repeated) == 3
+    assert all((first != second).nnz == 0 for first, second in zip(single[::2], repeated[0][::2]))  # as one repeat
+    for later in repeated[1:]:
+        for name in TYPES:  # half of each type on either side
+            assert abs((later[1] == name).sum() - (later[3] == name).sum()) <= 1
+    compared = [entry[2] for entry in repeated]
+    assert all(a.shape != b.shape or (a != b).nnz > 0 for i, a in enumerate(compared) for b in compared[i + 1:])

@@ -13,7 +13,8 @@ the training data scores, i.e. the best any simulator fitted on them can reach a
 cells on each distance (the real-versus-real halves are smaller, so their distances are larger).
 With ``repeats``, the scores of the matched cells (forest AUC, MMD, memorisation) are averaged over as
 many matched samples, each with its own space and forest: a type with few test cells is otherwise scored
-on one small sample of its simulated cells, and its score moves with that sample.
+on one small sample of its simulated cells, and its score moves with that sample. The control's halves
+are drawn again for each further sample, so that its scores are averaged over as many draws as the others.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def repeat_seeds(settings: EvaluationSettings) -> list[int]:
     """The seed of each matched sample: the first is the evaluation's own, so one repeat scores as before."""
     further = np.random.SeedSequence([settings.seed, 1]).generate_state(settings.repeats - 1)
     return [settings.seed, *(int(seed) for seed in further)]
+
+
+def stratified_half(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A random half of each type's cells (an odd one on either side at random), for the control's further
+    repeats: each side then holds at least as many of a type as the first repeat's smaller side, so every type
+    scored there is scored in every repeat."""
+    rng = np.random.default_rng(seed)
+    half = np.zeros(len(labels), dtype=bool)
+    for name in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == name))
+        half[members[:(len(members) + rng.integers(2)) // 2]] = True
+    return half
 
 
 def baseline(counts: sp.csr_matrix, labels: np.ndarray, plan: dict[str, int], kind: str, seed: int) -> ad.AnnData:
@@ -341,18 +354,23 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
                     "(NaN)")
     forests = Forests(settings)
     seeds = repeat_seeds(settings)
+    halves = [half, *(stratified_half(test_labels, seed) for seed in seeds[1:])]
     for source, (source_counts, source_labels) in entries.items():
         source_normalised = test_normalised[half] if source == CONTROL else log_normalise(source_counts)
         real_normalised = test_normalised[~half] if source == CONTROL else test_normalised
         real_counts, real_type_labels = reference[source]
         reference_name = CONTROL if source == CONTROL else "test"
+        # Each repeat's (real, real labels, compared, compared labels): the control's halves differ by repeat.
+        sides = ([(test_normalised[~h], test_labels[~h], test_normalised[h], test_labels[h]) for h in halves]
+                 if source == CONTROL else [(real_normalised, real_type_labels, source_normalised, source_labels)]
+                 * len(seeds))
         samples = []
-        for seed in seeds:
-            space = Space(real_normalised, real_type_labels, source_normalised, source_labels, settings.n_components,
+        for seed, (real_side, real_side_labels, compared_side, compared_side_labels) in zip(seeds, sides):
+            space = Space(real_side, real_side_labels, compared_side, compared_side_labels, settings.n_components,
                           seed, settings.max_cells_per_type)
             train_pcs = space.project(train_normalised)
-            samples.append(MatchedSample(space, space.project(real_normalised), space.project(source_normalised),
-                                         train_pcs, NearestNeighbors(n_neighbors=1).fit(train_pcs)))
+            samples.append(MatchedSample(space, space.project(real_side), space.project(compared_side), train_pcs,
+                                         NearestNeighbors(n_neighbors=1).fit(train_pcs)))
         if several_types:  # every compared cell is classified: the first space serves
             classifier = KNeighborsClassifier(n_neighbors=5).fit(samples[0].train_pcs, train_labels)
             predicted = classifier.predict(samples[0].compared_pcs)
