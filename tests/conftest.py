@@ -68,9 +68,11 @@ def with_antibodies(adata: ad.AnnData, antibodies: int) -> tuple[sp.csr_matrix, 
 
 
 def write_tarball(path: Path, adata: ad.AnnData, folder: str = "filtered_matrices_mex/hg19", v3: bool = False,
-                  extra: dict[str, bytes] | None = None, antibodies: int = 0) -> Path:
+                  extra: dict[str, bytes] | None = None, antibodies: int = 0, prefix: str = "",
+                  compression: str = "gz") -> Path:
     """A 10x tarball in the v2 (genes.tsv) or v3 (gzipped features.tsv.gz, with ``antibodies`` extra
-    Antibody Capture features) layout."""
+    Antibody Capture features) layout; ``prefix`` goes before each file's name, as on GEO, and
+    ``folder`` may be "" (files at the top, as in GEO's uncompressed ``GSE..._RAW.tar``: ``compression`` "")."""
     counts, ids, names, types = with_antibodies(adata, antibodies)
     coo = sp.coo_matrix(counts.T)
     field = "real" if np.issubdtype(coo.dtype, np.floating) else "integer"
@@ -81,10 +83,10 @@ def write_tarball(path: Path, adata: ad.AnnData, folder: str = "filtered_matrice
     files = {"matrix.mtx": mtx, "genes.tsv": genes, "barcodes.tsv": barcodes}
     if v3:
         files = {"matrix.mtx.gz": mtx, "features.tsv.gz": genes, "barcodes.tsv.gz": barcodes}
-    with tarfile.open(path, "w:gz") as archive:
+    with tarfile.open(path, f"w:{compression}") as archive:
         for name, text in files.items():
             payload = gzip.compress(text.encode()) if name.endswith(".gz") else text.encode()
-            add_member(archive, f"{folder}/{name}", payload)
+            add_member(archive, str(Path(folder) / f"{prefix}{name}"), payload)
         for name, payload in (extra or {}).items():
             add_member(archive, name, payload)
     return path

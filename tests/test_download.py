@@ -167,6 +167,27 @@ def test_a_cell_ranger_folder_is_packed_into_the_tarball_the_filter_reads(tmp_pa
     assert again.read_bytes() == first.read_bytes()
 
 
+def test_a_folder_of_geo_files_is_packed_for_one_sample_and_refused_for_several(tmp_path, small_cells):
+    geo = tmp_path / "GSE1"
+    geo.mkdir()
+    with tarfile.open(write_tarball(tmp_path / "one.tar", small_cells, folder="", v3=True, prefix="GSM1_",
+                                    compression="")) as archive:
+        archive.extractall(geo, filter="data")
+    (geo / "GSM1_metadata.csv.gz").write_bytes(b"not packed")
+    packed = tmp_path / "resources" / "matrix.tar.gz"
+    download(str(geo), str(packed))
+    with tarfile.open(packed) as archive:
+        assert sorted(archive.getnames()) == [f"GSE1/GSM1_{name}" for name in
+                                              ("barcodes.tsv.gz", "features.tsv.gz", "matrix.mtx.gz")]
+    assert (read_10x_tarball(packed).X != small_cells.X).nnz == 0
+    with tarfile.open(write_tarball(tmp_path / "two.tar", small_cells[:5], folder="", v3=True, prefix="GSM2_",
+                                    compression="")) as archive:
+        archive.extractall(geo, filter="data")
+    with pytest.raises(DownloadError, match=f"^{geo}: holds more than one 10x matrix folder or sample "
+                                            r"\(GSM1_matrix.mtx, GSM2_matrix.mtx\); give a folder"):
+        download(str(geo), str(tmp_path / "again" / "matrix.tar.gz"))
+
+
 def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_path):
     outs = tmp_path / "outs"
     outs.mkdir()
@@ -184,7 +205,7 @@ def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_
         (outs / matrix_folder).mkdir()
         for name in ("matrix.mtx", "barcodes.tsv", "features.tsv"):
             (outs / matrix_folder / name).write_text("")
-    with pytest.raises(DownloadError, match="holds more than one 10x matrix folder "
+    with pytest.raises(DownloadError, match="holds more than one 10x matrix folder or sample "
                                             r"\(\., filtered_feature_bc_matrix, raw_feature_bc_matrix\)"):
         download(str(outs), str(target))
     assert list(target.parent.iterdir()) == []

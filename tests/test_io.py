@@ -135,6 +135,30 @@ def test_missing_matrix_and_inconsistent_sizes(tmp_path, small_cells):
         read_10x_tarball(tarball_of(tmp_path / "broken.tar.gz", members))
 
 
+def test_geo_files_with_a_sample_prefix_are_read(tmp_path, small_cells):
+    # GEO's GSE..._RAW.tar: an uncompressed tar of each sample's gzipped GSM..._matrix.mtx.gz and lists.
+    raw = write_tarball(tmp_path / "GSE1_RAW.tar", small_cells, folder="", v3=True, prefix="GSM1_sample_",
+                        compression="")
+    adata = read_10x_tarball(raw)
+    assert (adata.X != small_cells.X).nnz == 0 and list(adata.obs_names) == list(small_cells.obs_names)
+    assert list(adata.var_names) == list(small_cells.var_names)
+    # Some uploads prefix the matrix only.
+    members = {name.replace("GSM1_sample_features", "features").replace("GSM1_sample_barcodes", "barcodes"): payload
+               for name, payload in tarball_members(raw).items()}
+    assert sorted(members) == ["GSM1_sample_matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"]
+    assert (read_10x_tarball(tarball_of(tmp_path / "matrix_only.tar.gz", members)).X != small_cells.X).nnz == 0
+    # Two samples: refused, naming both.
+    both = {**tarball_members(raw), **tarball_members(write_tarball(tmp_path / "two.tar", small_cells[:5], folder="",
+                                                                    v3=True, prefix="GSM2_", compression=""))}
+    with pytest.raises(InputError, match=r"both.tar.gz: expected one folder .* found GSM1_sample_matrix.mtx, "
+                                         r"GSM2_matrix.mtx$"):
+        read_10x_tarball(tarball_of(tmp_path / "both.tar.gz", both))
+    # A prefixed matrix whose lists are missing says which names were looked for.
+    del members["barcodes.tsv.gz"]
+    with pytest.raises(InputError, match=r"has no barcode file \(GSM1_sample_barcodes.tsv or .* or barcodes.tsv.gz"):
+        read_10x_tarball(tarball_of(tmp_path / "nobarcodes.tar.gz", members))
+
+
 def tarball_members(path: Path) -> dict[str, bytes]:
     with tarfile.open(path) as source:
         return {member.name: source.extractfile(member).read() for member in source}

@@ -11,7 +11,8 @@ import shutil
 import tarfile
 import zipfile
 import zlib
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterable
+from pathlib import Path, PurePath, PurePosixPath
 
 import anndata as ad
 import h5py
@@ -27,6 +28,24 @@ MATRIX_NAMES = ("matrix.mtx", "matrix.mtx.gz")
 GENE_NAMES = ("genes.tsv", "genes.tsv.gz", "features.tsv", "features.tsv.gz")
 BARCODE_NAMES = ("barcodes.tsv", "barcodes.tsv.gz")
 MTX_CHUNK_ROWS = 5_000_000
+
+
+def matrix_sets(names: Iterable[PurePath]) -> list[tuple[PurePath, str]]:
+    """(folder, prefix) of each 10x matrix among the file ``names``: Cell Ranger names its files
+    ``matrix.mtx.gz`` and so on; GEO's supplementary files carry a sample prefix (``GSM1234567_matrix.mtx.gz``),
+    as scanpy's ``read_10x_mtx(prefix=...)`` reads them."""
+    return sorted({(name.parent, name.name[:-len(standard)]) for name in names for standard in MATRIX_NAMES
+                   if name.name.endswith(standard)}, key=str)
+
+
+def list_names(candidates: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    """A matrix's gene or barcode list: with the matrix's prefix, or without one (some uploads prefix the
+    matrix only)."""
+    return tuple(prefix + name for name in candidates) + (candidates if prefix else ())
+
+
+def shown_matrix(folder: PurePath, prefix: str) -> str:
+    return f"{folder / prefix}matrix.mtx" if prefix else str(folder)
 
 
 # What cvaesim.writers.write_10x puts in its folder: a folder holding these alone may be replaced.
@@ -171,19 +190,25 @@ def pack_10x_folder(folder: str | Path, destination: str | Path) -> None:
     same bytes and SHA-256.
     """
     folder = Path(folder)
-    wanted = set(MATRIX_NAMES + GENE_NAMES + BARCODE_NAMES)
-    files = sorted(path for path in folder.rglob("*") if path.name in wanted and path.is_file())
-    matrix_folders = sorted({path.parent for path in files if path.name in MATRIX_NAMES})
-    if not matrix_folders:
+    standard = MATRIX_NAMES + GENE_NAMES + BARCODE_NAMES
+    files = sorted(path for path in folder.rglob("*") if path.name.endswith(standard) and path.is_file())
+    matrices = matrix_sets(files)
+    if not matrices:
         raise InputError(f"{folder}: a folder source must hold a 10x matrix (matrix.mtx or matrix.mtx.gz, with "
                          f"barcodes and genes or features), and none was found under it")
-    if len(matrix_folders) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix
-        found = ", ".join(str(path.relative_to(folder)) for path in matrix_folders)
-        raise InputError(f"{folder}: holds more than one 10x matrix folder ({found}); give the one to use")
-    files = [path for path in files if path.parent == matrix_folders[0]]
+    if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
+        found = ", ".join(shown_matrix(path.relative_to(folder), prefix) for path, prefix in matrices)
+        raise InputError(f"{folder}: holds more than one 10x matrix folder or sample ({found}); give a folder "
+                         "holding the one to use")
+    matrix_folder, prefix = matrices[0]
+    names = {prefix + name for name in MATRIX_NAMES}
     for candidates, what in ((BARCODE_NAMES, "barcode"), (GENE_NAMES, "gene")):
-        if not {path.name for path in files} & set(candidates):
-            raise InputError(f"{matrix_folders[0]}: no {what} file ({' or '.join(candidates)}) beside the matrix")
+        found = {path.name for path in files if path.parent == matrix_folder} & set(list_names(candidates, prefix))
+        if not found:
+            raise InputError(f"{matrix_folder}: no {what} file ({' or '.join(list_names(candidates, prefix))}) "
+                             "beside the matrix")
+        names |= found
+    files = [path for path in files if path.parent == matrix_folder and path.name in names]
     with open(destination, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed, \
             tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for path in files:
@@ -212,13 +237,15 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False) -> ad.AnnData
                 name = _safe_member_name(path, member)
                 if member.isfile():
                     members[name] = member
-            folders = sorted({name.parent for name in members if name.name in MATRIX_NAMES}, key=str)
-            if len(folders) != 1:
-                found = ", ".join(map(str, folders)) or "none"
-                raise InputError(f"{path}: expected one folder holding matrix.mtx(.gz), found {found}")
-            folder = folders[0]
+            matrices = matrix_sets(members)
+            if len(matrices) != 1:
+                found = ", ".join(shown_matrix(*matrix) for matrix in matrices) or "none"
+                raise InputError(f"{path}: expected one folder holding matrix.mtx(.gz) (or one sample's "
+                                 f"<prefix>matrix.mtx(.gz), as GEO names them), found {found}")
+            folder, prefix = matrices[0]
 
             def open_member(candidates: tuple[str, ...], what: str):
+                candidates = list_names(candidates, prefix)
                 for candidate in candidates:
                     member = members.get(folder / candidate)
                     if member is not None:
