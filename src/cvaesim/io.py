@@ -455,22 +455,21 @@ def integer_counts(matrix, source: str | Path, round_counts: bool = False) -> sp
     if problem is not None:
         raise InputError(f"{source}: the count matrix holds {problem}; raw counts are needed (for an .h5ad, "
                          "counts_layer names the layer that holds them)")
-    if round_counts:
-        matrix = rounded(matrix, source)
+    return as_int32_counts(matrix, source, round_counts)
+
+
+def as_int32_counts(matrix, source: str | Path, round_counts: bool) -> sp.csr_matrix:
+    """Checked counts as int32 CSR; with ``round_counts``, non-integer values rounded to the nearest integer
+    first (values that round to 0 leave the matrix), with a warning naming ``source``."""
+    matrix = sp.csr_matrix(matrix)
+    fractional = matrix.data != np.round(matrix.data) if round_counts else np.zeros(0, dtype=bool)
+    if fractional.any():
+        matrix = matrix.copy()
+        matrix.data = np.round(matrix.data)
+        matrix.eliminate_zeros()
+        log.warning("%s: %d of %d stored values were not whole numbers and were rounded (round_counts: true)",
+                    source, fractional.sum(), len(fractional))
     return matrix if matrix.dtype == np.int32 else matrix.astype(np.int32)
-
-
-def rounded(matrix: sp.csr_matrix, source: str | Path) -> sp.csr_matrix:
-    """Non-integer values rounded to the nearest integer (values that round to 0 leave the matrix), logged."""
-    fractional = matrix.data != np.round(matrix.data)
-    if not fractional.any():
-        return matrix
-    matrix = matrix.copy()
-    matrix.data = np.round(matrix.data)
-    matrix.eliminate_zeros()
-    log.warning("%s: %d of %d stored values were not whole numbers and were rounded (round_counts: true)",
-                source, fractional.sum(), len(fractional))
-    return matrix
 
 
 def counts_problem(matrix: sp.spmatrix | np.ndarray | None, round_counts: bool = False) -> str | None:
@@ -498,11 +497,12 @@ def counts_problem(matrix: sp.spmatrix | np.ndarray | None, round_counts: bool =
 def normalised_problem(matrix: sp.spmatrix | np.ndarray) -> str | None:
     """Why non-integer values are normalised data rather than expected counts, or None: every cell sums to
     the same total (scanpy's normalize_total), or does so after expm1 (normalize_total, then log1p)."""
-    matrix = sp.csr_matrix(matrix, dtype=np.float64)
-    unlogged = matrix.copy()
-    unlogged.data = np.expm1(unlogged.data)
+    matrix = sp.csr_matrix(matrix)
+    # expm1 of the stored values only, beside the same indices: no copy of the matrix at PBMC68k's size.
+    unlogged = sp.csr_matrix((np.expm1(matrix.data, dtype=np.float64), matrix.indices, matrix.indptr),
+                             shape=matrix.shape)
     for what, cells in (("", matrix), (" after expm1 (log-normalised)", unlogged)):
-        totals = np.asarray(cells.sum(axis=1)).ravel()
+        totals = np.asarray(cells.sum(axis=1, dtype=np.float64)).ravel()
         totals = totals[totals > 0]  # cells without counts stay at 0 through normalisation
         if len(totals) > 1 and totals.max() - totals.min() <= 1e-3 * totals.max():
             return (f"non-integer values whose cells all sum to {np.median(totals):.6g}{what}, as normalised data "
@@ -611,7 +611,7 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
                 "config entry" if holding_counts else " (counts_layer names the layer or 'raw' that holds them)")
         raise InputError(f"{path}: {where} holds {problem}; raw counts are needed{hint}")
     adata = ad.AnnData(
-        X=integer_counts(counts, path, round_counts),  # checked above: converts (and rounds)
+        X=as_int32_counts(counts, path, round_counts),  # checked above
         # As stored (categorical, numbers, text): the filter names the types and keeps a categorical's order.
         obs=pd.DataFrame({"cell_type": source.obs[label_column]}, index=source.obs_names),
         # The gene annotation goes along (Ensembl ids, symbols beside ids as in CELLxGENE files) into every output.
