@@ -168,6 +168,30 @@ def test_loss_is_summed_squared_error_plus_kl():
     assert kl == pytest.approx(expected_kl, rel=1e-3, abs=1e-6)
 
 
+def test_kl_warmup_raises_the_kl_weight_to_beta_over_its_steps_while_training(store, tmp_path):
+    batches = batches_for(store, "train", batch_size=16, seed=0, with_counts=True)
+    (images, labels, counts), = batches[0]
+    inputs = [keras.ops.convert_to_tensor(part) for part in (images, labels, counts)]
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, reconstruction_loss="multinomial",
+                               n_genes=store.n_vars, beta=0.5, kl_warmup_steps=10, seed=0)
+    model.compile(optimizer="rmsprop")
+    model.optimizer.build(model.trainable_variables)
+    for step, weight in ((0, 0.0), (4, 0.2), (10, 0.5), (25, 0.5)):
+        model.optimizer.iterations.assign(step)
+        total, reconstruction, kl = (float(value) for value in model.compute_losses(*inputs, training=True))
+        assert kl > 0 and total == pytest.approx(reconstruction + weight * kl, rel=1e-5), step
+    model.optimizer.iterations.assign(0)
+    total, reconstruction, kl = (float(value) for value in model.compute_losses(*inputs))  # the test cells' loss
+    assert total == pytest.approx(reconstruction + 0.5 * kl, rel=1e-5)
+    # Training sets the steps from the epochs (5 batches an epoch here), and the saved model keeps them.
+    settings = TrainingSettings(epochs=1, batch_size=16, filters=4, reconstruction_loss="multinomial",
+                                kl_warmup_epochs=3)
+    trained, _ = train(store, settings, seed=0)
+    assert len(batches) == 5 and trained.kl_warmup_steps == 15
+    trained.save(tmp_path / "warm.keras")
+    assert load_model(tmp_path / "warm.keras").kl_warmup_steps == 15
+
+
 class Interrupt(keras.callbacks.Callback):
     """Stops training after ``epochs`` epochs, as a cluster time limit would."""
 

@@ -113,7 +113,8 @@ def build_decoder(side, n_cell_types, filters, kernel_size, strides, latent_dim,
 
 @keras.saving.register_keras_serializable(package="cvaesim")
 class ConditionalConvVAE(keras.Model):
-    """Loss per cell: reconstruction + beta x KL.
+    """Loss per cell: reconstruction + beta x KL (the KL weight rising from 0 over ``kl_warmup_steps``
+    optimiser steps where that is set).
 
     ``reconstruction_loss='mse'`` (the original): a sigmoid image, squared error summed over
     the pixels (MSE x side^2). ``'multinomial'``: the decoder gives logits, a softmax over the
@@ -139,6 +140,7 @@ class ConditionalConvVAE(keras.Model):
         reconstruction_loss: str = "mse",
         n_genes: int | None = None,
         gene_offsets: bool = False,
+        kl_warmup_steps: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -150,12 +152,14 @@ class ConditionalConvVAE(keras.Model):
             image_side=image_side, n_cell_types=n_cell_types, filters=filters, kernel_size=kernel_size,
             strides=strides, dense_units=dense_units, latent_dim=latent_dim, beta=beta, seed=seed,
             reconstruction_loss=reconstruction_loss, n_genes=n_genes, gene_offsets=gene_offsets,
+            kl_warmup_steps=kl_warmup_steps,
         )
         self.reconstruction_loss = reconstruction_loss
         self.n_genes = n_genes if n_genes is not None else image_side**2
         self.image_side = image_side
         self.latent_dim = latent_dim
         self.beta = beta
+        self.kl_warmup_steps = kl_warmup_steps
         self.encoder = build_encoder(image_side, n_cell_types, filters, kernel_size, strides, dense_units, latent_dim)
         self.decoder = build_decoder(image_side, n_cell_types, filters, kernel_size, strides, latent_dim,
                                      None if reconstruction_loss in COUNT_LOSSES else "sigmoid", gene_offsets)
@@ -191,7 +195,12 @@ class ConditionalConvVAE(keras.Model):
             else:
                 reconstruction = -ops.mean(ops.sum(self.negative_binomial_log_likelihood(counts, log_proportions), axis=1))
         kl = ops.mean(-0.5 * ops.sum(1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1))
-        return reconstruction + self.beta * kl, reconstruction, kl
+        weight = self.beta
+        if training and self.kl_warmup_steps:
+            # KL warm-up: the weight rises from 0 to beta over the first steps, so the latent is shaped by the
+            # cells before the prior pulls it in; the test loss always has the full weight.
+            weight = self.beta * ops.minimum(1.0, ops.cast(self.optimizer.iterations, "float32") / self.kl_warmup_steps)
+        return reconstruction + weight * kl, reconstruction, kl
 
     def negative_binomial_log_likelihood(self, counts, log_proportions):
         """log NB(counts | mu, theta) per gene without the -log(counts!) term, mu = library x proportions."""

@@ -47,6 +47,7 @@ class TrainingSettings:
     early_stopping_patience: int = 0  # 0: train every epoch
     type_balance: float = 0.0  # 0: cells drawn as they come; 1: every type equally often
     count_split: float = 0.0  # 0: each training cell is its own target; else the encoder's share of its counts
+    kl_warmup_epochs: int = 0  # epochs over which the KL weight rises from 0 to beta; 0: beta from the start
     mixed_precision: bool = False
 
 
@@ -298,21 +299,22 @@ def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: 
             log.info("mixed precision: float16 compute, float32 variables and losses")
         else:
             log.warning("mixed precision needs a GPU; training in float32")
+    training_batches = batches_for(store, "train", settings.batch_size, seed, with_counts,
+                                   type_balance=settings.type_balance, count_split=settings.count_split)
+    test_batches = batches_for(store, "test", settings.batch_size, None, with_counts)
     model = ConditionalConvVAE(
         image_side=int(store.uns["image"]["side"]),
         n_cell_types=store.obs["cell_type"].cat.categories.size,
         filters=settings.filters, kernel_size=settings.kernel_size, strides=settings.strides,
         dense_units=settings.dense_units, latent_dim=settings.latent_dim, beta=settings.beta, seed=seed,
         reconstruction_loss=settings.reconstruction_loss, n_genes=store.n_vars, gene_offsets=settings.gene_offsets,
+        kl_warmup_steps=settings.kl_warmup_epochs * len(training_batches),
     )
     if not np.array_equal(np.sort(store.var["pixel"].to_numpy()), np.arange(store.n_vars)):
         raise ValueError("the genes must fill the image's first pixels (the rest is padding)")
     if settings.gene_offsets:
         model.decoder.get_layer("gene_offsets").set_weights([initial_gene_offsets(store, settings.reconstruction_loss)])
     model.compile(optimizer=make_optimizer(settings))
-    training_batches = batches_for(store, "train", settings.batch_size, seed, with_counts,
-                                   type_balance=settings.type_balance, count_split=settings.count_split)
-    test_batches = batches_for(store, "test", settings.batch_size, None, with_counts)
     log.info("%d training and %d test cells, image side %d, %d parameters",
              len(training_batches.rows), len(test_batches.rows), model.image_side, model.count_params())
     saver = EpochCheckpoint(checkpoint, fingerprint)
