@@ -462,8 +462,7 @@ def as_int32_counts(matrix, source: str | Path, round_counts: bool) -> sp.csr_ma
     """Checked counts as int32 CSR; with ``round_counts``, non-integer values rounded to the nearest integer
     first (values that round to 0 leave the matrix), with a warning naming ``source``."""
     matrix = sp.csr_matrix(matrix)
-    fractional = matrix.data != np.round(matrix.data) if round_counts else np.zeros(0, dtype=bool)
-    if fractional.any():
+    if round_counts and (fractional := matrix.data != np.round(matrix.data)).any():
         matrix = matrix.copy()
         matrix.data = np.round(matrix.data)
         matrix.eliminate_zeros()
