@@ -354,16 +354,17 @@ def evaluate(real: ad.AnnData, is_test: np.ndarray, simulated: ad.AnnData, setti
                     "(NaN)")
     forests = Forests(settings)
     seeds = repeat_seeds(settings)
-    halves = [half, *(stratified_half(test_labels, seed) for seed in seeds[1:])]
+    further_halves = [stratified_half(test_labels, seed) for seed in seeds[1:]]  # the control's, after the first
     for source, (source_counts, source_labels) in entries.items():
         source_normalised = test_normalised[half] if source == CONTROL else log_normalise(source_counts)
         real_normalised = test_normalised[~half] if source == CONTROL else test_normalised
         real_counts, real_type_labels = reference[source]
         reference_name = CONTROL if source == CONTROL else "test"
         # Each repeat's (real, real labels, compared, compared labels): the control's halves differ by repeat.
-        sides = ([(test_normalised[~h], test_labels[~h], test_normalised[h], test_labels[h]) for h in halves]
-                 if source == CONTROL else [(real_normalised, real_type_labels, source_normalised, source_labels)]
-                 * len(seeds))
+        sides = [(real_normalised, real_type_labels, source_normalised, source_labels)] * len(seeds)
+        if source == CONTROL:
+            sides[1:] = [(test_normalised[~h], test_labels[~h], test_normalised[h], test_labels[h])
+                         for h in further_halves]
         samples = []
         for seed, (real_side, real_side_labels, compared_side, compared_side_labels) in zip(seeds, sides):
             space = Space(real_side, real_side_labels, compared_side, compared_side_labels, settings.n_components,

@@ -201,14 +201,15 @@ def pack_10x_folder(folder: str | Path, destination: str | Path) -> None:
         raise InputError(f"{folder}: holds more than one 10x matrix folder or sample ({found}); give a folder "
                          "holding the one to use")
     matrix_folder, prefix = matrices[0]
+    beside = [path for path in files if path.parent == matrix_folder]
     names = {prefix + name for name in MATRIX_NAMES}
     for candidates, what in ((BARCODE_NAMES, "barcode"), (GENE_NAMES, "gene")):
-        found = {path.name for path in files if path.parent == matrix_folder} & set(list_names(candidates, prefix))
+        wanted = list_names(candidates, prefix)
+        found = {path.name for path in beside} & set(wanted)
         if not found:
-            raise InputError(f"{matrix_folder}: no {what} file ({' or '.join(list_names(candidates, prefix))}) "
-                             "beside the matrix")
+            raise InputError(f"{matrix_folder}: no {what} file ({' or '.join(wanted)}) beside the matrix")
         names |= found
-    files = [path for path in files if path.parent == matrix_folder and path.name in names]
+    files = [path for path in beside if path.name in names]
     with open(destination, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed, \
             tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for path in files:
