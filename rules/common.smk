@@ -116,6 +116,13 @@ def source_entry(wildcards):
     return dataset(wildcards.dataset)[roles[wildcards.filename]]
 
 
+def source_sample(wildcards):
+    """The dataset's sample key for its matrix (a folder source is packed for that sample alone)."""
+    if wildcards.filename != DOWNLOAD_NAMES["10x_tarball"]["matrix"]:
+        return None
+    return dataset(wildcards.dataset).get("sample")
+
+
 def zarr_hint(folder):
     """An AnnData zarr store is a folder too: say how to make it the .h5ad the workflow reads."""
     if not any((Path(folder) / marker).exists() for marker in (".zgroup", "zarr.json")):
@@ -129,6 +136,11 @@ def zarr_hint(folder):
 def check_local_sources(names):
     """Fail at start-up, not mid-run, when a local source file is missing."""
     for name in names:
+        if dataset(name).get("sample") and dataset(name)["format"] != "10x_tarball":
+            raise ValueError(
+                f"config: dataset {name}: sample picks one of several matrices in a 10x_tarball "
+                f"source; its format is {dataset(name)['format']}, whose source holds one"
+            )
         for role in DOWNLOAD_NAMES[dataset(name)["format"]]:
             entry = dataset(name).get(role)
             if entry is None:

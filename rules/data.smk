@@ -14,6 +14,7 @@ rule download:
     params:
         source=lambda wildcards: local_source(source_entry(wildcards)["source"]),
         sha256=lambda wildcards: source_entry(wildcards).get("sha256"),
+        sample=source_sample,
     script:
         "../scripts/download.py"
 
@@ -41,6 +42,7 @@ rule filter:
         round_counts=lambda wildcards: dataset(wildcards.dataset).get(
             "round_counts", False
         ),
+        sample=lambda wildcards: dataset(wildcards.dataset).get("sample"),
         thresholds=config["filter"],
     script:
         "../scripts/filter.py"

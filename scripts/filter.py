@@ -13,4 +13,5 @@ filter_dataset(
     counts_layer=snakemake.params.counts_layer,
     thresholds=snakemake.params.thresholds,
     round_counts=snakemake.params.round_counts,
+    sample=snakemake.params.sample,
 )

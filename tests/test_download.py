@@ -167,7 +167,7 @@ def test_a_cell_ranger_folder_is_packed_into_the_tarball_the_filter_reads(tmp_pa
     assert again.read_bytes() == first.read_bytes()
 
 
-def test_a_folder_of_geo_files_is_packed_for_one_sample_and_refused_for_several(tmp_path, small_cells):
+def test_a_folder_of_geo_files_is_packed_for_one_sample_or_the_sample_named(tmp_path, small_cells):
     geo = tmp_path / "GSE1"
     geo.mkdir()
     with tarfile.open(write_tarball(tmp_path / "one.tar", small_cells, folder="", v3=True, prefix="GSM1_",
@@ -184,8 +184,19 @@ def test_a_folder_of_geo_files_is_packed_for_one_sample_and_refused_for_several(
                                     compression="")) as archive:
         archive.extractall(geo, filter="data")
     with pytest.raises(DownloadError, match=f"^{geo}: holds more than one 10x matrix folder or sample "
-                                            r"\(GSM1_matrix.mtx, GSM2_matrix.mtx\); give a folder"):
+                                            r"\(GSM1_matrix.mtx, GSM2_matrix.mtx\); name the one to read with "
+                                            "the dataset's sample key"):
         download(str(geo), str(tmp_path / "again" / "matrix.tar.gz"))
+    # The sample named: its files alone are packed.
+    second = tmp_path / "second" / "matrix.tar.gz"
+    download(str(geo), str(second), sample="GSM2")
+    with tarfile.open(second) as archive:
+        assert sorted(archive.getnames()) == [f"GSE1/GSM2_{name}" for name in
+                                              ("barcodes.tsv.gz", "features.tsv.gz", "matrix.mtx.gz")]
+    assert list(read_10x_tarball(second, sample="GSM2").obs_names) == list(small_cells[:5].obs_names)
+    with pytest.raises(DownloadError, match=f"^{geo}: no 10x matrix is named by sample 'GSM3'"):
+        download(str(geo), str(tmp_path / "third" / "matrix.tar.gz"), sample="GSM3")
+    assert not (tmp_path / "third").exists() or list((tmp_path / "third").iterdir()) == []
 
 
 def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_path):
@@ -193,7 +204,7 @@ def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_
     outs.mkdir()
     (outs / "barcodes.tsv").write_text("AAAC-1\n")
     target = tmp_path / "resources" / "matrix.tar.gz"
-    with pytest.raises(DownloadError, match=f"^{outs}: a folder source must hold a 10x matrix"):
+    with pytest.raises(DownloadError, match=f"^{outs}: holds no 10x matrix"):
         download(str(outs), str(target))
     assert list(target.parent.iterdir()) == []
     with pytest.raises(DownloadError, match=f"^{outs}: a folder, but matrix.h5ad must be a file"):

@@ -127,7 +127,7 @@ def test_missing_matrix_and_inconsistent_sizes(tmp_path, small_cells):
     empty = tmp_path / "empty.tar.gz"
     with tarfile.open(empty, "w:gz") as archive:
         add_member(archive, "readme.txt", b"hi")
-    with pytest.raises(InputError, match="expected one folder holding matrix.mtx"):
+    with pytest.raises(InputError, match="empty.tar.gz: holds no 10x matrix"):
         read_10x_tarball(empty)
     members = tarball_members(write_tarball(tmp_path / "m.tar.gz", small_cells[:10]))
     members["filtered_matrices_mex/hg19/barcodes.tsv"] += b"EXTRA-1\n"
@@ -147,16 +147,45 @@ def test_geo_files_with_a_sample_prefix_are_read(tmp_path, small_cells):
                for name, payload in tarball_members(raw).items()}
     assert sorted(members) == ["GSM1_sample_matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"]
     assert (read_10x_tarball(tarball_of(tmp_path / "matrix_only.tar.gz", members)).X != small_cells.X).nnz == 0
-    # Two samples: refused, naming both.
-    both = {**tarball_members(raw), **tarball_members(write_tarball(tmp_path / "two.tar", small_cells[:5], folder="",
-                                                                    v3=True, prefix="GSM2_", compression=""))}
-    with pytest.raises(InputError, match=r"both.tar.gz: expected one folder .* found GSM1_sample_matrix.mtx, "
-                                         r"GSM2_matrix.mtx$"):
-        read_10x_tarball(tarball_of(tmp_path / "both.tar.gz", both))
     # A prefixed matrix whose lists are missing says which names were looked for.
     del members["barcodes.tsv.gz"]
     with pytest.raises(InputError, match=r"has no barcode file \(GSM1_sample_barcodes.tsv or .* or barcodes.tsv.gz"):
         read_10x_tarball(tarball_of(tmp_path / "nobarcodes.tar.gz", members))
+
+
+def test_the_sample_key_picks_one_of_several_samples_or_genomes(tmp_path, small_cells):
+    samples = {"GSM1_sample_": small_cells, "GSM2_": small_cells[:5], "GSM10_": small_cells[5:8]}
+    members = {}
+    for prefix, cells in samples.items():
+        members |= tarball_members(write_tarball(tmp_path / f"{prefix}.tar", cells, folder="", v3=True, prefix=prefix,
+                                                 compression=""))
+    raw = tarball_of(tmp_path / "GSE1_RAW.tar.gz", members)
+    # Unnamed, several samples are refused, naming each and the key.
+    with pytest.raises(InputError, match=r"GSE1_RAW.tar.gz: holds more than one 10x matrix folder or sample "
+                                         r"\(GSM10_matrix.mtx, GSM1_sample_matrix.mtx, GSM2_matrix.mtx\); name the "
+                                         r"one to read with the dataset's sample key"):
+        read_10x_tarball(raw)
+    # A prefix names a sample up to a separator: GSM1 is not GSM10.
+    for sample, prefix in (("GSM1", "GSM1_sample_"), ("GSM1_sample", "GSM1_sample_"), ("GSM1_sample_", "GSM1_sample_"),
+                           ("GSM10", "GSM10_"), ("GSM2_", "GSM2_")):
+        adata = read_10x_tarball(raw, sample=sample)
+        assert list(adata.obs_names) == list(samples[prefix].obs_names), sample
+        assert (adata.X != samples[prefix].X).nnz == 0
+    for sample, problem in (("GSM", "no"), ("GSM3", "no"), ("sample", "no")):
+        with pytest.raises(InputError, match=rf"GSE1_RAW.tar.gz: {problem} 10x matrix is named by sample '{sample}' "
+                                             r"\(it holds GSM10_matrix.mtx, GSM1_sample_matrix.mtx, GSM2_matrix.mtx\)"):
+            read_10x_tarball(raw, sample=sample)
+    # A name that must match the one matrix there is: a wrong one is refused rather than ignored.
+    with pytest.raises(InputError, match=r"no 10x matrix is named by sample 'GSM2' \(it holds filtered_matrices_mex"):
+        read_10x_tarball(write_tarball(tmp_path / "one.tar.gz", small_cells), sample="GSM2")
+    # Cell Ranger 2's mixed-species tarball: a folder per genome, picked by its name.
+    genomes = {**tarball_members(write_tarball(tmp_path / "h.tar.gz", small_cells[:6], folder="matrices/hg19")),
+               **tarball_members(write_tarball(tmp_path / "m.tar.gz", small_cells[6:], folder="matrices/mm10"))}
+    barnyard = tarball_of(tmp_path / "barnyard.tar.gz", genomes)
+    assert list(read_10x_tarball(barnyard, sample="mm10").obs_names) == list(small_cells[6:].obs_names)
+    with pytest.raises(InputError, match=r"more than one 10x matrix is named by sample 'matrices' \(it holds "
+                                         r"matrices/hg19, matrices/mm10\)"):
+        read_10x_tarball(barnyard, sample="matrices")
 
 
 def tarball_members(path: Path) -> dict[str, bytes]:

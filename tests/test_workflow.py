@@ -196,6 +196,37 @@ def test_a_cell_ranger_folder_is_a_source_and_other_folders_are_refused_before_a
             in result.stdout + result.stderr)
 
 
+def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar(workdir, tmp_path):
+    samples = {"GSM1_": random_counts(30, 40, ["T", "B"], seed=6), "GSM2_": random_counts(50, 40, AWKWARD_TYPES, seed=7)}
+    with tarfile.open(workdir / "GSE1_RAW.tar", "w") as raw:
+        for prefix, cells in samples.items():
+            with tarfile.open(write_tarball(tmp_path / f"{prefix}.tar", cells, folder="", v3=True, prefix=prefix,
+                                            compression="")) as one:
+                for member in one:
+                    raw.addfile(member, one.extractfile(member))
+                one.extractall(workdir / "GSE1", filter="data")
+    write_annotation(workdir / "GSM2.tsv", samples["GSM2_"])
+    entry = {"format": "10x_tarball", "annotation": {"source": "GSM2.tsv"}, "label_column": "celltype",
+             "sample": "GSM2"}
+    overlay = write_config(workdir / "geo.yaml", {"dataset": ["geo_folder", "geo_tar"], "datasets": {
+        "geo_folder": {**entry, "matrix": {"source": "GSE1"}},
+        "geo_tar": {**entry, "matrix": {"source": "GSE1_RAW.tar"}},
+        "geo_h5ad": {"format": "h5ad", "matrix": {"source": "GSE1_RAW.tar"}, "label_column": "celltype",
+                     "sample": "GSM2"}}})
+    snakemake(workdir, "results/geo_folder/filtered.h5ad", "results/geo_tar/filtered.h5ad",
+              "--configfile", "config/config.yaml", overlay)
+    for name in ("geo_folder", "geo_tar"):
+        filtered = ad.read_h5ad(workdir / "results" / name / "filtered.h5ad")
+        assert list(filtered.obs_names) == list(samples["GSM2_"].obs_names)
+        assert filtered.X.sum() == samples["GSM2_"].X.sum()
+    # The key belongs to the one format whose sources hold several matrices: elsewhere refused before any job.
+    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay,
+                       "--config", "dataset=geo_h5ad", check=False)
+    assert result.returncode != 0
+    assert ("dataset geo_h5ad: sample picks one of several matrices in a 10x_tarball source; its format is h5ad, whose source holds one"
+            in result.stdout + result.stderr)
+
+
 def test_invalid_config_is_refused_with_the_key(workdir):
     overlay = write_config(workdir / "invalid.yaml", {"simulate": {"count_sampling": "gaussian"}})
     result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay, check=False)

@@ -50,8 +50,10 @@ def fetch(
     timeout: float = 60.0,
     backoff_seconds: float = 2.0,
     check: Callable[[Path], str | None] | None = None,
+    sample: str | None = None,
 ) -> str:
-    """Put ``source`` at ``destination`` and return its SHA-256.
+    """Put ``source`` at ``destination`` and return its SHA-256; a folder source is packed as a 10x tarball
+    (of its matrices, the one ``sample`` names: see ``io.chosen_matrix``).
 
     ``<destination>.sha256`` records the digest and size, so a user can pin them in the config.
     ``check`` returns why a complete file cannot be used (or None); such a file is deleted.
@@ -72,7 +74,7 @@ def fetch(
                                     f"genes or features)")
             log.info("packing the 10x matrix files under %s into %s", local, destination)
             try:
-                pack_10x_folder(local, partial)
+                pack_10x_folder(local, partial, sample)
             except InputError as error:  # raised before anything is written
                 raise DownloadError(str(error)) from error
         elif not local.is_file():

@@ -44,8 +44,32 @@ def list_names(candidates: tuple[str, ...], prefix: str) -> tuple[str, ...]:
     return tuple(prefix + name for name in candidates) + (candidates if prefix else ())
 
 
-def shown_matrix(folder: PurePath, prefix: str) -> str:
-    return f"{folder / prefix}matrix.mtx" if prefix else str(folder)
+def names_sample(matrix: tuple[PurePath, str], sample: str) -> bool:
+    """Whether ``sample`` names the ``(folder, prefix)`` matrix: its file-name prefix up to a separator
+    (``GSM123`` names ``GSM123_Sample1_matrix.mtx.gz``, not ``GSM1234_matrix.mtx.gz``) or one of its folders
+    (``hg19`` in a two-genome Cell Ranger 2 tarball)."""
+    folder, prefix = matrix
+    return (prefix.startswith(sample) and not prefix[len(sample):len(sample) + 1].isalnum()) or sample in folder.parts
+
+
+def chosen_matrix(matrices: list[tuple[PurePath, str]], sample: str | None, source: str | Path) -> tuple[PurePath, str]:
+    """The one of ``matrices`` (see ``matrix_sets``) in ``source`` to read: the only one, or the one ``sample``
+    names (the dataset's ``sample`` key)."""
+    found = ", ".join(f"{folder / prefix}matrix.mtx" if prefix else str(folder) for folder, prefix in matrices)
+    if sample is not None:
+        picked = [matrix for matrix in matrices if names_sample(matrix, sample)]
+        if len(picked) == 1:
+            return picked[0]
+        raise InputError(f"{source}: {'more than one' if picked else 'no'} 10x matrix is named by sample {sample!r} "
+                         f"(it holds {found or 'none'}); give the sample's file-name prefix or its folder's name")
+    if not matrices:
+        raise InputError(f"{source}: holds no 10x matrix (matrix.mtx or matrix.mtx.gz, or a GEO sample's "
+                         "<prefix>matrix.mtx.gz, with barcodes and genes or features)")
+    if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
+        raise InputError(f"{source}: holds more than one 10x matrix folder or sample ({found}); name the one to "
+                         "read with the dataset's sample key (a file-name prefix such as GSM1234567, or a folder's "
+                         "name), or give a folder or archive holding only it")
+    return matrices[0]
 
 
 # What cvaesim.writers.write_10x puts in its folder: a folder holding these alone may be replaced.
@@ -181,9 +205,10 @@ def container_problem(path: str | Path, name: str) -> str | None:
     return None
 
 
-def pack_10x_folder(folder: str | Path, destination: str | Path) -> None:
+def pack_10x_folder(folder: str | Path, destination: str | Path, sample: str | None = None) -> None:
     """Pack the 10x matrix files under ``folder`` (Cell Ranger's ``filtered_feature_bc_matrix/``, or a
-    folder above it) into the tarball :func:`read_10x_tarball` reads.
+    folder above it) into the tarball :func:`read_10x_tarball` reads; of several, the one ``sample`` names
+    (see ``chosen_matrix``).
 
     Only files with 10x names are packed (an ``outs/`` folder's BAMs are not), links followed, and
     times, owners, modes and the file name left out of the archive, so that the same files always give the
@@ -192,15 +217,8 @@ def pack_10x_folder(folder: str | Path, destination: str | Path) -> None:
     folder = Path(folder)
     standard = MATRIX_NAMES + GENE_NAMES + BARCODE_NAMES
     files = sorted(path for path in folder.rglob("*") if path.name.endswith(standard) and path.is_file())
-    matrices = matrix_sets(files)
-    if not matrices:
-        raise InputError(f"{folder}: a folder source must hold a 10x matrix (matrix.mtx or matrix.mtx.gz, with "
-                         f"barcodes and genes or features), and none was found under it")
-    if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
-        found = ", ".join(shown_matrix(path.relative_to(folder), prefix) for path, prefix in matrices)
-        raise InputError(f"{folder}: holds more than one 10x matrix folder or sample ({found}); give a folder "
-                         "holding the one to use")
-    matrix_folder, prefix = matrices[0]
+    relative_folder, prefix = chosen_matrix(matrix_sets(path.relative_to(folder) for path in files), sample, folder)
+    matrix_folder = folder / relative_folder
     beside = [path for path in files if path.parent == matrix_folder]
     names = {prefix + name for name in MATRIX_NAMES}
     for candidates, what in ((BARCODE_NAMES, "barcode"), (GENE_NAMES, "gene")):
@@ -219,8 +237,9 @@ def pack_10x_folder(folder: str | Path, destination: str | Path) -> None:
                 archive.addfile(member, handle)
 
 
-def read_10x_tarball(path: str | Path, round_counts: bool = False) -> ad.AnnData:
-    """Read a 10x Genomics matrix (v2 ``genes.tsv`` or v3 ``features.tsv.gz``) from a tarball.
+def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str | None = None) -> ad.AnnData:
+    """Read a 10x Genomics matrix (v2 ``genes.tsv`` or v3 ``features.tsv.gz``) from a tarball; of several,
+    the one ``sample`` names (see ``chosen_matrix``).
 
     Members are read in memory, never extracted, and unsafe members (absolute paths,
     ``..``, links) are refused. ``round_counts``: see ``integer_counts``.
@@ -238,12 +257,7 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False) -> ad.AnnData
                 name = _safe_member_name(path, member)
                 if member.isfile():
                     members[name] = member
-            matrices = matrix_sets(members)
-            if len(matrices) != 1:
-                found = ", ".join(shown_matrix(*matrix) for matrix in matrices) or "none"
-                raise InputError(f"{path}: expected one folder holding matrix.mtx(.gz) (or one sample's "
-                                 f"<prefix>matrix.mtx(.gz), as GEO names them), found {found}")
-            folder, prefix = matrices[0]
+            folder, prefix = chosen_matrix(matrix_sets(members), sample, path)
 
             def open_member(candidates: tuple[str, ...], what: str):
                 candidates = list_names(candidates, prefix)

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 FORMATS = ("10x_tarball", "10x_h5", "h5ad")
 
 
-def download(source: str, output: str, sha256: str | None = None) -> None:
-    fetch(source, output, sha256, check=functools.partial(container_problem, name=Path(output).name))
+def download(source: str, output: str, sha256: str | None = None, sample: str | None = None) -> None:
+    fetch(source, output, sha256, check=functools.partial(container_problem, name=Path(output).name), sample=sample)
 
 
 def filter_dataset(
@@ -40,15 +40,18 @@ def filter_dataset(
     counts_layer: str | None = None,
     thresholds: dict | None = None,
     round_counts: bool = False,
+    sample: str | None = None,
 ) -> None:
     """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']``; ``round_counts``
-    rounds non-integer counts (see ``io.integer_counts``)."""
+    rounds non-integer counts (see ``io.integer_counts``); ``sample`` names the matrix to read of a tarball's
+    several (see ``io.chosen_matrix``)."""
     if format in ("10x_tarball", "10x_h5"):
         if annotation is None:
             raise InputError(f"{matrix}: a 10x matrix needs an annotation file with the cell types")
         labels = read_annotation(annotation, barcode_column, label_column)
-        read = read_10x_tarball if format == "10x_tarball" else read_10x_h5
-        adata = attach_labels(read(matrix, round_counts), labels, matrix, annotation)
+        counts = (read_10x_tarball(matrix, round_counts, sample) if format == "10x_tarball"
+                  else read_10x_h5(matrix, round_counts))
+        adata = attach_labels(counts, labels, matrix, annotation)
     elif format == "h5ad":
         adata = read_h5ad_counts(matrix, label_column, counts_layer, round_counts)
     else:
