@@ -261,6 +261,16 @@ def test_annotation_errors_name_the_file_and_columns(tmp_path):
     with pytest.raises(InputError, match=r"annotation.xlsx: a zip archive \(as an Excel .xlsx workbook is\), not a "
                                          r"table; save the table as tab- or comma-separated text"):
         read_annotation(workbook, "barcodes", "celltype")
+    # Row names as the barcodes: R's write.csv and pandas' to_csv leave the first header empty, R's write.table
+    # leaves it out; read when the table has no barcode column (were refused: "no column 'barcodes'").
+    for name, text in (("r.csv", '"","celltype","nCount_RNA"\n"A-1","T cell",100\n"B-1","",20\n'),
+                       ("pandas.csv", ",celltype\nA-1,T cell\nB-1,\n"),
+                       ("r.tsv", "celltype\tnCount_RNA\nA-1\tT cell\t100\nB-1\t\t20\n")):
+        (tmp_path / name).write_text(text)
+        assert read_annotation(tmp_path / name, "barcodes", "celltype").equals(labels), name
+    # A named barcode column is read where there is one.
+    (tmp_path / "both.csv").write_text(",barcodes,celltype\n0,A-1,T cell\n1,B-1,\n")
+    assert read_annotation(tmp_path / "both.csv", "barcodes", "celltype").equals(labels)
     zipped.write_bytes(gzip.compress(csv.read_bytes())[:20])
     with pytest.raises(InputError, match="zipped.tsv: could not be read as a table"):
         read_annotation(zipped, "barcodes", "celltype")

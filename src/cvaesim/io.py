@@ -544,6 +544,17 @@ def model_file_problem(path: str | Path) -> str | None:
     return None
 
 
+def annotation_row_names(table: pd.DataFrame) -> np.ndarray | None:
+    """The row names of a table read with a header, or None: the first column where its header is empty
+    (R's write.csv, pandas' to_csv: ``obs.to_csv()`` and Seurat's ``write.csv(meta.data)``), or the column
+    pandas made the index where the header is one field short (R's write.table)."""
+    if not isinstance(table.index, pd.RangeIndex):
+        return table.index.to_numpy()
+    if len(table.columns) and table.columns[0] == "Unnamed: 0":
+        return table["Unnamed: 0"].to_numpy()
+    return None
+
+
 def read_annotation(path: str | Path, barcode_column: str, label_column: str) -> pd.Series:
     """Read a barcode-to-cell-type table (tab-, comma- or semicolon-separated, with a header; gzipped or not)."""
     path = Path(path)
@@ -576,6 +587,12 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
         log.info("%s: not UTF-8; read as Windows-1252, as Excel writes CSV on Windows", path)
     # Spreadsheets and hand-edited tables pad names and cells ("barcodes, celltype"; "AAAC-1 ").
     table.columns = table.columns.str.strip()
+    row_names = annotation_row_names(table)
+    if barcode_column not in table.columns and row_names is not None:
+        log.warning("%s: no column %r; reading the barcodes from the table's row names (its unnamed first column)",
+                    path, barcode_column)
+        table = table.reset_index(drop=True)
+        table[barcode_column] = row_names
     missing = [column for column in (barcode_column, label_column) if column not in table.columns]
     if missing:
         raise InputError(
