@@ -172,7 +172,9 @@ def test_barcodes_are_joined_where_only_one_side_carries_the_gem_well_suffix(sma
         labelled = attach_labels(cells, labels, "m.tar.gz", "a.tsv")
     assert list(labelled.obs_names) == list(cells.obs_names)
     assert list(labelled.obs["cell_type"]) == list(small_cells.obs["cell_type"])
-    assert "a.tsv: its barcodes match those of m.tar.gz only without the '-1' suffix" in caplog.text
+    carrier = "it" if side == "matrix" else "the matrix"
+    assert (f"a.tsv: its barcodes are those of m.tar.gz but for the GEM-well suffix ('-1') that {carrier} carries; "
+            "120 of its 120 labelled barcodes joined that way" in caplog.text)
 
 
 def test_barcodes_of_other_gem_wells_or_ambiguous_ones_are_not_joined(small_cells):
@@ -184,6 +186,40 @@ def test_barcodes_of_other_gem_wells_or_ambiguous_ones_are_not_joined(small_cell
     other_well = pd.Series("T", index=small_cells.obs_names.str.replace("-1", "-2"))
     with pytest.raises(InputError, match="none of its 120 labelled barcodes"):
         attach_labels(small_cells, other_well, "m.tar.gz", "a.tsv")
+
+
+@pytest.mark.parametrize("tag", ["GSM2_{}", "ctrl:{}", "{}_2", "{}-1"])
+def test_an_annotation_of_several_samples_is_joined_through_the_sample_s_tag(small_cells, caplog, tag):
+    # As Seurat's merge (a prefix) or integration and anndata.concat (a suffix) name the cells of several samples:
+    # this matrix is the second sample; the first and third share some of its barcodes by chance.
+    this = small_cells.obs["cell_type"].iloc[5:]
+    others = {tag.replace("2", "1").replace("ctrl", "stim").replace("-1", "-0"):
+              [*small_cells.obs_names[:3], *(f"OTHER{i:04d}-1" for i in range(37))],
+              tag.replace("2", "3").replace("ctrl", "pbs").replace("-1", "-2"): [f"OTHER{i:04d}-1" for i in range(50)]}
+    labels = pd.concat([pd.Series(this.to_numpy(), index=[tag.format(name) for name in this.index])]
+                       + [pd.Series("Other", index=[other.format(name) for name in names])
+                          for other, names in others.items()])
+    with caplog.at_level(logging.WARNING):
+        labelled = attach_labels(small_cells, labels.sample(frac=1, random_state=0), "m.tar.gz", "a.tsv")
+    assert list(labelled.obs_names) == list(small_cells.obs_names[5:])
+    assert list(labelled.obs["cell_type"]) == list(this)
+    assert (f"a.tsv: its barcodes are those of m.tar.gz with a sample's tag around them ({tag.format('<barcode>')}; "
+            "other tags are other samples'); 115 of its 205 labelled barcodes joined that way" in caplog.text)
+    assert "5 of 120 cells in m.tar.gz have no label" in caplog.text
+    # Only other samples' cells, sharing some barcodes with this one by chance: not joined.
+    with pytest.raises(InputError, match="a.tsv: none of its 90 labelled barcodes is in m.tar.gz"):
+        attach_labels(small_cells, labels[len(this):], "m.tar.gz", "a.tsv")
+    # Two tags each holding the matrix's barcodes: which sample's labels hold is unknown, so not joined.
+    twice = pd.concat([labels[:len(this)], pd.Series("Other", index=["copy_" + name for name in this.index])])
+    with pytest.raises(InputError, match="none of its 230 labelled barcodes"):
+        attach_labels(small_cells, twice, "m.tar.gz", "a.tsv")
+
+
+def test_a_tag_needs_a_separator(small_cells):
+    # 'CELL00001-11' is GEM well 11's cell, not well 1's with a tag; 'XCELL00001-1' no tag either.
+    for names in ([f"{name}1" for name in small_cells.obs_names], [f"X{name}" for name in small_cells.obs_names]):
+        with pytest.raises(InputError, match="none of its 120 labelled barcodes"):
+            attach_labels(small_cells, pd.Series("T", index=names), "m.tar.gz", "a.tsv")
 
 
 def test_embedded_dataset_filters_like_the_original():

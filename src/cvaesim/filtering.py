@@ -40,11 +40,13 @@ def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, anno
                          f"{f'{len(labels)} rows, every label missing' if len(labels) else 'the table has no rows'})")
     labels = labels.dropna()
     shared = adata.obs_names.intersection(labels.index)
-    if len(shared) == 0 and (matched := labels_across_gem_suffix(adata.obs_names, labels)) is not None:
-        log.warning("%s: its barcodes match those of %s only without the '-1' suffix that one of them carries; "
-                    "joined that way", annotation, matrix)
-        labels = matched
-        shared = adata.obs_names.intersection(labels.index)
+    # Tools name the same cells differently: joined where the names say unambiguously which cell is which.
+    for rejoin in (labels_across_gem_suffix, labels_across_sample_tags):
+        if len(shared) == 0 and (rejoined := rejoin(adata.obs_names, labels)) is not None:
+            log.warning("%s: its barcodes are those of %s %s; %d of its %d labelled barcodes joined that way",
+                        annotation, matrix, rejoined[1], len(rejoined[0]), len(labels))
+            labels = rejoined[0]
+            shared = adata.obs_names.intersection(labels.index)
     if len(shared) == 0:
         raise InputError(
             f"{annotation}: none of its {len(labels)} labelled barcodes is in {matrix} "
@@ -62,10 +64,12 @@ def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, anno
     return labelled
 
 
-def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> pd.Series | None:
-    """The labels under the matrix's barcodes where one side carries Cell Ranger's GEM-well suffix
-    ('AAACATACAACCAC-1') and the other none (tools that drop it), or None where that is not the case or
-    leaves barcodes ambiguous. Suffixes that differ ('-1' against '-2') are different cells: not joined."""
+def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.Series, str] | None:
+    """The labels under the matrix's barcodes, and how they were joined, where one side carries Cell Ranger's
+    GEM-well suffix ('AAACATACAACCAC-1') and the other none (tools that drop it), or None where that is not the
+    case or
+    leaves barcodes ambiguous or none joined. Suffixes that differ ('-1' against '-2') are different cells: not
+    joined."""
     barcodes, names = pd.Index(barcodes.astype(str)), pd.Index(labels.index.astype(str))
     matrix_suffixed, labels_suffixed = (index.str.contains(GEM_SUFFIX, regex=True) for index in (barcodes, names))
     if matrix_suffixed.all() and not labels_suffixed.any():
@@ -77,7 +81,47 @@ def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> pd.Series
     if not (matrix_keys.is_unique and label_keys.is_unique):
         return None
     by_key = pd.Series(labels.to_numpy(), index=label_keys)
-    return pd.Series(by_key.reindex(matrix_keys).to_numpy(), index=barcodes, name=labels.name).dropna()
+    joined = pd.Series(by_key.reindex(matrix_keys).to_numpy(), index=barcodes, name=labels.name).dropna()
+    return (joined, f"but for the GEM-well suffix ('-1') that {'the matrix' if matrix_suffixed.all() else 'it'} "
+                    "carries") if len(joined) else None
+
+
+def labels_across_sample_tags(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.Series, str] | None:
+    """The labels under the matrix's barcodes, and how they were joined, where the annotation's barcodes carry a
+    sample's tag around them, as an annotation of several samples does (Seurat's merge prefixes each sample's
+    barcodes, 'ctrl_AAACATACAACCAC-1'; its integration and anndata.concat add a suffix, '_1', '-0'); None where
+    they do not.
+
+    A tag is a prefix ending, or a suffix starting, with a separator. It is joined where at least half of the
+    annotation's barcodes carrying it hold one of the matrix's: one sample's cells, not barcodes another sample
+    shares with this one by chance. A barcode under two joined tags is ambiguous: None."""
+    matrix = set(map(str, barcodes))
+    lengths = sorted({len(barcode) for barcode in matrix})
+    names = pd.Index(labels.index.astype(str))
+    found = [(name, *parts) for name in names if (parts := tag_split(name, matrix, lengths)) is not None]
+    if not found:
+        return None
+    table = pd.DataFrame(found, columns=["name", "prefix", "barcode", "suffix"])
+    joined = [group for (prefix, suffix), group in table.groupby(["prefix", "suffix"], sort=False)
+              if 2 * len(group) >= (names.str.startswith(prefix) & names.str.endswith(suffix)).sum()]
+    if not joined or (chosen := pd.concat(joined))["barcode"].duplicated().any():
+        return None
+    tags = ", ".join(f"{group['prefix'].iloc[0]}<barcode>{group['suffix'].iloc[0]}" for group in joined)
+    by_barcode = pd.Series(labels.to_numpy()[names.get_indexer(chosen["name"])], index=chosen["barcode"].to_numpy(),
+                           name=labels.name)
+    return by_barcode, f"with a sample's tag around them ({tags}; other tags are other samples')"
+
+
+def tag_split(name: str, barcodes: set[str], lengths: list[int]) -> tuple[str, str, str] | None:
+    """(prefix, barcode, suffix) where ``name`` is one of ``barcodes`` (of these ``lengths``) with a tag around
+    it, separated from it by a character that is not a letter or digit ('ctrl_AAAC-1', 'AAAC-1_2')."""
+    for length in lengths:
+        for start in range(len(name) - length + 1):
+            prefix, barcode, suffix = name[:start], name[start:start + length], name[start + length:]
+            if ((prefix or suffix) and (not prefix or not prefix[-1].isalnum())
+                    and (not suffix or not suffix[0].isalnum()) and barcode in barcodes):
+                return prefix, barcode, suffix
+    return None
 
 
 def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, source: str | Path) -> ad.AnnData:
