@@ -127,8 +127,17 @@ def test_missing_matrix_and_inconsistent_sizes(tmp_path, small_cells):
     empty = tmp_path / "empty.tar.gz"
     with tarfile.open(empty, "w:gz") as archive:
         add_member(archive, "readme.txt", b"hi")
-    with pytest.raises(InputError, match="empty.tar.gz: holds no 10x matrix"):
+    with pytest.raises(InputError, match=r"empty.tar.gz: holds no 10x matrix \(.*features\)$"):
         read_10x_tarball(empty)
+    # GEO's RAW tar of each sample's Cell Ranger HDF5 file: the error says to give one as a 10x_h5 source.
+    with tarfile.open(hdf5_only := tmp_path / "GSE1_RAW.tar", "w") as archive:
+        for sample in range(1, 6):
+            add_member(archive, f"GSM{sample}_filtered_feature_bc_matrix.h5", b"\x89HDF")
+    with pytest.raises(InputError, match=r"GSE1_RAW.tar: holds no 10x matrix .*; it holds HDF5 files "
+                                         r"\(GSM1_filtered_feature_bc_matrix.h5, GSM2_filtered_feature_bc_matrix.h5, "
+                                         r"GSM3_filtered_feature_bc_matrix.h5, ...\): take the one to read out and "
+                                         r"give it as a 10x_h5 source"):
+        read_10x_tarball(hdf5_only)
     members = tarball_members(write_tarball(tmp_path / "m.tar.gz", small_cells[:10]))
     members["filtered_matrices_mex/hg19/barcodes.tsv"] += b"EXTRA-1\n"
     with pytest.raises(InputError, match=r"11 barcodes; the barcode list has one line too many: a header line\?"):

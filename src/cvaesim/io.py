@@ -52,9 +52,10 @@ def names_sample(matrix: tuple[PurePath, str], sample: str) -> bool:
     return (prefix.startswith(sample) and not prefix[len(sample):len(sample) + 1].isalnum()) or sample in folder.parts
 
 
-def chosen_matrix(matrices: list[tuple[PurePath, str]], sample: str | None, source: str | Path) -> tuple[PurePath, str]:
-    """The one of ``matrices`` (see ``matrix_sets``) in ``source`` to read: the only one, or the one ``sample``
-    names (the dataset's ``sample`` key)."""
+def chosen_matrix(names: list[PurePath], sample: str | None, source: str | Path) -> tuple[PurePath, str]:
+    """(folder, prefix) of the 10x matrix to read among the file ``names`` in ``source``: the only one, or the
+    one ``sample`` names (the dataset's ``sample`` key)."""
+    matrices = matrix_sets(names)
     found = ", ".join(f"{folder / prefix}matrix.mtx" if prefix else str(folder) for folder, prefix in matrices)
     if sample is not None:
         picked = [matrix for matrix in matrices if names_sample(matrix, sample)]
@@ -63,8 +64,12 @@ def chosen_matrix(matrices: list[tuple[PurePath, str]], sample: str | None, sour
         raise InputError(f"{source}: {'more than one' if picked else 'no'} 10x matrix is named by sample {sample!r} "
                          f"(it holds {found or 'none'}); give the sample's file-name prefix or its folder's name")
     if not matrices:
+        # GEO's GSE..._RAW.tar often holds each sample's Cell Ranger HDF5 file instead.
+        hdf5 = [str(name) for name in names if name.name.endswith(".h5")]
         raise InputError(f"{source}: holds no 10x matrix (matrix.mtx or matrix.mtx.gz, or a GEO sample's "
-                         "<prefix>matrix.mtx.gz, with barcodes and genes or features)")
+                         "<prefix>matrix.mtx.gz, with barcodes and genes or features)"
+                         + (f"; it holds HDF5 files ({', '.join(hdf5[:3])}{', ...' if len(hdf5) > 3 else ''}): "
+                            "take the one to read out and give it as a 10x_h5 source" if hdf5 else ""))
     if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
         raise InputError(f"{source}: holds more than one 10x matrix folder or sample ({found}); name the one to "
                          "read with the dataset's sample key (a file-name prefix such as GSM1234567, or a folder's "
@@ -215,9 +220,8 @@ def pack_10x_folder(folder: str | Path, destination: str | Path, sample: str | N
     same bytes and SHA-256.
     """
     folder = Path(folder)
-    standard = MATRIX_NAMES + GENE_NAMES + BARCODE_NAMES
-    files = sorted(path for path in folder.rglob("*") if path.name.endswith(standard) and path.is_file())
-    relative_folder, prefix = chosen_matrix(matrix_sets(path.relative_to(folder) for path in files), sample, folder)
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    relative_folder, prefix = chosen_matrix([path.relative_to(folder) for path in files], sample, folder)
     matrix_folder = folder / relative_folder
     beside = [path for path in files if path.parent == matrix_folder]
     names = {prefix + name for name in MATRIX_NAMES}
@@ -257,7 +261,7 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
                 name = _safe_member_name(path, member)
                 if member.isfile():
                     members[name] = member
-            folder, prefix = chosen_matrix(matrix_sets(members), sample, path)
+            folder, prefix = chosen_matrix(list(members), sample, path)
 
             def open_member(candidates: tuple[str, ...], what: str):
                 candidates = list_names(candidates, prefix)
