@@ -12,7 +12,7 @@ from cvaesim.steps import download
 
 from cvaesim.io import read_10x_tarball
 
-from conftest import EMBEDDED_TARBALL, write_tarball
+from conftest import EMBEDDED_TARBALL, add_member, write_tarball
 
 
 class Server:
@@ -197,6 +197,32 @@ def test_a_folder_of_geo_files_is_packed_for_one_sample_or_the_sample_named(tmp_
     with pytest.raises(DownloadError, match=f"^{geo}: no 10x matrix is named by sample 'GSM3'"):
         download(str(geo), str(tmp_path / "third" / "matrix.tar.gz"), sample="GSM3")
     assert not (tmp_path / "third").exists() or list((tmp_path / "third").iterdir()) == []
+
+
+def test_an_archive_without_the_matrix_to_read_is_refused_at_download_under_its_source(tmp_path, small_cells):
+    raw = tmp_path / "GSE1_RAW.tar"
+    with tarfile.open(raw, "w") as archive:
+        for prefix, cells in (("GSM1_", small_cells), ("GSM2_", small_cells[:5])):
+            with tarfile.open(write_tarball(tmp_path / f"{prefix}.tar", cells, folder="", v3=True, prefix=prefix,
+                                            compression="")) as one:
+                for member in one:
+                    archive.addfile(member, one.extractfile(member))
+    target = tmp_path / "resources" / "matrix.tar.gz"
+    for sample, problem in ((None, r"holds more than one 10x matrix folder or sample \(GSM1_matrix.mtx, "
+                                   r"GSM2_matrix.mtx\); name the one to read with the dataset's sample key"),
+                            ("GSM3", r"no 10x matrix is named by sample 'GSM3' \(it holds GSM1_matrix.mtx, ")):
+        with pytest.raises(DownloadError, match=f"^{raw}: {problem}.*; nothing was written to {target}$"):
+            download(str(raw), str(target), sample=sample)
+        assert list(target.parent.iterdir()) == []
+    download(str(raw), str(target), sample="GSM2")
+    assert target.read_bytes() == raw.read_bytes()  # copied whole; the filter reads the sample named
+    # A RAW tar of each sample's HDF5 file: the format to give it as is named.
+    with tarfile.open(hdf5 := tmp_path / "GSE2_RAW.tar", "w") as archive:
+        add_member(archive, "GSM1_filtered_feature_bc_matrix.h5", b"\x89HDF")
+    with pytest.raises(DownloadError, match=r"GSE2_RAW.tar: holds no 10x matrix .*; it holds HDF5 files "
+                                            r"\(GSM1_filtered_feature_bc_matrix.h5\): take the one to read out and "
+                                            r"give it as a 10x_h5 source"):
+        download(str(hdf5), str(tmp_path / "again" / "matrix.tar.gz"))
 
 
 def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_path):

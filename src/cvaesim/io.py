@@ -52,26 +52,27 @@ def names_sample(matrix: tuple[PurePath, str], sample: str) -> bool:
     return (prefix.startswith(sample) and not prefix[len(sample):len(sample) + 1].isalnum()) or sample in folder.parts
 
 
-def chosen_matrix(names: list[PurePath], sample: str | None, source: str | Path) -> tuple[PurePath, str]:
-    """(folder, prefix) of the 10x matrix to read among the file ``names`` in ``source``: the only one, or the
-    one ``sample`` names (the dataset's ``sample`` key)."""
+def chosen_matrix(names: list[PurePath], sample: str | None) -> tuple[PurePath, str]:
+    """(folder, prefix) of the 10x matrix to read among the file ``names`` of a folder or archive: the only one,
+    or the one ``sample`` names (the dataset's ``sample`` key). Raises ValueError saying why there is none, for
+    the caller to name the source."""
     matrices = matrix_sets(names)
     found = ", ".join(f"{folder / prefix}matrix.mtx" if prefix else str(folder) for folder, prefix in matrices)
     if sample is not None:
         picked = [matrix for matrix in matrices if names_sample(matrix, sample)]
         if len(picked) == 1:
             return picked[0]
-        raise InputError(f"{source}: {'more than one' if picked else 'no'} 10x matrix is named by sample {sample!r} "
+        raise ValueError(f"{'more than one' if picked else 'no'} 10x matrix is named by sample {sample!r} "
                          f"(it holds {found or 'none'}); give the sample's file-name prefix or its folder's name")
     if not matrices:
         # GEO's GSE..._RAW.tar often holds each sample's Cell Ranger HDF5 file instead.
         hdf5 = [str(name) for name in names if name.name.endswith(".h5")]
-        raise InputError(f"{source}: holds no 10x matrix (matrix.mtx or matrix.mtx.gz, or a GEO sample's "
+        raise ValueError("holds no 10x matrix (matrix.mtx or matrix.mtx.gz, or a GEO sample's "
                          "<prefix>matrix.mtx.gz, with barcodes and genes or features)"
                          + (f"; it holds HDF5 files ({', '.join(hdf5[:3])}{', ...' if len(hdf5) > 3 else ''}): "
                             "take the one to read out and give it as a 10x_h5 source" if hdf5 else ""))
     if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
-        raise InputError(f"{source}: holds more than one 10x matrix folder or sample ({found}); name the one to "
+        raise ValueError(f"holds more than one 10x matrix folder or sample ({found}); name the one to "
                          "read with the dataset's sample key (a file-name prefix such as GSM1234567, or a folder's "
                          "name), or give a folder or archive holding only it")
     return matrices[0]
@@ -186,11 +187,12 @@ def format_hint(path: str | Path, expected: str) -> str:
     return f"; it is {detected[1]}, so the dataset's format may be {detected[0]}"
 
 
-def container_problem(path: str | Path, name: str) -> str | None:
-    """Why ``path`` cannot be the file ``name`` says (HDF5 for .h5/.h5ad, a tar archive for .tar.gz), or None.
+def container_problem(path: str | Path, name: str, sample: str | None = None) -> str | None:
+    """Why ``path`` cannot be the file ``name`` says (HDF5 for .h5/.h5ad, a tar archive for .tar.gz holding
+    the 10x matrix to read, of several the one ``sample`` names), or None.
 
-    Only the container is checked, in seconds; its content is the filter step's. Run on a
-    download before it is put in place, so that a truncated or wrong file is reported under
+    Only the container and an archive's list of files are checked, in seconds; the content is the filter
+    step's. Run on a download before it is put in place, so that a truncated or wrong file is reported under
     the source the user gave.
     """
     if name.endswith((".h5", ".h5ad")):
@@ -203,10 +205,14 @@ def container_problem(path: str | Path, name: str) -> str | None:
     if name.endswith((".tar.gz", ".tar")):
         try:
             with tarfile.open(path, "r:*") as archive:
-                archive.getmembers()  # reads to the end, so a truncated archive shows here
+                members = archive.getmembers()  # reads to the end, so a truncated archive shows here
         except TAR_OPEN_ERRORS as error:
             return (f"not a readable tar archive, as {name} must be ({tar_problem(error)})"
                     f"{format_hint(path, '10x_tarball')}")
+        try:
+            chosen_matrix([PurePosixPath(member.name) for member in members if member.isfile()], sample)
+        except ValueError as error:
+            return str(error)
     return None
 
 
@@ -221,7 +227,10 @@ def pack_10x_folder(folder: str | Path, destination: str | Path, sample: str | N
     """
     folder = Path(folder)
     files = sorted(path for path in folder.rglob("*") if path.is_file())
-    relative_folder, prefix = chosen_matrix([path.relative_to(folder) for path in files], sample, folder)
+    try:
+        relative_folder, prefix = chosen_matrix([path.relative_to(folder) for path in files], sample)
+    except ValueError as error:
+        raise InputError(f"{folder}: {error}") from None
     matrix_folder = folder / relative_folder
     beside = [path for path in files if path.parent == matrix_folder]
     names = {prefix + name for name in MATRIX_NAMES}
@@ -261,7 +270,10 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
                 name = _safe_member_name(path, member)
                 if member.isfile():
                     members[name] = member
-            folder, prefix = chosen_matrix(list(members), sample, path)
+            try:
+                folder, prefix = chosen_matrix(list(members), sample)
+            except ValueError as error:
+                raise InputError(f"{path}: {error}") from None
 
             def open_member(candidates: tuple[str, ...], what: str):
                 candidates = list_names(candidates, prefix)
@@ -593,7 +605,8 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     table.columns = table.columns.str.strip()
     row_names = annotation_row_names(table)
     if barcode_column not in table.columns and row_names is not None:
-        log.warning("%s: no column %r; reading the barcodes from the table's row names (its unnamed first column)",
+        log.warning("%s: no column %r; reading the barcodes from the table's row names (its first column, whose header is "
+                    "empty or missing)",
                     path, barcode_column)
         table = table.reset_index(drop=True)
         table[barcode_column] = row_names

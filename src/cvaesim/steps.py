@@ -27,7 +27,8 @@ FORMATS = ("10x_tarball", "10x_h5", "h5ad")
 
 
 def download(source: str, output: str, sha256: str | None = None, sample: str | None = None) -> None:
-    fetch(source, output, sha256, check=functools.partial(container_problem, name=Path(output).name), sample=sample)
+    fetch(source, output, sha256, check=functools.partial(container_problem, name=Path(output).name, sample=sample),
+          sample=sample)
 
 
 def filter_dataset(
