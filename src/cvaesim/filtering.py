@@ -67,9 +67,8 @@ def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, anno
 def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.Series, str] | None:
     """The labels under the matrix's barcodes, and how they were joined, where one side carries Cell Ranger's
     GEM-well suffix ('AAACATACAACCAC-1') and the other none (tools that drop it), or None where that is not the
-    case or
-    leaves barcodes ambiguous or none joined. Suffixes that differ ('-1' against '-2') are different cells: not
-    joined."""
+    case, leaves barcodes ambiguous or joins none. Suffixes that differ ('-1' against '-2') are different cells:
+    not joined."""
     barcodes, names = pd.Index(barcodes.astype(str)), pd.Index(labels.index.astype(str))
     matrix_suffixed, labels_suffixed = (index.str.contains(GEM_SUFFIX, regex=True) for index in (barcodes, names))
     if matrix_suffixed.all() and not labels_suffixed.any():

@@ -605,9 +605,8 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     table.columns = table.columns.str.strip()
     row_names = annotation_row_names(table)
     if barcode_column not in table.columns and row_names is not None:
-        log.warning("%s: no column %r; reading the barcodes from the table's row names (its first column, whose header is "
-                    "empty or missing)",
-                    path, barcode_column)
+        log.warning("%s: no column %r; reading the barcodes from the table's row names (its first column, whose "
+                    "header is empty or missing)", path, barcode_column)
         table = table.reset_index(drop=True)
         table[barcode_column] = row_names
     missing = [column for column in (barcode_column, label_column) if column not in table.columns]
