@@ -117,8 +117,12 @@ def source_entry(wildcards):
 
 
 def source_sample(wildcards):
-    """The dataset's sample key for its matrix (a folder source is packed for that sample alone)."""
-    if wildcards.filename != DOWNLOAD_NAMES["10x_tarball"]["matrix"]:
+    """The dataset's sample key for its matrix (a folder source is packed for that sample alone, and an
+    archive of HDF5 files gives that sample's)."""
+    if wildcards.filename not in (
+        DOWNLOAD_NAMES["10x_tarball"]["matrix"],
+        DOWNLOAD_NAMES["10x_h5"]["matrix"],
+    ):
         return None
     return dataset(wildcards.dataset).get("sample")
 
@@ -136,10 +140,10 @@ def zarr_hint(folder):
 def check_local_sources(names):
     """Fail at start-up, not mid-run, when a local source file is missing."""
     for name in names:
-        if dataset(name).get("sample") and dataset(name)["format"] != "10x_tarball":
+        if dataset(name).get("sample") and dataset(name)["format"] == "h5ad":
             raise ValueError(
                 f"config: dataset {name}: sample picks one of several matrices in a 10x_tarball "
-                f"source; its format is {dataset(name)['format']}, whose source holds one"
+                f"or 10x_h5 source (a folder or archive); an h5ad source holds one"
             )
         for role in DOWNLOAD_NAMES[dataset(name)["format"]]:
             entry = dataset(name).get(role)

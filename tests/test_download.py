@@ -10,9 +10,9 @@ import pytest
 from cvaesim.download import USER_AGENT, DownloadError, fetch
 from cvaesim.steps import download
 
-from cvaesim.io import read_10x_tarball
+from cvaesim.io import read_10x_h5, read_10x_tarball
 
-from conftest import EMBEDDED_TARBALL, add_member, write_tarball
+from conftest import EMBEDDED_TARBALL, add_member, write_10x_h5, write_tarball
 
 
 class Server:
@@ -220,9 +220,39 @@ def test_an_archive_without_the_matrix_to_read_is_refused_at_download_under_its_
     with tarfile.open(hdf5 := tmp_path / "GSE2_RAW.tar", "w") as archive:
         add_member(archive, "GSM1_filtered_feature_bc_matrix.h5", b"\x89HDF")
     with pytest.raises(DownloadError, match=r"GSE2_RAW.tar: holds no 10x matrix .*; it holds HDF5 files "
-                                            r"\(GSM1_filtered_feature_bc_matrix.h5\): take the one to read out and "
-                                            r"give it as a 10x_h5 source"):
+                                            r"\(GSM1_filtered_feature_bc_matrix.h5\): give it as a 10x_h5 source"):
         download(str(hdf5), str(tmp_path / "again" / "matrix.tar.gz"))
+
+
+def test_a_raw_tar_of_hdf5_files_gives_the_sample_s_for_a_10x_h5_dataset(tmp_path, small_cells):
+    raw = tmp_path / "GSE3_RAW.tar"
+    files = {f"GSM{n}_filtered_feature_bc_matrix.h5": write_10x_h5(tmp_path / f"{n}.h5", small_cells[n * 10:])
+             for n in (1, 2)}
+    with tarfile.open(raw, "w") as archive:
+        for name, path in files.items():
+            archive.add(path, arcname=name)
+        add_member(archive, "GSM2_molecule_info.h5", b"\x89HDF")  # not a matrix
+        add_member(archive, "GSM2_metadata.csv.gz", b"")
+    target = tmp_path / "resources" / "matrix.h5"
+    download(str(raw), str(target), sha256=hashlib.sha256(raw.read_bytes()).hexdigest(), sample="GSM2")
+    assert target.read_bytes() == files["GSM2_filtered_feature_bc_matrix.h5"].read_bytes()
+    assert list(read_10x_h5(target).obs_names) == list(small_cells[20:].obs_names)
+    # The record keeps the archive's digest, the one pinned.
+    assert (target.with_name("matrix.h5.sha256").read_text() ==
+            f"{hashlib.sha256(raw.read_bytes()).hexdigest()}  GSE3_RAW.tar (the archive "
+            f"GSM2_filtered_feature_bc_matrix.h5 was taken out of)  {raw.stat().st_size} bytes\n")
+    for sample, problem in ((None, r"holds more than one Cell Ranger HDF5 file \(GSM1_filtered_feature_bc_matrix.h5, "
+                                   r"GSM2_filtered_feature_bc_matrix.h5\); name the one to read with the dataset's "
+                                   r"sample key \(its file-name prefix, such as GSM1234567\)"),
+                            ("GSM3", r"holds no Cell Ranger HDF5 file named by sample 'GSM3' \(it holds "
+                                     r"GSM1_filtered_feature_bc_matrix.h5, GSM2_filtered_feature_bc_matrix.h5\)")):
+        again = tmp_path / str(sample) / "matrix.h5"
+        with pytest.raises(DownloadError, match=f"^{raw}: {problem}; nothing was written to {again}$"):
+            download(str(raw), str(again), sample=sample)
+        assert list(again.parent.iterdir()) == []
+    # A 10x tarball given as 10x_h5 is still told apart by its format, not searched for HDF5 files.
+    with pytest.raises(DownloadError, match="not a readable HDF5 file.*so the dataset's format may be 10x_tarball"):
+        download(str(EMBEDDED_TARBALL), str(tmp_path / "tarball" / "matrix.h5"))
 
 
 def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_path):

@@ -135,8 +135,8 @@ def test_missing_matrix_and_inconsistent_sizes(tmp_path, small_cells):
             add_member(archive, f"GSM{sample}_filtered_feature_bc_matrix.h5", b"\x89HDF")
     with pytest.raises(InputError, match=r"GSE1_RAW.tar: holds no 10x matrix .*; it holds HDF5 files "
                                          r"\(GSM1_filtered_feature_bc_matrix.h5, GSM2_filtered_feature_bc_matrix.h5, "
-                                         r"GSM3_filtered_feature_bc_matrix.h5, ...\): take the one to read out and "
-                                         r"give it as a 10x_h5 source"):
+                                         r"GSM3_filtered_feature_bc_matrix.h5, ...\): give it as a 10x_h5 source "
+                                         r"\(the sample key naming the file where it holds several\)"):
         read_10x_tarball(hdf5_only)
     members = tarball_members(write_tarball(tmp_path / "m.tar.gz", small_cells[:10]))
     members["filtered_matrices_mex/hg19/barcodes.tsv"] += b"EXTRA-1\n"

@@ -196,7 +196,7 @@ def test_a_cell_ranger_folder_is_a_source_and_other_folders_are_refused_before_a
             in result.stdout + result.stderr)
 
 
-def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar(workdir, tmp_path):
+def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar_of_either_format(workdir, tmp_path):
     samples = {"GSM1_": random_counts(30, 40, ["T", "B"], seed=6), "GSM2_": random_counts(50, 40, AWKWARD_TYPES, seed=7)}
     with tarfile.open(workdir / "GSE1_RAW.tar", "w") as raw:
         for prefix, cells in samples.items():
@@ -205,17 +205,21 @@ def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar(workdir,
                 for member in one:
                     raw.addfile(member, one.extractfile(member))
                 one.extractall(workdir / "GSE1", filter="data")
+    with tarfile.open(workdir / "GSE2_RAW.tar", "w") as raw:  # each sample's Cell Ranger HDF5 file
+        for prefix, cells in samples.items():
+            raw.add(write_10x_h5(tmp_path / f"{prefix}.h5", cells), arcname=f"{prefix}filtered_feature_bc_matrix.h5")
     write_annotation(workdir / "GSM2.tsv", samples["GSM2_"])
     entry = {"format": "10x_tarball", "annotation": {"source": "GSM2.tsv"}, "label_column": "celltype",
              "sample": "GSM2"}
     overlay = write_config(workdir / "geo.yaml", {"dataset": ["geo_folder", "geo_tar"], "datasets": {
         "geo_folder": {**entry, "matrix": {"source": "GSE1"}},
         "geo_tar": {**entry, "matrix": {"source": "GSE1_RAW.tar"}},
+        "geo_h5": {**entry, "format": "10x_h5", "matrix": {"source": "GSE2_RAW.tar"}},
         "geo_h5ad": {"format": "h5ad", "matrix": {"source": "GSE1_RAW.tar"}, "label_column": "celltype",
                      "sample": "GSM2"}}})
     snakemake(workdir, "results/geo_folder/filtered.h5ad", "results/geo_tar/filtered.h5ad",
-              "--configfile", "config/config.yaml", overlay)
-    for name in ("geo_folder", "geo_tar"):
+              "results/geo_h5/filtered.h5ad", "--configfile", "config/config.yaml", overlay)
+    for name in ("geo_folder", "geo_tar", "geo_h5"):
         filtered = ad.read_h5ad(workdir / "results" / name / "filtered.h5ad")
         assert list(filtered.obs_names) == list(samples["GSM2_"].obs_names)
         assert filtered.X.sum() == samples["GSM2_"].X.sum()
@@ -223,7 +227,8 @@ def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar(workdir,
     result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay,
                        "--config", "dataset=geo_h5ad", check=False)
     assert result.returncode != 0
-    assert ("dataset geo_h5ad: sample picks one of several matrices in a 10x_tarball source; its format is h5ad, whose source holds one"
+    assert ("dataset geo_h5ad: sample picks one of several matrices in a 10x_tarball or 10x_h5 source (a folder or "
+            "archive); an h5ad source holds one"
             in result.stdout + result.stderr)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from . import InputError, __version__
-from .io import pack_10x_folder
+from .io import extract_10x_h5, holds_hdf5_files, pack_10x_folder
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def fetch(
     sample: str | None = None,
 ) -> str:
     """Put ``source`` at ``destination`` and return its SHA-256; a folder source is packed as a 10x tarball
-    (of its matrices, the one ``sample`` names: see ``io.chosen_matrix``).
+    (of its matrices, the one ``sample`` names: see ``io.chosen_matrix``), and an ``.h5`` destination's tar
+    archive of HDF5 files gives the one to read (see ``io.extract_10x_h5``).
 
     ``<destination>.sha256`` records the digest and size, so a user can pin them in the config.
     ``check`` returns why a complete file cannot be used (or None); such a file is deleted.
@@ -96,15 +97,27 @@ def fetch(
             f"{destination}: SHA-256 mismatch for {source}: expected {sha256.lower()}, "
             f"got {digest} ({size} bytes); the file was deleted"
         )
+    recorded = destination.name
+    if destination.name.endswith(".h5") and holds_hdf5_files(partial):
+        # GEO's RAW tar of each sample's Cell Ranger HDF5 file: the one to read is taken out; the digest stays
+        # the archive's, which is what a user pins.
+        extracted = partial.with_name(partial.name + ".extracted")
+        try:
+            member = extract_10x_h5(partial, extracted, sample)
+        except ValueError as error:
+            raise DownloadError(f"{source}: {error}; nothing was written to {destination}") from None
+        finally:
+            partial.unlink()
+        log.info("%s: took %s out of the archive", source, member)
+        extracted.replace(partial)
+        recorded = f"{Path(urlparse(source).path).name} (the archive {member} was taken out of)"
     problem = check(partial) if check else None
     if problem:
         partial.unlink()
         raise DownloadError(f"{source}: {problem}; nothing was written to {destination}")
     log.info("%s: %d bytes, SHA-256 %s%s", destination, size, digest, " (verified)" if sha256 else "")
     partial.replace(destination)
-    destination.with_name(destination.name + ".sha256").write_text(
-        f"{digest}  {destination.name}  {size} bytes\n"
-    )
+    destination.with_name(destination.name + ".sha256").write_text(f"{digest}  {recorded}  {size} bytes\n")
     return digest
 
 

@@ -70,12 +70,42 @@ def chosen_matrix(names: list[PurePath], sample: str | None) -> tuple[PurePath, 
         raise ValueError("holds no 10x matrix (matrix.mtx or matrix.mtx.gz, or a GEO sample's "
                          "<prefix>matrix.mtx.gz, with barcodes and genes or features)"
                          + (f"; it holds HDF5 files ({', '.join(hdf5[:3])}{', ...' if len(hdf5) > 3 else ''}): "
-                            "take the one to read out and give it as a 10x_h5 source" if hdf5 else ""))
+                            "give it as a 10x_h5 source (the sample key naming the file where it holds several)"
+                            if hdf5 else ""))
     if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
         raise ValueError(f"holds more than one 10x matrix folder or sample ({found}); name the one to "
                          "read with the dataset's sample key (a file-name prefix such as GSM1234567, or a folder's "
                          "name), or give a folder or archive holding only it")
     return matrices[0]
+
+
+def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: str | None) -> str:
+    """Write the Cell Ranger HDF5 file to read from a tar archive of them (GEO's ``GSE..._RAW.tar`` holds each
+    sample's ``GSM123_filtered_feature_bc_matrix.h5``) to ``destination``: the only one, or the one whose name
+    ``sample`` begins up to a separator (``GSM123``, or ``GSM123_filtered`` where the raw matrix is there too).
+    Returns the member's name. Raises ValueError saying why there is none, for the caller to name the source."""
+    with tarfile.open(archive_path, "r:*") as archive:
+        files = {PurePosixPath(member.name).name: member for member in archive if member.isfile()
+                 and member.name.endswith(".h5") and not member.name.endswith("molecule_info.h5")}
+        picked = [name for name in files if sample is None or names_sample((PurePosixPath(), name), sample)]
+        named = f" named by sample {sample!r}" if sample is not None else ""
+        if not picked:
+            raise ValueError(f"holds no Cell Ranger HDF5 file{named} (it holds {', '.join(sorted(files)) or 'none'})")
+        if len(picked) > 1:
+            raise ValueError(f"holds more than one Cell Ranger HDF5 file{named} ({', '.join(sorted(picked))}); name "
+                             "the one to read with the dataset's sample key (its file-name prefix, such as GSM1234567)")
+        with archive.extractfile(files[picked[0]]) as member, open(destination, "wb") as output:
+            shutil.copyfileobj(member, output)
+    return picked[0]
+
+
+def holds_hdf5_files(path: str | Path) -> bool:
+    """Whether ``path`` is a tar archive holding ``.h5`` files (as GEO's RAW tar of Cell Ranger matrices does)."""
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            return any(member.name.endswith(".h5") for member in archive)
+    except TAR_OPEN_ERRORS:
+        return False
 
 
 # What cvaesim.writers.write_10x puts in its folder: a folder holding these alone may be replaced.
