@@ -97,7 +97,7 @@ def fetch(
             f"{destination}: SHA-256 mismatch for {source}: expected {sha256.lower()}, "
             f"got {digest} ({size} bytes); the file was deleted"
         )
-    recorded = destination.name
+    digested, recorded = destination, destination.name  # what the digest is of: logged, and recorded beside it
     if destination.name.endswith(".h5") and holds_hdf5_files(partial):
         # GEO's RAW tar of each sample's Cell Ranger HDF5 file: the one to read is taken out; the digest stays
         # the archive's, which is what a user pins.
@@ -110,12 +110,13 @@ def fetch(
             partial.unlink()
         log.info("%s: took %s out of the archive", source, member)
         extracted.replace(partial)
+        digested = f"{source} (the archive {member} was taken out of)"
         recorded = f"{Path(urlparse(source).path).name} (the archive {member} was taken out of)"
     problem = check(partial) if check else None
     if problem:
         partial.unlink()
         raise DownloadError(f"{source}: {problem}; nothing was written to {destination}")
-    log.info("%s: %d bytes, SHA-256 %s%s", destination, size, digest, " (verified)" if sha256 else "")
+    log.info("%s: %d bytes, SHA-256 %s%s", digested, size, digest, " (verified)" if sha256 else "")
     partial.replace(destination)
     destination.with_name(destination.name + ".sha256").write_text(f"{digest}  {recorded}  {size} bytes\n")
     return digest
