@@ -181,19 +181,21 @@ def test_a_cell_ranger_folder_is_a_source_and_other_folders_are_refused_before_a
     # Every cell, with every count (the filter drops only genes never detected).
     assert list(filtered.obs_names) == list(cells.obs_names)
     assert filtered.X.sum() == cells.X.sum()
-    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay,
-                       "--config", "dataset=folder_as_h5ad", check=False)
-    assert result.returncode != 0
-    assert ("dataset folder_as_h5ad: matrix source outs is a folder; only a 10x_tarball matrix may be a folder"
-            in result.stdout + result.stderr)
+    result = refused_before_any_job(workdir, overlay, "folder_as_h5ad", "dataset folder_as_h5ad: matrix source outs "
+                                    "is a folder; only a 10x_tarball matrix may be a folder")
     assert "zarr" not in result.stdout + result.stderr
     # AnnData's other on-disk format is a folder too: the error says how to make it an .h5ad.
+    refused_before_any_job(workdir, overlay, "zarr_as_h5ad", "matrix source cells.zarr is a folder; only a "
+                           "10x_tarball matrix may be a folder (of matrix.mtx, barcodes, genes or features); it is a "
+                           "zarr store: write it as an .h5ad with anndata.read_zarr(store)")
+
+
+def refused_before_any_job(workdir: Path, overlay: Path, dataset: str, message: str) -> subprocess.CompletedProcess:
+    """The dry run for ``dataset`` with the ``overlay`` config fails, saying ``message``."""
     result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay,
-                       "--config", "dataset=zarr_as_h5ad", check=False)
-    assert result.returncode != 0
-    assert ("matrix source cells.zarr is a folder; only a 10x_tarball matrix may be a folder (of matrix.mtx, barcodes, "
-            "genes or features); it is a zarr store: write it as an .h5ad with anndata.read_zarr(store)"
-            in result.stdout + result.stderr)
+                       "--config", f"dataset={dataset}", check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+    return result
 
 
 def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar_of_either_format(workdir, tmp_path):
@@ -223,13 +225,9 @@ def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar_of_eithe
         filtered = ad.read_h5ad(workdir / "results" / name / "filtered.h5ad")
         assert list(filtered.obs_names) == list(samples["GSM2_"].obs_names)
         assert filtered.X.sum() == samples["GSM2_"].X.sum()
-    # The key belongs to the one format whose sources hold several matrices: elsewhere refused before any job.
-    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay,
-                       "--config", "dataset=geo_h5ad", check=False)
-    assert result.returncode != 0
-    assert ("dataset geo_h5ad: sample picks one of several matrices in a 10x_tarball or 10x_h5 source (a folder or "
-            "archive); an h5ad source holds one"
-            in result.stdout + result.stderr)
+    # The key belongs to the formats whose sources may hold several matrices: for an h5ad, refused at the start.
+    refused_before_any_job(workdir, overlay, "geo_h5ad", "dataset geo_h5ad: sample picks one of several matrices in "
+                           "a 10x_tarball or 10x_h5 source (a folder or archive); an h5ad source holds one")
 
 
 def test_invalid_config_is_refused_with_the_key(workdir):
