@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from . import InputError, __version__
-from .io import extract_10x_h5, holds_hdf5_files, pack_10x_folder
+from .io import extract_10x_h5, pack_10x_folder
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +98,20 @@ def fetch(
             f"got {digest} ({size} bytes); the file was deleted"
         )
     digested, recorded = destination, destination.name  # what the digest is of: logged, and recorded beside it
-    if destination.name.endswith(".h5") and holds_hdf5_files(partial):
+    if destination.name.endswith(".h5"):
         # GEO's RAW tar of each sample's Cell Ranger HDF5 file: the one to read is taken out; the digest stays
         # the archive's, which is what a user pins.
         extracted = partial.with_name(partial.name + ".extracted")
         try:
             member = extract_10x_h5(partial, extracted, sample)
         except ValueError as error:
-            raise DownloadError(f"{source}: {error}; nothing was written to {destination}") from None
-        finally:
             partial.unlink()
-        log.info("%s: took %s out of the archive", source, member)
-        extracted.replace(partial)
-        digested = f"{source} (the archive {member} was taken out of)"
-        recorded = f"{Path(urlparse(source).path).name} (the archive {member} was taken out of)"
+            raise DownloadError(f"{source}: {error}; nothing was written to {destination}") from None
+        if member is not None:
+            log.info("%s: took %s out of the archive", source, member)
+            extracted.replace(partial)
+            digested = f"{source} (the archive {member} was taken out of)"
+            recorded = f"{Path(urlparse(source).path).name} (the archive {member} was taken out of)"
     problem = check(partial) if check else None
     if problem:
         partial.unlink()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,30 +99,37 @@ def labels_across_sample_tags(barcodes: pd.Index, labels: pd.Series) -> tuple[pd
     matrix = set(map(str, barcodes))
     lengths = sorted({len(barcode) for barcode in matrix})
     names = pd.Index(labels.index.astype(str))
-    found = [(name, *parts) for name in names if (parts := tag_split(name, matrix, lengths)) is not None]
+    carrying = Counter()  # the annotation's barcodes that read as each tag around a part as long as a barcode
+    found = []  # (name, prefix, barcode, suffix) where that part is one of the matrix's
+    for name in names:
+        readings = list(tag_readings(name, lengths))
+        carrying.update({(prefix, suffix) for prefix, _, suffix in readings})
+        match = next((reading for reading in readings if reading[1] in matrix), None)
+        if match is not None:
+            found.append((name, *match))
     if not found:
         return None
     table = pd.DataFrame(found, columns=["name", "prefix", "barcode", "suffix"])
-    joined = [group for (prefix, suffix), group in table.groupby(["prefix", "suffix"], sort=False)
-              if 2 * len(group) >= (names.str.startswith(prefix) & names.str.endswith(suffix)).sum()]
-    if not joined or (chosen := pd.concat(joined))["barcode"].duplicated().any():
+    matched = table.groupby(["prefix", "suffix"], sort=False)["name"].transform("size")
+    chosen = table[2 * matched >= [carrying[tag] for tag in zip(table["prefix"], table["suffix"])]]
+    if chosen.empty or chosen["barcode"].duplicated().any():
         return None
-    tags = ", ".join(f"{group['prefix'].iloc[0]}<barcode>{group['suffix'].iloc[0]}" for group in joined)
+    tags = [f"{prefix}<barcode>{suffix}" for prefix, suffix in
+            chosen[["prefix", "suffix"]].drop_duplicates().itertuples(index=False)]
+    shown = ", ".join(tags[:3]) + (f" and {len(tags) - 3} more" if len(tags) > 3 else "")
     by_barcode = pd.Series(labels.to_numpy()[names.get_indexer(chosen["name"])], index=chosen["barcode"].to_numpy(),
                            name=labels.name)
-    return by_barcode, f"with a sample's tag around them ({tags}; other tags are other samples')"
+    return by_barcode, f"with a sample's tag around them ({shown}; other tags are other samples')"
 
 
-def tag_split(name: str, barcodes: set[str], lengths: list[int]) -> tuple[str, str, str] | None:
-    """(prefix, barcode, suffix) where ``name`` is one of ``barcodes`` (of these ``lengths``) with a tag around
-    it, separated from it by a character that is not a letter or digit ('ctrl_AAAC-1', 'AAAC-1_2')."""
+def tag_readings(name: str, lengths: list[int]) -> Iterator[tuple[str, str, str]]:
+    """Each (prefix, part, suffix) reading of ``name`` as a part of one of ``lengths`` (a barcode's) with a tag
+    around it, set off from it by a character that is not a letter or digit ('ctrl_AAAC-1', 'AAAC-1_2')."""
     for length in lengths:
         for start in range(len(name) - length + 1):
-            prefix, barcode, suffix = name[:start], name[start:start + length], name[start + length:]
-            if ((prefix or suffix) and (not prefix or not prefix[-1].isalnum())
-                    and (not suffix or not suffix[0].isalnum()) and barcode in barcodes):
-                return prefix, barcode, suffix
-    return None
+            prefix, suffix = name[:start], name[start + length:]
+            if (prefix or suffix) and not prefix[-1:].isalnum() and not suffix[:1].isalnum():
+                yield prefix, name[start:start + length], suffix
 
 
 def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, source: str | Path) -> ad.AnnData:

@@ -79,14 +79,26 @@ def chosen_matrix(names: list[PurePath], sample: str | None) -> tuple[PurePath, 
     return matrices[0]
 
 
-def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: str | None) -> str:
+def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: str | None) -> str | None:
     """Write the Cell Ranger HDF5 file to read from a tar archive of them (GEO's ``GSE..._RAW.tar`` holds each
     sample's ``GSM123_filtered_feature_bc_matrix.h5``) to ``destination``: the only one, or the one whose name
     ``sample`` begins up to a separator (``GSM123``, or ``GSM123_filtered`` where the raw matrix is there too).
-    Returns the member's name. Raises ValueError saying why there is none, for the caller to name the source."""
-    with tarfile.open(archive_path, "r:*") as archive:
-        files = {PurePosixPath(member.name).name: member for member in archive if member.isfile()
-                 and member.name.endswith(".h5") and not member.name.endswith("molecule_info.h5")}
+    Returns the member's name, or None where ``archive_path`` is no readable tar archive of ``.h5`` files (the
+    HDF5 check then says what it is). Raises ValueError saying why there is none to read, for the caller to name
+    the source."""
+    try:
+        archive = tarfile.open(archive_path, "r:*")
+    except TAR_OPEN_ERRORS:
+        return None
+    with archive:
+        try:
+            hdf5 = [member for member in archive if member.isfile() and member.name.endswith(".h5")]
+        except TAR_OPEN_ERRORS:  # truncated
+            return None
+        if not hdf5:
+            return None
+        files = {PurePosixPath(member.name).name: member for member in hdf5
+                 if not member.name.endswith("molecule_info.h5")}
         picked = [name for name in files if sample is None or names_sample((PurePosixPath(), name), sample)]
         named = f" named by sample {sample!r}" if sample is not None else ""
         if not picked:
@@ -97,15 +109,6 @@ def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: st
         with archive.extractfile(files[picked[0]]) as member, open(destination, "wb") as output:
             shutil.copyfileobj(member, output)
     return picked[0]
-
-
-def holds_hdf5_files(path: str | Path) -> bool:
-    """Whether ``path`` is a tar archive holding ``.h5`` files (as GEO's RAW tar of Cell Ranger matrices does)."""
-    try:
-        with tarfile.open(path, "r:*") as archive:
-            return any(member.name.endswith(".h5") for member in archive)
-    except TAR_OPEN_ERRORS:
-        return False
 
 
 # What cvaesim.writers.write_10x puts in its folder: a folder holding these alone may be replaced.
