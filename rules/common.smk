@@ -60,6 +60,8 @@ check_setting_combinations()
 DOWNLOAD_NAMES = {
     "10x_tarball": {"matrix": "matrix.tar.gz", "annotation": "annotation.tsv"},
     "10x_h5": {"matrix": "matrix.h5", "annotation": "annotation.tsv"},
+    # A text table keeps its bytes, gzipped or not; the filter reads either.
+    "counts_table": {"matrix": "matrix.txt", "annotation": "annotation.tsv"},
     "h5ad": {"matrix": "matrix.h5ad"},
 }
 
@@ -140,10 +142,13 @@ def zarr_hint(folder):
 def check_local_sources(names):
     """Fail at start-up, not mid-run, when a local source file is missing."""
     for name in names:
-        if dataset(name).get("sample") and dataset(name)["format"] == "h5ad":
+        if dataset(name).get("sample") and dataset(name)["format"] not in (
+            "10x_tarball",
+            "10x_h5",
+        ):
             raise ValueError(
                 f"config: dataset {name}: sample picks one of several matrices in a 10x_tarball "
-                f"or 10x_h5 source (a folder or archive); an h5ad source holds one"
+                f"or 10x_h5 source (a folder or archive); its {dataset(name)['format']} source holds one"
             )
         for role in DOWNLOAD_NAMES[dataset(name)["format"]]:
             entry = dataset(name).get(role)

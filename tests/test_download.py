@@ -1,5 +1,6 @@
 """Downloads against a real HTTP server on 127.0.0.1."""
 
+import gzip
 import hashlib
 import tarfile
 import threading
@@ -140,6 +141,20 @@ def test_a_truncated_source_is_refused_under_its_own_name(tmp_path, small_cells,
         download(str(cut), str(target))
     assert str(target) in str(error.value)
     assert list(target.parent.iterdir()) == []
+
+
+def test_a_truncated_or_foreign_count_table_is_refused_at_download(tmp_path):
+    table = tmp_path / "counts.csv.gz"
+    table.write_bytes(gzip.compress(b"gene,c1,c2\n" + b"".join(b"G%d,%d,1\n" % (i, i) for i in range(5000))))
+    download(str(table), str(tmp_path / "good" / "matrix.txt"))
+    assert (tmp_path / "good" / "matrix.txt").read_bytes() == table.read_bytes()
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    for source, message in [(cut, "a truncated or corrupt gzip file"),
+                            (EMBEDDED_TARBALL, "not a text count table; it is gzip-compressed, as a 10x tarball is")]:
+        with pytest.raises(DownloadError, match=f"^{source}: {message}"):
+            download(str(source), str(tmp_path / "bad" / "matrix.txt"))
+        assert list((tmp_path / "bad").iterdir()) == []
 
 
 @pytest.mark.parametrize("v3", [False, True])

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from cvaesim import InputError
 from cvaesim.io import (atomic_output, container_problem, counts_problem, read_10x_h5, read_10x_tarball,
-                        read_annotation, read_h5ad_counts)
+                        read_annotation, read_counts_table, read_h5ad_counts)
 
 from conftest import EMBEDDED_ANNOTATION, EMBEDDED_H5AD, EMBEDDED_TARBALL, add_member, write_10x_h5, write_tarball
 
@@ -76,11 +76,17 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
             "; it is a gzip-compressed HDF5 file: decompress it (gunzip) and give the uncompressed file as the source")
     with pytest.raises(InputError, match="it is a gzip-compressed HDF5 file: decompress it"):
         read_h5ad_counts(gzipped_h5ad, "cell_type", None)
-    # A gzipped matrix.mtx is no tarball either.
+    # A gzipped matrix.mtx is no tarball either: the error says what a 10x_tarball source is.
     gzipped_mtx = tmp_path / "matrix.mtx.gz"
     gzipped_mtx.write_bytes(gzip.compress(b"%%MatrixMarket matrix coordinate integer general\n" + b"1 1 1\n" * 200))
     assert container_problem(gzipped_mtx, "matrix.tar.gz").endswith(
-        "; it is gzip-compressed, but neither a tar archive nor an HDF5 file")
+        "; it is a gzip-compressed Matrix Market file alone: a 10x_tarball source is the folder (or tarball) that "
+        "holds it with its barcodes and genes or features lists")
+    # Gzipped bytes that are none of these.
+    gzipped_binary = tmp_path / "binary.gz"
+    gzipped_binary.write_bytes(gzip.compress(bytes(range(256)) * 4))
+    assert container_problem(gzipped_binary, "matrix.tar.gz").endswith(
+        "; it is gzip-compressed, but neither a tar archive nor an HDF5 file nor text")
     # HDF5 files of other tools: a loom file's root 'matrix' is a dataset, not Cell Ranger's group (it crashed the
     # 10x reader and was called a 10x HDF5 matrix); written here as the loom specification lays them out.
     loom, h5seurat = tmp_path / "cells.loom", tmp_path / "cells.h5Seurat"
@@ -543,3 +549,97 @@ def test_broken_10x_h5_files_are_clear_errors(tmp_path, small_cells):
         h5.create_group("mm10"), h5.create_group("hg19")
     with pytest.raises(InputError, match="other.h5: expected a 'matrix' group .* found hg19, mm10"):
         read_10x_h5(tmp_path / "other.h5")
+
+
+def write_r_table(path: Path, table: pd.DataFrame) -> Path:
+    """As R's write.table(table, path) writes it: space-separated, names quoted, no header field above the row
+    names."""
+    lines = [" ".join(f'"{name}"' for name in table.columns)]
+    lines += [f'"{name}" ' + " ".join(map(str, row)) for name, row in zip(table.index, table.to_numpy())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+COUNT_TABLE_LAYOUTS = {
+    # pandas' to_csv (and R's write.csv): genes x cells, an empty header field above the gene names.
+    "pandas_csv": lambda table, path: table.to_csv(path),
+    # Drop-seq's DGE file: tab-separated, gzipped, 'GENE' above the gene names.
+    "dropseq_dge_gz": lambda table, path: table.rename_axis("GENE").to_csv(path, sep="\t", compression="gzip"),
+    "r_write_table": lambda table, path: write_r_table(path, table),
+    # Cells x genes, semicolon-separated (a spreadsheet's CSV where the comma is the decimal mark).
+    "cells_by_genes_semicolon": lambda table, path: table.T.to_csv(path, sep=";"),
+    # Gene ids, then gene names, then the cells.
+    "ids_and_names": lambda table, path: table.set_axis([f"ENSG{i:011d}" for i in range(len(table))]).rename_axis(
+        "gene_id").set_index(table.index.rename("gene_name"), append=True).to_csv(path, sep="\t"),
+}
+
+
+@pytest.mark.parametrize("layout", COUNT_TABLE_LAYOUTS)
+def test_count_tables_are_read_in_the_layouts_tools_write(tmp_path, small_cells, layout):
+    genes_by_cells = pd.DataFrame(small_cells.X.toarray().T, index=small_cells.var_names, columns=small_cells.obs_names)
+    path = tmp_path / "counts.txt"
+    COUNT_TABLE_LAYOUTS[layout](genes_by_cells, path)
+    # Annotations without Cell Ranger's GEM suffix still tell which side names the cells.
+    for barcodes in (small_cells.obs_names, small_cells.obs_names.str.removesuffix("-1")):
+        adata = read_counts_table(path, barcodes)
+        assert list(adata.obs_names) == list(small_cells.obs_names)
+        assert list(adata.var_names) == list(small_cells.var_names)
+        assert adata.X.dtype == np.int32 and (adata.X != small_cells.X).nnz == 0
+    assert container_problem(path, "matrix.txt") is None
+    assert (list(adata.var["gene_ids"][:2]) == ["ENSG00000000000", "ENSG00000000001"]
+            if layout == "ids_and_names" else "gene_ids" not in adata.var)
+
+
+def test_count_table_problems_are_named(tmp_path, small_cells):
+    table = pd.DataFrame(small_cells.X.toarray().T, index=small_cells.var_names, columns=small_cells.obs_names)
+    barcodes = small_cells.obs_names
+
+    def written(name: str, frame: pd.DataFrame) -> Path:
+        frame.to_csv(tmp_path / name)
+        return tmp_path / name
+
+    with pytest.raises(InputError, match="normalised.csv: the count matrix holds non-integer values"):
+        read_counts_table(written("normalised.csv", table / table.sum() * 1e4), barcodes)
+    expected = read_counts_table(written("expected.csv", table + 0.2), barcodes, round_counts=True)
+    assert (expected.X != small_cells.X).nnz == 0
+    words = table.astype(object)
+    words.iloc[5, 3] = "many"
+    with pytest.raises(InputError, match="words.csv: could not be read as a count table .*many"):
+        read_counts_table(written("words.csv", words), barcodes)
+    missing = table.astype(float)
+    missing.iloc[4, 2] = np.nan  # written as an empty field
+    with pytest.raises(InputError, match="missing.csv: the count matrix holds NaN"):
+        read_counts_table(written("missing.csv", missing), barcodes)
+    three_names = table.set_index([table.index.str.lower(), table.index + "x"], append=True)
+    with pytest.raises(InputError, match="its second line starts with 3 fields that are not numbers"):
+        read_counts_table(written("names.csv", three_names), barcodes)
+    (tmp_path / "short.csv").write_text("gene,c1,c2,c3\nA,1,2\n")
+    with pytest.raises(InputError, match="its header has 4 fields but its second line 3"):
+        read_counts_table(tmp_path / "short.csv", ["c1"])
+    (tmp_path / "header.csv").write_text("gene,c1,c2\n")
+    with pytest.raises(InputError, match="no line after its header"):
+        read_counts_table(tmp_path / "header.csv", ["c1"])
+    # Repeated gene names are made unique, as for the other formats.
+    repeated = read_counts_table(written("repeated.csv", table.set_axis(["SAME"] * len(table))), barcodes)
+    assert list(repeated.var_names[:3]) == ["SAME", "SAME-1", "SAME-2"]
+    # Other files given as a table: named, with the format they are.
+    with pytest.raises(InputError, match="not a text count table; it is an AnnData .h5ad file, so the dataset's "
+                                         "format may be h5ad"):
+        read_counts_table(EMBEDDED_H5AD, barcodes)
+    assert container_problem(EMBEDDED_TARBALL, "matrix.txt") == (
+        "not a text count table; it is gzip-compressed, as a 10x tarball is, so the dataset's format may be 10x_tarball")
+    page = tmp_path / "page.txt"
+    page.write_text("<!DOCTYPE html>\n<html><body>Sign in to continue</body></html>\n")
+    assert container_problem(page, "matrix.txt") == (
+        "not a text count table; it is a web page, not data (a server's error or sign-in page?)")
+    # A table given as another format is named as a table.
+    assert container_problem(tmp_path / "expected.csv", "matrix.h5ad").endswith(
+        "; it is a delimited text table, so the dataset's format may be counts_table")
+    gzipped = tmp_path / "counts.csv.gz"
+    gzipped.write_bytes(gzip.compress((tmp_path / "expected.csv").read_bytes()))
+    assert container_problem(gzipped, "matrix.tar.gz").endswith(
+        "; it is a gzip-compressed delimited text table, so the dataset's format may be counts_table")
+    # A truncated download of a gzipped table.
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(gzipped.read_bytes()[: gzipped.stat().st_size // 2])
+    assert container_problem(cut, "matrix.txt").startswith("a truncated or corrupt gzip file")

@@ -227,7 +227,7 @@ def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar_of_eithe
         assert filtered.X.sum() == samples["GSM2_"].X.sum()
     # The key belongs to the formats whose sources may hold several matrices: for an h5ad, refused at the start.
     refused_before_any_job(workdir, overlay, "geo_h5ad", "dataset geo_h5ad: sample picks one of several matrices in "
-                           "a 10x_tarball or 10x_h5 source (a folder or archive); an h5ad source holds one")
+                           "a 10x_tarball or 10x_h5 source (a folder or archive); its h5ad source holds one")
 
 
 def test_invalid_config_is_refused_with_the_key(workdir):
@@ -287,6 +287,23 @@ def test_10x_h5_dataset_is_filtered_and_needs_an_annotation(workdir):
     filtered = ad.read_h5ad(workdir / "results" / "h5cells" / "filtered.h5ad")
     assert filtered.n_obs == 60 and not filtered.var_names.str.startswith("ADT").any()
     assert set(filtered.obs["cell_type"]) == set(AWKWARD_TYPES)
+
+
+def test_a_text_count_table_dataset_is_filtered(workdir):
+    """GEO's most common layout: a gzipped genes x cells CSV, cell types in a separate table."""
+    cells = random_counts(60, 40, AWKWARD_TYPES, seed=5)
+    table = pd.DataFrame(cells.X.toarray().T, index=cells.var_names, columns=cells.obs_names)
+    table.to_csv(workdir / "GSE1_counts.csv.gz")
+    write_annotation(workdir / "cells.tsv", cells)
+    overlay = write_config(workdir / "table.yaml", {"dataset": "table", "datasets": {"table": {
+        "format": "counts_table", "matrix": {"source": "GSE1_counts.csv.gz"}, "annotation": {"source": "cells.tsv"},
+        "label_column": "celltype"}}})
+    snakemake(workdir, "results/table/filtered.h5ad", "--configfile", "config/config.yaml", overlay)
+    filtered = ad.read_h5ad(workdir / "results" / "table" / "filtered.h5ad")
+    assert list(filtered.obs_names) == list(cells.obs_names)
+    assert list(filtered.var_names) == list(cells.var_names)
+    assert (filtered.X != cells.X).nnz == 0
+    assert list(filtered.obs["cell_type"]) == list(cells.obs["cell_type"])
 
 
 def test_lint_format_and_report(workdir):

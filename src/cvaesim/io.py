@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import io
 import logging
@@ -21,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import InputError
+from .filtering import GEM_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,9 @@ MATRIX_NAMES = ("matrix.mtx", "matrix.mtx.gz")
 GENE_NAMES = ("genes.tsv", "genes.tsv.gz", "features.tsv", "features.tsv.gz")
 BARCODE_NAMES = ("barcodes.tsv", "barcodes.tsv.gz")
 MTX_CHUNK_ROWS = 5_000_000
+TABLE_SEPARATORS = ("\t", ",", ";", " ")
+TABLE_CHUNK_VALUES = 20_000_000  # values of a text table parsed at a time (160 MB as float64)
+TEXT_SAMPLE_BYTES = 65536
 
 
 def matrix_sets(names: Iterable[PurePath]) -> list[tuple[PurePath, str]]:
@@ -177,21 +182,27 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
     the format is None for a file that no format takes as it is (a gzip-compressed HDF5 file)."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(8)
+            head = handle.read(TEXT_SAMPLE_BYTES)
         if head[:2] == GZIP_MAGIC:
             # What was compressed: a tar archive's header carries "ustar" at byte 257.
-            try:
-                with gzip.open(path, "rb") as inner:
-                    block = inner.read(512)
-            except (EOFError, gzip.BadGzipFile, zlib.error):
-                block = None  # cut off within its first block: a truncated download, most likely of a tarball
-            if block is not None and block.startswith(HDF5_SIGNATURE):
+            try:  # the start of a truncated file decompresses too
+                block = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, TEXT_SAMPLE_BYTES)
+            except zlib.error:
+                block = b""
+            if block.startswith(HDF5_SIGNATURE):
                 return None, ("a gzip-compressed HDF5 file: decompress it (gunzip) and give the uncompressed file "
                               "as the source")
-            if block is None or block[257:262] == b"ustar":
+            if block[257:262] == b"ustar":
                 return "10x_tarball", "gzip-compressed, as a 10x tarball is"
-            return None, "gzip-compressed, but neither a tar archive nor an HDF5 file"
-        if head == HDF5_SIGNATURE:
+            text = text_kind(block, "gzip-compressed ")
+            if text is not None:
+                return text
+            if len(block) < 512:  # cut off within its first block: a truncated download, most likely of a tarball
+                return "10x_tarball", "gzip-compressed, as a 10x tarball is"
+            return None, "gzip-compressed, but neither a tar archive nor an HDF5 file nor text"
+        if head[257:262] == b"ustar":
+            return "10x_tarball", "a tar archive, as a 10x tarball can be"
+        if head[:8] == HDF5_SIGNATURE:
             with h5py.File(path, "r") as h5:
                 if isinstance(h5.get("matrix"), h5py.Group):
                     return "10x_h5", "a 10x HDF5 matrix"
@@ -204,8 +215,39 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
                 if "assays" in h5 and "meta.data" in h5:
                     return None, ("a Seurat .h5Seurat file: convert it to an .h5ad (SeuratDisk: Convert(path, "
                                   "dest = \"h5ad\")) and give that file as the source")
+            return None
+        return text_kind(head)
     except OSError:
         pass
+    return None
+
+
+def text_kind(block: bytes, compression: str = "") -> tuple[str | None, str] | None:
+    """(format, description) of a file whose first bytes (decompressed) are ``block`` where they are text: a
+    delimited table or a Matrix Market file; None where they are not text."""
+    if not block or b"\0" in block:
+        return None
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError as error:  # the block may end within a character; binary fails at its start
+        text = block[:error.start].decode("utf-8") if error.start > len(block) - 4 else ""
+    lines = text.splitlines()
+    cut = not text.endswith(("\n", "\r"))  # the block ends within a line
+    if cut and len(lines) > 1:
+        lines.pop()
+    if not lines:
+        return None
+    if lines[0].startswith("%%MatrixMarket"):
+        return None, (f"a {compression}Matrix Market file alone: a 10x_tarball source is the folder (or tarball) "
+                      "that holds it with its barcodes and genes or features lists")
+    if lines[0].lstrip().lower().startswith(("<!doctype html", "<html", "<?xml")):
+        return None, "a web page, not data (a server's error or sign-in page?)"
+    for separator in TABLE_SEPARATORS:
+        # A table's header has as many fields as its lines, or one fewer (R's write.table), at least two; a
+        # header alone is a table's only where it is longer than the block (a wide table's).
+        widths = [len(fields) for fields in csv.reader(lines[:2], delimiter=separator)]
+        if widths[0] > 1 and (widths[1] - widths[0] in (0, 1) if len(widths) > 1 else cut):
+            return "counts_table", f"a {compression}delimited text table"
     return None
 
 
@@ -222,7 +264,7 @@ def format_hint(path: str | Path, expected: str) -> str:
 
 def container_problem(path: str | Path, name: str, sample: str | None = None) -> str | None:
     """Why ``path`` cannot be the file ``name`` says (HDF5 for .h5/.h5ad, a tar archive for .tar.gz holding
-    the 10x matrix to read, of several the one ``sample`` names), or None.
+    the 10x matrix to read, of several the one ``sample`` names, a complete text count table for .txt), or None.
 
     Only the container and an archive's list of files are checked, in seconds; the content is the filter
     step's. Run on a download before it is put in place, so that a truncated or wrong file is reported under
@@ -235,6 +277,18 @@ def container_problem(path: str | Path, name: str, sample: str | None = None) ->
         except OSError as error:
             return (f"not a readable HDF5 file, as {name} must be ({error})"
                     f"{format_hint(path, '10x_h5' if name.endswith('.h5') else 'h5ad')}")
+    if name.endswith(".txt"):
+        try:
+            table_layout(path)
+            if _is_gzipped(path):
+                with gzip.open(path, "rb") as stream:  # read to the end, so a truncated download shows here
+                    while stream.read(1 << 24):
+                        pass
+        except InputError as error:
+            return str(error).removeprefix(f"{path}: ")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            return f"a truncated or corrupt gzip file ({error})"
+        return None
     if name.endswith((".tar.gz", ".tar")):
         try:
             with tarfile.open(path, "r:*") as archive:
@@ -408,6 +462,99 @@ def read_10x_h5(path: str | Path, round_counts: bool = False) -> ad.AnnData:
         raise InputError(f"{path}: matrix is {counts.shape[1]} genes x {counts.shape[0]} cells but the file lists "
                          f"{len(gene_ids)} features and {len(barcodes)} barcodes")
     return _cells_by_genes(counts, barcodes, gene_ids, symbols, path, feature_types, genome_of_gene)
+
+
+def _is_gzipped(path: str | Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == GZIP_MAGIC
+
+
+def _is_number(field: str) -> bool:
+    """A count table's value field: a number, or empty or NA (missing: refused later as not a count)."""
+    try:
+        float(field)
+        return True
+    except ValueError:
+        return field.strip() in ("", "NA")
+
+
+def table_layout(path: str | Path) -> tuple[str, list[str], int]:
+    """(separator, names of the value columns, number of name columns) of a delimited count table, from its
+    first two lines; InputError where they do not make one.
+
+    The first column holds the row names, or the first two gene ids and names; the header names the
+    value columns, with or without a field above the name column (R's write.table leaves it out)."""
+    path = Path(path)
+    hint = format_hint(path, "counts_table")
+    if hint:
+        raise InputError(f"{path}: not a text count table{hint}")
+    try:
+        with (gzip.open if _is_gzipped(path) else open)(path, "rt", encoding="utf-8", newline="") as handle:
+            header, first = handle.readline().rstrip("\r\n"), handle.readline().rstrip("\r\n")
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as error:
+        raise InputError(f"{path}: not a text count table ({error})") from error
+    separator = next((candidate for candidate in TABLE_SEPARATORS if candidate in header), None)
+    if separator is None or not first:
+        raise InputError(f"{path}: not a count table: "
+                         f"{'no line after its header' if separator else 'its first line has no tab, comma, semicolon or space'}")
+    header_fields, row = (next(csv.reader([line], delimiter=separator)) for line in (header, first))
+    n_names = next((position for position, field in enumerate(row) if _is_number(field)), len(row))
+    if n_names > 2 or n_names == len(row):
+        raise InputError(f"{path}: its second line starts with {min(n_names, len(row))} fields that are not numbers "
+                         f"({', '.join(map(repr, row[:3]))}); a count table has the row names (or gene ids and "
+                         "names) in its first column (or two) and counts after them")
+    n_names = max(n_names, 1)
+    if len(header_fields) == len(row):
+        columns = header_fields[n_names:]
+    elif len(header_fields) == len(row) - 1:  # no field above the row names
+        columns = header_fields[n_names - 1:]
+    else:
+        raise InputError(f"{path}: its header has {len(header_fields)} fields but its second line {len(row)}")
+    return separator, columns, n_names
+
+
+def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: bool = False) -> ad.AnnData:
+    """Read a delimited text count matrix (tab-, comma-, semicolon- or space-separated, gzipped or not) as
+    cells x genes: genes x cells as GEO's tables and Drop-seq's DGE files are, unless more of ``barcodes`` (the
+    annotation's) name its rows than its columns.
+
+    Parsed in chunks of rows, each made sparse at once, so the dense table is never in memory whole.
+    ``round_counts``: see ``integer_counts``; see ``table_layout`` for the layouts read."""
+    path = Path(path)
+    separator, columns, n_names = table_layout(path)
+    n_fields = n_names + len(columns)
+    reader = pd.read_csv(
+        path, sep=separator, header=None, skiprows=1, names=range(n_fields), index_col=False,
+        dtype={field: (str if field < n_names else np.float64) for field in range(n_fields)},
+        keep_default_na=False, na_values=["", "NA"], chunksize=max(1, TABLE_CHUNK_VALUES // n_fields),
+        compression="gzip" if _is_gzipped(path) else None, engine="c",
+    )
+    row_names, blocks = [], []
+    try:
+        for chunk in reader:
+            row_names.append(chunk.iloc[:, :n_names].to_numpy(dtype=str))
+            blocks.append(sp.csr_matrix(chunk.iloc[:, n_names:].to_numpy()))
+    except (ValueError, pd.errors.ParserError, EOFError, zlib.error, OSError) as error:
+        raise InputError(f"{path}: could not be read as a count table ({error})") from error
+    counts = integer_counts(sp.vstack(blocks, format="csr"), path, round_counts)
+    row_names = np.concatenate(row_names)
+    rows, ids = pd.Index(row_names[:, -1]), row_names[:, 0]
+    keys = _barcode_keys(pd.Index(list(map(str, barcodes))))
+    in_rows, in_columns = (int(_barcode_keys(names).isin(keys).sum()) for names in (rows, pd.Index(columns)))
+    cells_in_rows = in_rows > in_columns
+    log.info("%s: %d rows x %d columns; read with a cell in each %s (of the annotation's barcodes, %d name its rows, "
+             "%d its columns)", path, *counts.shape, "row" if cells_in_rows else "column", in_rows, in_columns)
+    if cells_in_rows:
+        return with_unique_gene_names(ad.AnnData(counts, obs=pd.DataFrame(index=rows), var=pd.DataFrame(
+            index=pd.Index(columns))), path)
+    var = pd.DataFrame({"gene_ids": ids} if n_names == 2 else {}, index=rows)
+    return with_unique_gene_names(ad.AnnData(counts.T.tocsr(), obs=pd.DataFrame(index=pd.Index(columns)), var=var),
+                                  path)
+
+
+def _barcode_keys(names: pd.Index) -> pd.Index:
+    """Barcodes without Cell Ranger's GEM-well suffix, which some tools drop."""
+    return pd.Index(names.astype(str)).str.replace(GEM_SUFFIX, "", regex=True)
 
 
 def _h5_counts(group: h5py.Group, path: Path, round_counts: bool) -> tuple[sp.csr_matrix, np.ndarray]:

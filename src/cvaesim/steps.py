@@ -19,11 +19,11 @@ from .download import fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from .images import build_image_store, layout_table
 from .io import (atomic_output, container_problem, model_file_problem, read_10x_h5, read_10x_tarball, read_annotation,
-                 read_h5ad_counts, write_h5ad)
+                 read_counts_table, read_h5ad_counts, write_h5ad)
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("10x_tarball", "10x_h5", "h5ad")
+FORMATS = ("10x_tarball", "10x_h5", "counts_table", "h5ad")
 
 
 def download(source: str, output: str, sha256: str | None = None, sample: str | None = None) -> None:
@@ -46,12 +46,16 @@ def filter_dataset(
     """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']``; ``round_counts``
     rounds non-integer counts (see ``io.integer_counts``); ``sample`` names the matrix to read of a tarball's
     several (see ``io.chosen_matrix``)."""
-    if format in ("10x_tarball", "10x_h5"):
+    if format in ("10x_tarball", "10x_h5", "counts_table"):
         if annotation is None:
-            raise InputError(f"{matrix}: a 10x matrix needs an annotation file with the cell types")
+            raise InputError(f"{matrix}: a {format} matrix needs an annotation file with the cell types")
         labels = read_annotation(annotation, barcode_column, label_column)
-        counts = (read_10x_tarball(matrix, round_counts, sample) if format == "10x_tarball"
-                  else read_10x_h5(matrix, round_counts))
+        if format == "10x_tarball":
+            counts = read_10x_tarball(matrix, round_counts, sample)
+        elif format == "10x_h5":
+            counts = read_10x_h5(matrix, round_counts)
+        else:
+            counts = read_counts_table(matrix, labels.index, round_counts)
         adata = attach_labels(counts, labels, matrix, annotation)
     elif format == "h5ad":
         adata = read_h5ad_counts(matrix, label_column, counts_layer, round_counts)
