@@ -566,6 +566,9 @@ COUNT_TABLE_LAYOUTS = {
     # Drop-seq's DGE file: tab-separated, gzipped, 'GENE' above the gene names.
     "dropseq_dge_gz": lambda table, path: table.rename_axis("GENE").to_csv(path, sep="\t", compression="gzip"),
     "r_write_table": lambda table, path: write_r_table(path, table),
+    # The same with the byte-order mark Excel's "CSV UTF-8" starts with (before the first cell's name here).
+    "r_write_table_with_bom": lambda table, path: path.write_bytes(
+        b"\xef\xbb\xbf" + write_r_table(path, table).read_bytes()),
     # Cells x genes, semicolon-separated (a spreadsheet's CSV where the comma is the decimal mark).
     "cells_by_genes_semicolon": lambda table, path: table.T.to_csv(path, sep=";"),
     # Gene ids, then gene names, then the cells.
@@ -604,12 +607,18 @@ def test_count_table_problems_are_named(tmp_path, small_cells):
     assert (expected.X != small_cells.X).nnz == 0
     words = table.astype(object)
     words.iloc[5, 3] = "many"
-    with pytest.raises(InputError, match="words.csv: could not be read as a count table .*many"):
+    with pytest.raises(InputError, match="words.csv: line 7 holds a value that is not a number"):
         read_counts_table(written("words.csv", words), barcodes)
     missing = table.astype(float)
     missing.iloc[4, 2] = np.nan  # written as an empty field
-    with pytest.raises(InputError, match="missing.csv: the count matrix holds NaN"):
+    with pytest.raises(InputError, match="missing.csv: line 6 holds a value that is not a number .* 'NA' or empty"):
         read_counts_table(written("missing.csv", missing), barcodes)
+    (tmp_path / "ragged.csv").write_text("gene,c1,c2\nA,1,2\nB,1\nC\n")
+    with pytest.raises(InputError, match="ragged.csv: line 3 has 1 values but the header names 2 columns"):
+        read_counts_table(tmp_path / "ragged.csv", ["c1"])
+    (tmp_path / "nameonly.csv").write_text("gene,c1,c2\nA,1,2\nC\n")
+    with pytest.raises(InputError, match="nameonly.csv: line 3 holds no counts after its name \\('C'\\)"):
+        read_counts_table(tmp_path / "nameonly.csv", ["c1"])
     three_names = table.set_index([table.index.str.lower(), table.index + "x"], append=True)
     with pytest.raises(InputError, match="its second line starts with 3 fields that are not numbers"):
         read_counts_table(written("names.csv", three_names), barcodes)

@@ -295,9 +295,16 @@ def test_a_text_count_table_dataset_is_filtered(workdir):
     table = pd.DataFrame(cells.X.toarray().T, index=cells.var_names, columns=cells.obs_names)
     table.to_csv(workdir / "GSE1_counts.csv.gz")
     write_annotation(workdir / "cells.tsv", cells)
-    overlay = write_config(workdir / "table.yaml", {"dataset": "table", "datasets": {"table": {
-        "format": "counts_table", "matrix": {"source": "GSE1_counts.csv.gz"}, "annotation": {"source": "cells.tsv"},
-        "label_column": "celltype"}}})
+    entry = {"format": "counts_table", "matrix": {"source": "GSE1_counts.csv.gz"}, "annotation": {"source": "cells.tsv"},
+             "label_column": "celltype"}
+    # Refused at the start: a table without its annotation, or with a sample (a table holds one matrix).
+    for name, broken, message in [
+            ("unlabelled", {key: value for key, value in entry.items() if key != "annotation"},
+             "'annotation' is a required property"),
+            ("sampled", {**entry, "sample": "GSM1"}, "its counts_table source holds one")]:
+        refused_before_any_job(workdir, write_config(workdir / f"{name}.yaml", {"datasets": {name: broken}}), name,
+                               message)
+    overlay = write_config(workdir / "table.yaml", {"dataset": "table", "datasets": {"table": entry}})
     snakemake(workdir, "results/table/filtered.h5ad", "--configfile", "config/config.yaml", overlay)
     filtered = ad.read_h5ad(workdir / "results" / "table" / "filtered.h5ad")
     assert list(filtered.obs_names) == list(cells.obs_names)

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tarfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable
@@ -31,7 +32,6 @@ GENE_NAMES = ("genes.tsv", "genes.tsv.gz", "features.tsv", "features.tsv.gz")
 BARCODE_NAMES = ("barcodes.tsv", "barcodes.tsv.gz")
 MTX_CHUNK_ROWS = 5_000_000
 TABLE_SEPARATORS = ("\t", ",", ";", " ")
-TABLE_CHUNK_VALUES = 20_000_000  # values of a text table parsed at a time (160 MB as float64)
 TEXT_SAMPLE_BYTES = 65536
 
 
@@ -489,7 +489,7 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int]:
     if hint:
         raise InputError(f"{path}: not a text count table{hint}")
     try:
-        with (gzip.open if _is_gzipped(path) else open)(path, "rt", encoding="utf-8", newline="") as handle:
+        with (gzip.open if _is_gzipped(path) else open)(path, "rt", encoding="utf-8-sig", newline="") as handle:
             header, first = handle.readline().rstrip("\r\n"), handle.readline().rstrip("\r\n")
     except (UnicodeDecodeError, OSError, EOFError, zlib.error) as error:
         raise InputError(f"{path}: not a text count table ({error})") from error
@@ -518,27 +518,43 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     cells x genes: genes x cells as GEO's tables and Drop-seq's DGE files are, unless more of ``barcodes`` (the
     annotation's) name its rows than its columns.
 
-    Parsed in chunks of rows, each made sparse at once, so the dense table is never in memory whole.
-    ``round_counts``: see ``integer_counts``; see ``table_layout`` for the layouts read."""
+    Each line's values are parsed by numpy and kept sparse at once, so the dense table is never in memory whole
+    (pandas' parser takes minutes over a table of 68,579 columns). ``round_counts``: see ``integer_counts``;
+    see ``table_layout`` for the layouts read."""
     path = Path(path)
     separator, columns, n_names = table_layout(path)
-    n_fields = n_names + len(columns)
-    reader = pd.read_csv(
-        path, sep=separator, header=None, skiprows=1, names=range(n_fields), index_col=False,
-        dtype={field: (str if field < n_names else np.float64) for field in range(n_fields)},
-        keep_default_na=False, na_values=["", "NA"], chunksize=max(1, TABLE_CHUNK_VALUES // n_fields),
-        compression="gzip" if _is_gzipped(path) else None, engine="c",
-    )
-    row_names, blocks = [], []
+    row_names, row_lengths, indices, values = [], [], [], []
     try:
-        for chunk in reader:
-            row_names.append(chunk.iloc[:, :n_names].to_numpy(dtype=str))
-            blocks.append(sp.csr_matrix(chunk.iloc[:, n_names:].to_numpy()))
-    except (ValueError, pd.errors.ParserError, EOFError, zlib.error, OSError) as error:
+        with (gzip.open if _is_gzipped(path) else open)(path, "rt", encoding="utf-8-sig", newline="") as handle, \
+                warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # numpy's word for a field it cannot read
+            handle.readline()
+            for number, line in enumerate(handle, start=2):
+                if not line.strip():
+                    continue
+                names, rest = _leading_fields(line, separator, n_names)
+                if rest is None:
+                    raise InputError(f"{path}: line {number} holds no counts after its name ({line[:40].strip()!r})")
+                try:
+                    row = np.fromstring(rest, sep=separator)
+                except (ValueError, DeprecationWarning):
+                    raise InputError(f"{path}: line {number} holds a value that is not a number (counts follow the "
+                                     f"row names; a missing value, 'NA' or empty, is no count)") from None
+                if row.size != len(columns):
+                    raise InputError(f"{path}: line {number} has {row.size} values but the header names "
+                                     f"{len(columns)} columns")
+                detected = np.flatnonzero(row)
+                row_names.append(names)
+                row_lengths.append(detected.size)
+                indices.append(detected.astype(np.int32))
+                values.append(row[detected])
+    except (UnicodeDecodeError, EOFError, zlib.error, OSError) as error:
         raise InputError(f"{path}: could not be read as a count table ({error})") from error
-    counts = integer_counts(sp.vstack(blocks, format="csr"), path, round_counts)
-    row_names = np.concatenate(row_names)
-    rows, ids = pd.Index(row_names[:, -1]), row_names[:, 0]
+    indptr = np.concatenate([[0], np.cumsum(row_lengths)])
+    counts = integer_counts(sp.csr_matrix((np.concatenate(values), np.concatenate(indices), indptr),
+                                          shape=(len(row_names), len(columns))), path, round_counts)
+    row_names = np.array(row_names, dtype=object)
+    rows, ids = pd.Index(row_names[:, -1].astype(str)), row_names[:, 0].astype(str)
     keys = _barcode_keys(pd.Index(list(map(str, barcodes))))
     in_rows, in_columns = (int(_barcode_keys(names).isin(keys).sum()) for names in (rows, pd.Index(columns)))
     cells_in_rows = in_rows > in_columns
@@ -550,6 +566,24 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     var = pd.DataFrame({"gene_ids": ids} if n_names == 2 else {}, index=rows)
     return with_unique_gene_names(ad.AnnData(counts.T.tocsr(), obs=pd.DataFrame(index=pd.Index(columns)), var=var),
                                   path)
+
+
+def _leading_fields(line: str, separator: str, count: int) -> tuple[list[str], str | None]:
+    """The first ``count`` fields of a table's line (quoted as R writes names, or not) and the rest of it (None
+    where the line ends first)."""
+    fields, position = [], 0
+    for _ in range(count):
+        if line.startswith('"', position):  # a quoted field ends with a quote before the separator
+            end = line.find('"' + separator, position + 1)
+            fields.append(line[position + 1:end].replace('""', '"'))
+            position = end + 2
+        else:
+            end = line.find(separator, position)
+            fields.append(line[position:end])
+            position = end + 1
+        if end < 0:
+            return fields, None
+    return fields, line[position:]
 
 
 def _barcode_keys(names: pd.Index) -> pd.Index:
