@@ -82,6 +82,19 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
     assert container_problem(gzipped_mtx, "matrix.tar.gz").endswith(
         "; it is a gzip-compressed Matrix Market file alone: a 10x_tarball source is the folder (or tarball) that "
         "holds it with its barcodes and genes or features lists")
+    # R's saveRDS (gzipped by default, or not) and zip archives (as Zenodo and figshare serve folders).
+    serialised = b"X\n\x00\x00\x00\x03\x00\x04\x02\x01" + bytes(600)
+    (tmp_path / "seurat.rds").write_bytes(gzip.compress(serialised))
+    (tmp_path / "plain.rds").write_bytes(serialised)
+    with zipfile.ZipFile(tmp_path / "matrix.zip", "w") as archive:
+        archive.writestr("filtered_feature_bc_matrix/matrix.mtx", "%%MatrixMarket matrix coordinate integer general\n")
+    for expected in ("matrix.h5ad", "matrix.tar.gz", "matrix.txt"):
+        for name in ("seurat.rds", "plain.rds"):
+            assert "; it is an R data file (.rds or .RData, as Seurat objects are saved): write its counts and " \
+                   "metadata from R (DropletUtils::write10xCounts(" in container_problem(tmp_path / name, expected)
+        assert container_problem(tmp_path / "matrix.zip", expected).endswith(
+            "; it is a zip archive: unzip it and give the folder it makes (a 10x matrix folder) or the file in it as "
+            "the source")
     # Gzipped bytes that are none of these.
     gzipped_binary = tmp_path / "binary.gz"
     gzipped_binary.write_bytes(gzip.compress(bytes(range(256)) * 4))

@@ -175,6 +175,11 @@ def tar_problem(error: Exception) -> str:
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
+R_DATA_SIGNATURES = (b"X\n", b"RDX2\n", b"RDX3\n")  # saveRDS's and save's serialisations, gzipped by default
+R_DATA_ADVICE = ("an R data file (.rds or .RData, as Seurat objects are saved): write its counts and metadata from R "
+                 "(DropletUtils::write10xCounts(folder, GetAssayData(object, slot = \"counts\")) and "
+                 "write.csv(object@meta.data, path)) and give that folder as a 10x_tarball source with that file as "
+                 "its annotation")
 
 
 def detected_format(path: str | Path) -> tuple[str | None, str] | None:
@@ -192,6 +197,8 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
             if block.startswith(HDF5_SIGNATURE):
                 return None, ("a gzip-compressed HDF5 file: decompress it (gunzip) and give the uncompressed file "
                               "as the source")
+            if block.startswith(R_DATA_SIGNATURES):
+                return None, R_DATA_ADVICE
             if block[257:262] == b"ustar":
                 return "10x_tarball", "gzip-compressed, as a 10x tarball is"
             text = text_kind(block, "gzip-compressed ")
@@ -202,6 +209,11 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
             return None, "gzip-compressed, but neither a tar archive nor an HDF5 file nor text"
         if head[257:262] == b"ustar":
             return "10x_tarball", "a tar archive, as a 10x tarball can be"
+        if head.startswith(ZIP_MAGIC):
+            return None, ("a zip archive: unzip it and give the folder it makes (a 10x matrix folder) or the file in "
+                          "it as the source")
+        if head.startswith(R_DATA_SIGNATURES):
+            return None, R_DATA_ADVICE
         if head[:8] == HDF5_SIGNATURE:
             with h5py.File(path, "r") as h5:
                 if isinstance(h5.get("matrix"), h5py.Group):
