@@ -629,6 +629,14 @@ def test_count_table_problems_are_named(tmp_path, small_cells):
     (tmp_path / "ragged.csv").write_text("gene,c1,c2\nA,1,2\nB,1\nC\n")
     with pytest.raises(InputError, match="ragged.csv: line 3 has 1 values but the header names 2 columns"):
         read_counts_table(tmp_path / "ragged.csv", ["c1"])
+    # A missing last value is no count, whatever the line ending (numpy reads "1,\n" as [1, -1]).
+    (tmp_path / "lastmissing.csv").write_text("gene,c1,c2\nA,1,\r\n")
+    with pytest.raises(InputError, match="lastmissing.csv: line 2 has 1 values but the header names 2 columns"):
+        read_counts_table(tmp_path / "lastmissing.csv", ["c1"])
+    # A separator closing every line ends no field.
+    (tmp_path / "closed.csv").write_text("gene,c1,c2,\nA,1,2,\nB,0,3,\n")
+    closed = read_counts_table(tmp_path / "closed.csv", ["c1"])
+    assert list(closed.obs_names) == ["c1", "c2"] and closed.X.toarray().tolist() == [[1, 0], [2, 3]]
     (tmp_path / "nameonly.csv").write_text("gene,c1,c2\nA,1,2\nC\n")
     with pytest.raises(InputError, match="nameonly.csv: line 3 holds no counts after its name \\('C'\\)"):
         read_counts_table(tmp_path / "nameonly.csv", ["c1"])

@@ -509,6 +509,9 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int]:
     if separator is None or not first:
         raise InputError(f"{path}: not a count table: "
                          f"{'no line after its header' if separator else 'its first line has no tab, comma, semicolon or space'}")
+    # A separator closing every line, as some spreadsheets write, ends no field.
+    header, first = (line[:-1] if header.endswith(separator) and first.endswith(separator) else line
+                     for line in (header, first))
     header_fields, row = (next(csv.reader([line], delimiter=separator)) for line in (header, first))
     n_names = next((position for position, field in enumerate(row) if _is_number(field)), len(row))
     if n_names > 2 or n_names == len(row):
@@ -548,7 +551,8 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
                 if rest is None:
                     raise InputError(f"{path}: line {number} holds no counts after its name ({line[:40].strip()!r})")
                 try:
-                    row = np.fromstring(rest, sep=separator)
+                    # Without its line ending: numpy reads "1,2,\n" as [1, 2, -1].
+                    row = np.fromstring(rest.rstrip("\r\n"), sep=separator)
                 except (ValueError, DeprecationWarning):
                     raise InputError(f"{path}: line {number} holds a value that is not a number (counts follow the "
                                      f"row names; a missing value, 'NA' or empty, is no count)") from None
