@@ -94,7 +94,9 @@ WORKFLOW_ROOT = Path(workflow.current_basedir.get_path_or_uri(secret_free=True))
 
 def local_source(source):
     """A local path with ~ expanded; a relative one from the working directory, else from the
-    workflow's folder."""
+    workflow's folder (each of a list of files)."""
+    if isinstance(source, list):
+        return [local_source(each) for each in source]
     if "://" in source:
         return source
     source = str(Path(source).expanduser())
@@ -156,24 +158,48 @@ def check_local_sources(names):
                 raise ValueError(
                     f"config: dataset {name} ({dataset(name)['format']}) needs a '{role}' entry"
                 )
-            source = local_source(entry["source"])
-            if "://" in source or Path(downloaded(name, role)).exists():
+            sources = local_source(entry["source"])
+            if isinstance(sources, list) and (
+                dataset(name)["format"] != "10x_tarball" or role != "matrix"
+            ):
+                raise ValueError(
+                    f"config: dataset {name}: {role} source is a list of files; only a 10x_tarball "
+                    f"matrix may be given as its files (matrix, barcodes, genes or features)"
+                )
+            if Path(downloaded(name, role)).exists():
                 continue
-            if Path(source).is_dir():
-                # Cell Ranger's matrix folder: the download job packs it into the tarball.
-                if dataset(name)["format"] == "10x_tarball" and role == "matrix":
-                    continue
-                raise ValueError(
-                    f"config: dataset {name}: {role} source {source} is a folder; only a "
-                    f"10x_tarball matrix may be a folder (of matrix.mtx, barcodes, genes or features)"
-                    f"{zarr_hint(source)}"
+            if isinstance(sources, list):
+                for source in sources:
+                    check_local_source(name, role, source, may_be_folder=False)
+            else:
+                check_local_source(
+                    name,
+                    role,
+                    sources,
+                    may_be_folder=dataset(name)["format"] == "10x_tarball"
+                    and role == "matrix",
                 )
-            if not Path(source).is_file():
-                raise ValueError(
-                    f"config: dataset {name}: {role} source {source} does not exist (relative "
-                    f"paths are read from the working directory {Path.cwd()}, or else from "
-                    f"the workflow's folder {WORKFLOW_ROOT})"
-                )
+
+
+def check_local_source(name, role, source, may_be_folder):
+    """A local source is there, and a folder only where it may be (a 10x_tarball matrix)."""
+    if "://" in source:
+        return
+    if Path(source).is_dir():
+        # Cell Ranger's matrix folder: the download job packs it into the tarball.
+        if may_be_folder:
+            return
+        raise ValueError(
+            f"config: dataset {name}: {role} source {source} is a folder; only a "
+            f"10x_tarball matrix may be a folder (of matrix.mtx, barcodes, genes or features)"
+            f"{zarr_hint(source)}"
+        )
+    if not Path(source).is_file():
+        raise ValueError(
+            f"config: dataset {name}: {role} source {source} does not exist (relative "
+            f"paths are read from the working directory {Path.cwd()}, or else from "
+            f"the workflow's folder {WORKFLOW_ROOT})"
+        )
 
 
 def filter_inputs(wildcards):

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import tarfile
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -180,6 +181,47 @@ def test_a_cell_ranger_folder_is_packed_into_the_tarball_the_filter_reads(tmp_pa
     again = tmp_path / "again.tar.gz"
     download(str(outs), str(again), sha256=hashlib.sha256(first.read_bytes()).hexdigest())
     assert again.read_bytes() == first.read_bytes()
+
+
+def test_a_matrix_given_as_its_files_is_packed_from_their_addresses(tmp_path, small_cells):
+    """GEO's per-sample supplementary files, each its own address."""
+    files = {}
+    with tarfile.open(write_tarball(tmp_path / "one.tar", small_cells, folder="", v3=True, prefix="GSM1_",
+                                    compression="")) as archive:
+        for member in archive:
+            files[f"/geo/{member.name}"] = archive.extractfile(member).read()
+    running = Server(files)
+    try:
+        addresses = [f"{running.url}{path}" for path in files]
+        target = tmp_path / "web" / "matrix.tar.gz"
+        download(addresses, str(target))
+        packed = read_10x_tarball(target)
+        assert list(packed.obs_names) == list(small_cells.obs_names)
+        assert list(packed.var_names) == list(small_cells.var_names)
+        assert (packed.X != small_cells.X).nnz == 0
+        assert sorted(path.name for path in target.parent.iterdir()) == ["matrix.tar.gz", "matrix.tar.gz.sha256"]
+        # The same files from disk give the same bytes, whatever their order, so the digest can be pinned.
+        local = tmp_path / "local"
+        local.mkdir()
+        for path, body in files.items():
+            (local / Path(path).name).write_bytes(body)
+        again = tmp_path / "again" / "matrix.tar.gz"
+        download([str(path) for path in sorted(local.iterdir(), reverse=True)], str(again),
+                 sha256=hashlib.sha256(target.read_bytes()).hexdigest())
+        assert again.read_bytes() == target.read_bytes()
+        # An address that fails fails the download, naming it, and leaves nothing behind.
+        broken = tmp_path / "broken" / "matrix.tar.gz"
+        with pytest.raises(DownloadError, match=f"^{running.url}/geo/GSM1_genes.tsv.gz: HTTP 404"):
+            download([*addresses[:2], f"{running.url}/geo/GSM1_genes.tsv.gz"], str(broken))
+        assert list(broken.parent.iterdir()) == []
+        # Files that make no matrix are refused as a folder of them is, naming the addresses.
+        with pytest.raises(DownloadError, match=f"{running.url}/geo/GSM1_barcodes.tsv.gz"):
+            download([address for address in addresses if "matrix" not in address], str(broken))
+        assert list(broken.parent.iterdir()) == []
+    finally:
+        running.close()
+    with pytest.raises(DownloadError, match="a list of files, but only a 10x_tarball dataset's matrix"):
+        download([str(local / "GSM1_matrix.mtx.gz")] * 2, str(tmp_path / "h5" / "matrix.h5"))
 
 
 def test_a_folder_of_geo_files_is_packed_for_one_sample_or_the_sample_named(tmp_path, small_cells):

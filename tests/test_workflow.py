@@ -217,17 +217,24 @@ def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar_of_eithe
         "geo_folder": {**entry, "matrix": {"source": "GSE1"}},
         "geo_tar": {**entry, "matrix": {"source": "GSE1_RAW.tar"}},
         "geo_h5": {**entry, "format": "10x_h5", "matrix": {"source": "GSE2_RAW.tar"}},
+        # The one sample's files, each by its own address (local paths here), as GEO lists them.
+        "geo_files": {**entry, "matrix": {"source": [f"GSE1/GSM2_{name}.gz" for name in
+                                                     ("matrix.mtx", "barcodes.tsv", "features.tsv")]}},
         "geo_h5ad": {"format": "h5ad", "matrix": {"source": "GSE1_RAW.tar"}, "label_column": "celltype",
-                     "sample": "GSM2"}}})
+                     "sample": "GSM2"},
+        "annotation_files": {**entry, "matrix": {"source": "GSE1"}, "annotation": {"source": ["GSM2.tsv"] * 2}}}})
     snakemake(workdir, "results/geo_folder/filtered.h5ad", "results/geo_tar/filtered.h5ad",
-              "results/geo_h5/filtered.h5ad", "--configfile", "config/config.yaml", overlay)
-    for name in ("geo_folder", "geo_tar", "geo_h5"):
+              "results/geo_h5/filtered.h5ad", "results/geo_files/filtered.h5ad", "--configfile", "config/config.yaml",
+              overlay)
+    for name in ("geo_folder", "geo_tar", "geo_h5", "geo_files"):
         filtered = ad.read_h5ad(workdir / "results" / name / "filtered.h5ad")
         assert list(filtered.obs_names) == list(samples["GSM2_"].obs_names)
         assert filtered.X.sum() == samples["GSM2_"].X.sum()
     # The key belongs to the formats whose sources may hold several matrices: for an h5ad, refused at the start.
     refused_before_any_job(workdir, overlay, "geo_h5ad", "dataset geo_h5ad: sample picks one of several matrices in "
                            "a 10x_tarball or 10x_h5 source (a folder or archive); its h5ad source holds one")
+    refused_before_any_job(workdir, overlay, "annotation_files", "dataset annotation_files: annotation source is a "
+                           "list of files; only a 10x_tarball matrix may be given as its files")
 
 
 def test_invalid_config_is_refused_with_the_key(workdir):

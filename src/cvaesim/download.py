@@ -9,6 +9,7 @@ with an HTTP Range request.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import logging
@@ -42,7 +43,7 @@ def sha256_of(path: Path) -> str:
 
 
 def fetch(
-    source: str,
+    source: str | list[str],
     destination: str | Path,
     sha256: str | None = None,
     *,
@@ -52,9 +53,10 @@ def fetch(
     check: Callable[[Path], str | None] | None = None,
     sample: str | None = None,
 ) -> str:
-    """Put ``source`` at ``destination`` and return its SHA-256; a folder source is packed as a 10x tarball
-    (of its matrices, the one ``sample`` names: see ``io.chosen_matrix``), and an ``.h5`` destination's tar
-    archive of HDF5 files gives the one to read (see ``io.extract_10x_h5``).
+    """Put ``source`` at ``destination`` and return its SHA-256; a folder source, or a list of a 10x matrix's
+    files (GEO's ``GSM123_matrix.mtx.gz``, ``_barcodes.tsv.gz``, ``_features.tsv.gz`` addresses), is packed as a
+    10x tarball (of its matrices, the one ``sample`` names: see ``io.chosen_matrix``), and an ``.h5``
+    destination's tar archive of HDF5 files gives the one to read (see ``io.extract_10x_h5``).
 
     ``<destination>.sha256`` records the digest and size, so a user can pin them in the config.
     ``check`` returns why a complete file cannot be used (or None); such a file is deleted.
@@ -62,32 +64,35 @@ def fetch(
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
-    parsed = urlparse(source)
-    if parsed.scheme in ("http", "https"):
-        _download(source, partial, retries=retries, timeout=timeout, backoff_seconds=backoff_seconds)
-    elif parsed.scheme in ("file", ""):
-        local = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(source)
-        if local.is_dir():
-            # Cell Ranger's matrix folder: packed into the tarball that a 10x_tarball dataset reads.
-            if not destination.name.endswith(".tar.gz"):
-                raise DownloadError(f"{source}: a folder, but {destination.name} must be a file; only a "
-                                    f"10x_tarball dataset's matrix may be a folder (of matrix.mtx, barcodes, "
-                                    f"genes or features)")
-            log.info("packing the 10x matrix files under %s into %s", local, destination)
-            try:
-                pack_10x_folder(local, partial, sample)
-            except InputError as error:  # raised before anything is written
-                raise DownloadError(str(error)) from error
-        elif not local.is_file():
-            raise DownloadError(f"{source}: no such file")
-        else:
-            log.info("copying %s to %s", local, destination)
-            shutil.copyfile(local, partial)
+    transfer = functools.partial(_fetch_file, retries=retries, timeout=timeout, backoff_seconds=backoff_seconds)
+    if isinstance(source, list):
+        if not destination.name.endswith(".tar.gz"):
+            raise DownloadError(f"{', '.join(source)}: a list of files, but only a 10x_tarball dataset's matrix may "
+                                "be given as its files")
+        files = destination.with_name("matrix_files")  # fetched here, then packed (the folder's name with them)
+        shutil.rmtree(files, ignore_errors=True)
+        files.mkdir()
+        try:
+            for each in source:
+                name = Path(unquote(urlparse(each).path)).name
+                if (files / name).exists():
+                    raise DownloadError(f"{each}: a second file named {name} in the source list")
+                transfer(each, files / name)
+            log.info("packing the 10x matrix files %s into %s", ", ".join(sorted(path.name for path in
+                                                                                   files.iterdir())), destination)
+            _pack(files, partial, sample, ", ".join(source))
+        finally:
+            shutil.rmtree(files, ignore_errors=True)
+    elif urlparse(source).scheme in ("file", "") and _local_path(source).is_dir():
+        # Cell Ranger's matrix folder: packed into the tarball that a 10x_tarball dataset reads.
+        if not destination.name.endswith(".tar.gz"):
+            raise DownloadError(f"{source}: a folder, but {destination.name} must be a file; only a "
+                                f"10x_tarball dataset's matrix may be a folder (of matrix.mtx, barcodes, "
+                                f"genes or features)")
+        log.info("packing the 10x matrix files under %s into %s", source, destination)
+        _pack(_local_path(source), partial, sample, source)
     else:
-        raise DownloadError(
-            f"{source}: unsupported address scheme {parsed.scheme!r}; "
-            "use https://, http://, file:// or a local path"
-        )
+        transfer(source, partial)
 
     digest = sha256_of(partial)
     size = partial.stat().st_size
@@ -120,6 +125,35 @@ def fetch(
     partial.replace(destination)
     destination.with_name(destination.name + ".sha256").write_text(f"{digest}  {recorded}  {size} bytes\n")
     return digest
+
+
+def _local_path(source: str) -> Path:
+    parsed = urlparse(source)
+    return Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(source)
+
+
+def _pack(folder: Path, partial: Path, sample: str | None, source: str) -> None:
+    try:
+        pack_10x_folder(folder, partial, sample)
+    except InputError as error:  # raised before anything is written
+        raise DownloadError(str(error).replace(str(folder), source)) from error
+
+
+def _fetch_file(source: str, target: Path, *, retries: int, timeout: float, backoff_seconds: float) -> None:
+    """Copy or download one file to ``target`` (an HTTP download resumes what ``target`` already holds)."""
+    scheme = urlparse(source).scheme
+    if scheme in ("http", "https"):
+        _download(source, target, retries=retries, timeout=timeout, backoff_seconds=backoff_seconds)
+    elif scheme in ("file", ""):
+        local = _local_path(source)
+        if not local.is_file():
+            raise DownloadError(f"{source}: {'a folder' if local.is_dir() else 'no such file'}")
+        log.info("copying %s to %s", local, target)
+        shutil.copyfile(local, target)
+    else:
+        raise DownloadError(
+            f"{source}: unsupported address scheme {scheme!r}; use https://, http://, file:// or a local path"
+        )
 
 
 def _download(url: str, partial: Path, *, retries: int, timeout: float, backoff_seconds: float) -> None:
