@@ -574,6 +574,10 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     keys = _barcode_keys(pd.Index(list(map(str, barcodes))))
     in_rows, in_columns = (int(_barcode_keys(names).isin(keys).sum()) for names in (rows, pd.Index(columns)))
     cells_in_rows = in_rows > in_columns
+    if not in_rows and not in_columns:
+        log.warning("%s: none of the annotation's barcodes names a row or a column as they are; reading a cell in "
+                    "each column (genes x cells, the usual layout; e.g. columns %s, rows %s)", path, columns[:2],
+                    rows[:2].tolist())
     log.info("%s: %d rows x %d columns; read with a cell in each %s (of the annotation's barcodes, %d name its rows, "
              "%d its columns)", path, *counts.shape, "row" if cells_in_rows else "column", in_rows, in_columns)
     if cells_in_rows:
