@@ -62,8 +62,10 @@ DOWNLOAD_NAMES = {
     "10x_h5": {"matrix": "matrix.h5", "annotation": "annotation.tsv"},
     # A text table keeps its bytes, gzipped or not; the filter reads either.
     "counts_table": {"matrix": "matrix.txt", "annotation": "annotation.tsv"},
-    "h5ad": {"matrix": "matrix.h5ad"},
+    "h5ad": {"matrix": "matrix.h5ad", "annotation": "annotation.tsv"},
 }
+# An h5ad's labels are an obs column, unless an annotation table is given to label its cells.
+OPTIONAL_ROLES = {"h5ad": {"annotation"}}
 
 
 def selected_datasets():
@@ -80,6 +82,16 @@ def selected_datasets():
 
 def dataset(name):
     return config["datasets"][name]
+
+
+def roles(name):
+    """The files of a dataset: its matrix and, but for an h5ad without one, its annotation."""
+    format = dataset(name)["format"]
+    return [
+        role
+        for role in DOWNLOAD_NAMES[format]
+        if role in dataset(name) or role not in OPTIONAL_ROLES.get(format, ())
+    ]
 
 
 def downloaded(name, role):
@@ -107,17 +119,15 @@ def local_source(source):
 
 
 def source_entry(wildcards):
-    roles = {
-        filename: role
-        for role, filename in DOWNLOAD_NAMES[
-            dataset(wildcards.dataset)["format"]
-        ].items()
+    format = dataset(wildcards.dataset)["format"]
+    role_of_file = {
+        DOWNLOAD_NAMES[format][role]: role for role in roles(wildcards.dataset)
     }
-    if wildcards.filename not in roles:
+    if wildcards.filename not in role_of_file:
         raise ValueError(
-            f"{wildcards.dataset} ({dataset(wildcards.dataset)['format']}) has no file {wildcards.filename}"
+            f"{wildcards.dataset} ({format}) has no file {wildcards.filename}"
         )
-    return dataset(wildcards.dataset)[roles[wildcards.filename]]
+    return dataset(wildcards.dataset)[role_of_file[wildcards.filename]]
 
 
 def source_sample(wildcards):
@@ -152,7 +162,7 @@ def check_local_sources(names):
                 f"config: dataset {name}: sample picks one of several matrices in a 10x_tarball "
                 f"or 10x_h5 source (a folder or archive); its {dataset(name)['format']} source holds one"
             )
-        for role in DOWNLOAD_NAMES[dataset(name)["format"]]:
+        for role in roles(name):
             entry = dataset(name).get(role)
             if entry is None:
                 raise ValueError(
@@ -204,8 +214,7 @@ def check_local_source(name, role, source, may_be_folder):
 
 def filter_inputs(wildcards):
     return {
-        role: downloaded(wildcards.dataset, role)
-        for role in DOWNLOAD_NAMES[dataset(wildcards.dataset)["format"]]
+        role: downloaded(wildcards.dataset, role) for role in roles(wildcards.dataset)
     }
 
 

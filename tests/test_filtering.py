@@ -10,7 +10,7 @@ from cvaesim import InputError, steps
 from cvaesim.filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from cvaesim.io import read_10x_tarball, read_annotation
 
-from conftest import AWKWARD_TYPES, EMBEDDED_ANNOTATION, EMBEDDED_TARBALL
+from conftest import AWKWARD_TYPES, EMBEDDED_ANNOTATION, EMBEDDED_TARBALL, write_annotation
 
 
 def test_defaults_keep_every_labelled_cell_and_drop_undetected_genes(small_cells):
@@ -103,6 +103,24 @@ def test_an_h5ad_categorical_label_column_keeps_its_order_without_unused_categor
     filtered = ad.read_h5ad(tmp_path / "filtered.h5ad")
     assert list(filtered.obs["cell_type"].cat.categories) == order
     assert list(filtered.obs["cell_type"]) == list(small_cells.obs["cell_type"])
+
+
+def test_an_h5ad_without_labels_is_labelled_by_an_annotation_table(small_cells, tmp_path):
+    """Raw counts from one place, the cell types from a paper's table: the table labels the cells."""
+    cells = small_cells.copy()
+    cells.obs = cells.obs.drop(columns="cell_type").assign(leiden="0")  # an obs column the table's name is not
+    cells.obs_names = cells.obs_names.str.removesuffix("-1")  # and barcodes without the suffix the table's have
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    table = write_annotation(tmp_path / "cells.tsv", small_cells.copy()[10:])
+    steps.filter_dataset(str(tmp_path / "cells.h5ad"), str(tmp_path / "filtered.h5ad"), "h5ad", "celltype",
+                         annotation=str(table))
+    filtered = ad.read_h5ad(tmp_path / "filtered.h5ad")
+    assert list(filtered.obs_names) == list(cells.obs_names[10:])
+    assert list(filtered.obs["cell_type"]) == list(small_cells.obs["cell_type"][10:])
+    assert (filtered.X != small_cells.X[10:]).nnz == 0
+    # Without the table, the label column is the .h5ad's, as before.
+    with pytest.raises(InputError, match="cells.h5ad: obs has no label column 'celltype'; its columns are 'leiden'"):
+        steps.filter_dataset(str(tmp_path / "cells.h5ad"), str(tmp_path / "unlabelled.h5ad"), "h5ad", "celltype")
 
 
 def test_integer_cluster_ids_are_named_and_ordered_as_numbers(small_cells):

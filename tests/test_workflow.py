@@ -296,11 +296,13 @@ def test_10x_h5_dataset_is_filtered_and_needs_an_annotation(workdir):
     assert set(filtered.obs["cell_type"]) == set(AWKWARD_TYPES)
 
 
-def test_a_text_count_table_dataset_is_filtered(workdir):
-    """GEO's most common layout: a gzipped genes x cells CSV, cell types in a separate table."""
+def test_a_text_count_table_or_an_unlabelled_h5ad_is_labelled_by_its_annotation(workdir):
+    """GEO's most common layout, a gzipped genes x cells CSV, and an .h5ad without labels: the cell types in a
+    separate table."""
     cells = random_counts(60, 40, AWKWARD_TYPES, seed=5)
     table = pd.DataFrame(cells.X.toarray().T, index=cells.var_names, columns=cells.obs_names)
     table.to_csv(workdir / "GSE1_counts.csv.gz")
+    ad.AnnData(cells.X, obs=pd.DataFrame(index=cells.obs_names), var=cells.var).write_h5ad(workdir / "plain.h5ad")
     write_annotation(workdir / "cells.tsv", cells)
     entry = {"format": "counts_table", "matrix": {"source": "GSE1_counts.csv.gz"}, "annotation": {"source": "cells.tsv"},
              "label_column": "celltype"}
@@ -311,13 +313,16 @@ def test_a_text_count_table_dataset_is_filtered(workdir):
             ("sampled", {**entry, "sample": "GSM1"}, "its counts_table source holds one")]:
         refused_before_any_job(workdir, write_config(workdir / f"{name}.yaml", {"datasets": {name: broken}}), name,
                                message)
-    overlay = write_config(workdir / "table.yaml", {"dataset": "table", "datasets": {"table": entry}})
-    snakemake(workdir, "results/table/filtered.h5ad", "--configfile", "config/config.yaml", overlay)
-    filtered = ad.read_h5ad(workdir / "results" / "table" / "filtered.h5ad")
-    assert list(filtered.obs_names) == list(cells.obs_names)
-    assert list(filtered.var_names) == list(cells.var_names)
-    assert (filtered.X != cells.X).nnz == 0
-    assert list(filtered.obs["cell_type"]) == list(cells.obs["cell_type"])
+    overlay = write_config(workdir / "table.yaml", {"datasets": {
+        "table": entry, "plain": {**entry, "format": "h5ad", "matrix": {"source": "plain.h5ad"}}}})
+    snakemake(workdir, "results/table/filtered.h5ad", "results/plain/filtered.h5ad", "--configfile",
+              "config/config.yaml", overlay)
+    for name in ("table", "plain"):
+        filtered = ad.read_h5ad(workdir / "results" / name / "filtered.h5ad")
+        assert list(filtered.obs_names) == list(cells.obs_names)
+        assert list(filtered.var_names) == list(cells.var_names)
+        assert (filtered.X != cells.X).nnz == 0
+        assert list(filtered.obs["cell_type"]) == list(cells.obs["cell_type"])
 
 
 def test_lint_format_and_report(workdir):

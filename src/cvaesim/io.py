@@ -858,16 +858,16 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     return pd.Series(table[label_column].to_numpy(), index=table[barcode_column].to_numpy(), name="cell_type")
 
 
-def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | None,
+def read_h5ad_counts(path: str | Path, label_column: str | None, counts_layer: str | None,
                      round_counts: bool = False) -> ad.AnnData:
-    """Read counts and labels from an .h5ad; ``counts_layer`` names a layer, ``raw``, or None for X;
-    ``round_counts``: see ``integer_counts``."""
+    """Read counts and labels (the obs column ``label_column`` as ``obs['cell_type']``; None: no labels) from an
+    .h5ad; ``counts_layer`` names a layer, ``raw``, or None for X; ``round_counts``: see ``integer_counts``."""
     path = Path(path)
     try:
         source = ad.read_h5ad(path)
     except Exception as error:  # anndata raises many types for a broken file
         raise InputError(f"{path}: not a readable .h5ad file ({error}){format_hint(path, 'h5ad')}") from error
-    if label_column not in source.obs.columns:
+    if label_column is not None and label_column not in source.obs.columns:
         raise InputError(
             f"{path}: obs has no label column {label_column!r}; its columns are "
             f"{', '.join(map(repr, source.obs.columns)) or 'none'}"
@@ -894,7 +894,8 @@ def read_h5ad_counts(path: str | Path, label_column: str, counts_layer: str | No
     adata = ad.AnnData(
         X=as_int32_counts(counts, path, round_counts),  # checked above
         # As stored (categorical, numbers, text): the filter names the types and keeps a categorical's order.
-        obs=pd.DataFrame({"cell_type": source.obs[label_column]}, index=source.obs_names),
+        obs=pd.DataFrame({} if label_column is None else {"cell_type": source.obs[label_column]},
+                         index=source.obs_names),
         # The gene annotation goes along (Ensembl ids, symbols beside ids as in CELLxGENE files) into every output.
         var=var.set_axis(var.index.astype(str)),
     )

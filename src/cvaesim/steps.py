@@ -43,10 +43,15 @@ def filter_dataset(
     round_counts: bool = False,
     sample: str | None = None,
 ) -> None:
-    """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']``; ``round_counts``
+    """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']`` (from the annotation
+    table where there is one, else from an .h5ad's ``label_column``); ``round_counts``
     rounds non-integer counts (see ``io.integer_counts``); ``sample`` names the matrix to read of a tarball's
     several (see ``io.chosen_matrix``)."""
-    if format in ("10x_tarball", "10x_h5", "counts_table"):
+    if format not in FORMATS:
+        raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
+    if format == "h5ad" and annotation is None:
+        adata = read_h5ad_counts(matrix, label_column, counts_layer, round_counts)
+    else:
         if annotation is None:
             raise InputError(f"{matrix}: a {format} matrix needs an annotation file with the cell types")
         labels = read_annotation(annotation, barcode_column, label_column)
@@ -54,13 +59,11 @@ def filter_dataset(
             counts = read_10x_tarball(matrix, round_counts, sample)
         elif format == "10x_h5":
             counts = read_10x_h5(matrix, round_counts)
-        else:
+        elif format == "counts_table":
             counts = read_counts_table(matrix, labels.index, round_counts)
+        else:  # an .h5ad whose cells an annotation table labels
+            counts = read_h5ad_counts(matrix, None, counts_layer, round_counts)
         adata = attach_labels(counts, labels, matrix, annotation)
-    elif format == "h5ad":
-        adata = read_h5ad_counts(matrix, label_column, counts_layer, round_counts)
-    else:
-        raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
     filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix)
     write_h5ad(filtered, output)
 
