@@ -256,6 +256,15 @@ def test_annotation_errors_name_the_file_and_columns(tmp_path):
     path.write_text("barcodes\tlabel\nA-1\tT\n")
     with pytest.raises(InputError, match=r"annotation.tsv: no column 'celltype'; the columns are 'barcodes', 'label'"):
         read_annotation(path, "barcodes", "celltype")
+    # Without a header line: a barcode and its label on each line (Seurat's write.table of Idents, col.names FALSE).
+    for text in ("AAACATACAACCAC-1\tCD8 T\nAAACATTGAGCTAC-1\tB\n", "ctrl_AAACATACAACCAC-1,CD8 T\nctrl_AAACATTGAGCTAC-1,B\n"):
+        path.write_text(text)
+        headerless = read_annotation(path, "barcodes", "celltype")
+        assert headerless.index.str.endswith(("AAACATACAACCAC-1", "AAACATTGAGCTAC-1")).all()
+        assert headerless.tolist() == ["CD8 T", "B"]
+    path.write_text("cell_1\tT\ncell_2\tB\n")  # names that are no barcodes: the first line may be a header
+    with pytest.raises(InputError, match=r"no column 'barcodes', 'celltype'; the columns are 'cell_1', 'T'"):
+        read_annotation(path, "barcodes", "celltype")
     path.write_text("barcodes\tcelltype\nA-1\tT\nA-1\tB\n")
     with pytest.raises(InputError, match="appear more than once.*'A-1'"):
         read_annotation(path, "barcodes", "celltype")

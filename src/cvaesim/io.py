@@ -8,6 +8,7 @@ import gzip
 import io
 import logging
 import os
+import re
 import shutil
 import tarfile
 import warnings
@@ -175,6 +176,8 @@ def tar_problem(error: Exception) -> str:
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
+# A cell barcode (Cell Ranger's, Drop-seq's), with a sample tag or GEM-well suffix or not.
+CELL_BARCODE = re.compile(r"(\w+[-_.:])?[ACGTN]{8,}([-_.:]\w+)*")
 R_DATA_SIGNATURES = (b"X\n", b"RDX2\n", b"RDX3\n")  # saveRDS's and save's serialisations, gzipped by default
 R_DATA_ADVICE = ("an R data file (.rds or .RData, as Seurat objects are saved): write its counts and metadata from R "
                  "(DropletUtils::write10xCounts(folder, GetAssayData(object, slot = \"counts\")) and "
@@ -844,6 +847,13 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
         table = table.reset_index(drop=True)
         table[barcode_column] = row_names
     missing = [column for column in (barcode_column, label_column) if column not in table.columns]
+    if len(missing) == 2 and len(table.columns) == 2 and CELL_BARCODE.fullmatch(table.columns[0]):
+        # No header: a barcode and its label on each line, as Seurat's write.table(Idents(object), col.names =
+        # FALSE) writes them.
+        log.warning("%s: no header line (its first line is a barcode, %r, and a label); reading its two columns as "
+                    "%r and %r", path, table.columns[0], barcode_column, label_column)
+        table = pd.DataFrame([list(table.columns), *table.to_numpy()], columns=[barcode_column, label_column])
+        missing = []
     if missing:
         raise InputError(
             f"{path}: no column {', '.join(map(repr, missing))}; the columns are {', '.join(map(repr, table.columns))}"
