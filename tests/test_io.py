@@ -88,6 +88,9 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
     (tmp_path / "plain.rds").write_bytes(serialised)
     with zipfile.ZipFile(tmp_path / "matrix.zip", "w") as archive:
         archive.writestr("filtered_feature_bc_matrix/matrix.mtx", "%%MatrixMarket matrix coordinate integer general\n")
+    with zipfile.ZipFile(tmp_path / "counts.xlsx", "w") as workbook:  # the parts of an .xlsx that tell it
+        workbook.writestr("[Content_Types].xml", "<Types/>")
+        workbook.writestr("xl/workbook.xml", "<workbook/>")
     for expected in ("matrix.h5ad", "matrix.tar.gz", "matrix.txt"):
         for name in ("seurat.rds", "plain.rds"):
             assert "; it is an R data file (.rds or .RData, as Seurat objects are saved): write its counts and " \
@@ -95,6 +98,9 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
         assert container_problem(tmp_path / "matrix.zip", expected).endswith(
             "; it is a zip archive: unzip it and give the folder it makes (a 10x matrix folder) or the file in it as "
             "the source")
+        assert container_problem(tmp_path / "counts.xlsx", expected).endswith(
+            "; it is an Excel workbook: save its sheet as CSV (comma- or tab-separated text) and give that file as "
+            "the source (a count matrix as a counts_table)")
     # Gzipped bytes that are none of these.
     gzipped_binary = tmp_path / "binary.gz"
     gzipped_binary.write_bytes(gzip.compress(bytes(range(256)) * 4))

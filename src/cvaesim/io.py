@@ -213,6 +213,10 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
         if head[257:262] == b"ustar":
             return "10x_tarball", "a tar archive, as a 10x tarball can be"
         if head.startswith(ZIP_MAGIC):
+            with contextlib.suppress(zipfile.BadZipFile), zipfile.ZipFile(path) as archive:
+                if any(name.startswith("xl/") for name in archive.namelist()):
+                    return None, ("an Excel workbook: save its sheet as CSV (comma- or tab-separated text) and give "
+                                  "that file as the source (a count matrix as a counts_table)")
             return None, ("a zip archive: unzip it and give the folder it makes (a 10x matrix folder) or the file in "
                           "it as the source")
         if head.startswith(R_DATA_SIGNATURES):
