@@ -260,7 +260,11 @@ def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, 
 def test_annotation_errors_name_the_file_and_columns(tmp_path):
     path = tmp_path / "annotation.tsv"
     path.write_text("barcodes\tlabel\nA-1\tT\n")
-    with pytest.raises(InputError, match=r"annotation.tsv: no column 'celltype'; the columns are 'barcodes', 'label'"):
+    with pytest.raises(InputError, match=r"annotation.tsv: no column 'celltype'; the columns are 'barcodes', 'label'$"):
+        read_annotation(path, "barcodes", "celltype")
+    path.write_text("Barcode\tCellType\nA-1\tT\n")
+    with pytest.raises(InputError, match=r"no column 'barcodes', 'celltype'; the columns are 'Barcode', 'CellType' "
+                                         r"\(did you mean 'Barcode' and 'CellType'\?\)"):
         read_annotation(path, "barcodes", "celltype")
     # Without a header line: a barcode and its label on each line (Seurat's write.table of Idents, col.names FALSE).
     for text in ("AAACATACAACCAC-1\tCD8 T\nAAACATTGAGCTAC-1\tB\n", "ctrl_AAACATACAACCAC-1,CD8 T\nctrl_AAACATTGAGCTAC-1,B\n"):
@@ -331,10 +335,14 @@ def test_h5ad_must_hold_counts(tmp_path, small_cells):
         read_h5ad_counts(path, "cell_type", None)
     adata = read_h5ad_counts(path, "cell_type", "counts")
     assert adata.X.dtype == np.int32 and adata.shape == small_cells.shape
-    with pytest.raises(InputError, match="logged.h5ad: obs has no label column 'celltype'"):
+    # Names close to an existing one are suggested.
+    with pytest.raises(InputError, match=r"logged.h5ad: obs has no label column 'celltype'; its columns are "
+                                         r"'cell_type' \(did you mean 'cell_type'\?\)"):
         read_h5ad_counts(path, "celltype", "counts")
-    with pytest.raises(InputError, match="no layer 'spliced'; its layers are 'counts'"):
+    with pytest.raises(InputError, match="no layer 'spliced'; its layers are 'counts'$"):
         read_h5ad_counts(path, "cell_type", "spliced")
+    with pytest.raises(InputError, match=r"no layer 'Counts'; its layers are 'counts' \(did you mean 'counts'\?\)"):
+        read_h5ad_counts(path, "cell_type", "Counts")
     # Counts only in .raw (as in CELLxGENE files, whose genes are Ensembl ids with the symbols beside them; the
     # gene annotation goes along), and a file with no counts anywhere.
     counts = small_cells.copy()

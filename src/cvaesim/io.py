@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import gzip
 import io
 import logging
@@ -812,6 +813,16 @@ def annotation_row_names(table: pd.DataFrame) -> np.ndarray | None:
     return None
 
 
+def did_you_mean(wanted: Iterable[str], names: Iterable[str]) -> str:
+    """' (did you mean ...?)' naming the names close to the wanted ones (another case, a typo), else ''."""
+    names = [str(name) for name in names]
+    close = []
+    for name in wanted:
+        same_but_case = [candidate for candidate in names if candidate.casefold() == name.casefold()]
+        close += same_but_case or difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+    return f" (did you mean {' and '.join(map(repr, dict.fromkeys(close)))}?)" if close else ""
+
+
 def read_annotation(path: str | Path, barcode_column: str, label_column: str) -> pd.Series:
     """Read a barcode-to-cell-type table (tab-, comma- or semicolon-separated, with a header; gzipped or not)."""
     path = Path(path)
@@ -861,6 +872,7 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     if missing:
         raise InputError(
             f"{path}: no column {', '.join(map(repr, missing))}; the columns are {', '.join(map(repr, table.columns))}"
+            f"{did_you_mean(missing, table.columns)}"
         )
     table[barcode_column] = table[barcode_column].str.strip()
     duplicated = table[barcode_column][table[barcode_column].duplicated()]
@@ -884,7 +896,7 @@ def read_h5ad_counts(path: str | Path, label_column: str | None, counts_layer: s
     if label_column is not None and label_column not in source.obs.columns:
         raise InputError(
             f"{path}: obs has no label column {label_column!r}; its columns are "
-            f"{', '.join(map(repr, source.obs.columns)) or 'none'}"
+            f"{', '.join(map(repr, source.obs.columns)) or 'none'}{did_you_mean([label_column], source.obs.columns)}"
         )
     candidates = {None: (source.X, source.var), **{name: (layer, source.var) for name, layer in source.layers.items()}}
     if source.raw is not None:
@@ -894,6 +906,7 @@ def read_h5ad_counts(path: str | Path, label_column: str | None, counts_layer: s
             raise InputError(f"{path}: counts_layer is 'raw' but the file has no .raw")
         raise InputError(
             f"{path}: no layer {counts_layer!r}; its layers are {', '.join(map(repr, source.layers)) or 'none'}"
+            f"{did_you_mean([counts_layer], source.layers)}"
         )
     counts, var = candidates[counts_layer]
     problem = counts_problem(counts, round_counts)
