@@ -406,6 +406,11 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise InputError(f"{path}: the archive is truncated or corrupt ({error})") from error
 
+    if counts.shape == (len(genes), len(barcodes)) != (len(barcodes), len(genes)):
+        # Written cells x genes (scipy.io.mmwrite of an AnnData's X; Parse's DGE.mtx): only its transpose fits.
+        log.warning("%s: matrix.mtx has a row per cell (10x's has a row per gene): read transposed, as only that "
+                    "fits its %d genes and %d barcodes", path, len(genes), len(barcodes))
+        counts = counts.T.tocsr()
     if counts.shape != (len(barcodes), len(genes)):
         raise InputError(
             f"{path}: matrix is {counts.shape[1]} genes x {counts.shape[0]} cells but the archive lists "
@@ -419,9 +424,6 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
 def listing_hint(shape: tuple[int, int], n_genes: int, n_barcodes: int) -> str:
     """Why a hand-made matrix folder's lists may not fit its matrix (``shape`` as read: cells x genes)."""
     n_cells, n_matrix_genes = shape
-    if (n_matrix_genes, n_cells) == (n_barcodes, n_genes):
-        return ("; they fit the matrix transposed: 10x's matrix.mtx has a row per gene and a column per cell "
-                "(write the transpose, e.g. scipy.io.mmwrite(path, counts.T))")
     extra = [what for what, listed, expected in (("gene", n_genes, n_matrix_genes), ("barcode", n_barcodes, n_cells))
              if listed == expected + 1]
     if extra:
