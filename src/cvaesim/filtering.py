@@ -74,9 +74,9 @@ def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.
     barcodes, names = pd.Index(barcodes.astype(str)), pd.Index(labels.index.astype(str))
     matrix_suffixed, labels_suffixed = (index.str.contains(GEM_SUFFIX, regex=True) for index in (barcodes, names))
     if matrix_suffixed.all() and not labels_suffixed.any():
-        matrix_keys, label_keys = barcodes.str.replace(GEM_SUFFIX, "", regex=True), names
+        matrix_keys, label_keys = without_gem_suffix(barcodes), names
     elif labels_suffixed.all() and not matrix_suffixed.any():
-        matrix_keys, label_keys = barcodes, names.str.replace(GEM_SUFFIX, "", regex=True)
+        matrix_keys, label_keys = barcodes, without_gem_suffix(names)
     else:
         return None
     if not (matrix_keys.is_unique and label_keys.is_unique):
@@ -85,6 +85,11 @@ def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.
     joined = pd.Series(by_key.reindex(matrix_keys).to_numpy(), index=barcodes, name=labels.name).dropna()
     return (joined, f"but for the GEM-well suffix ('-1') that {'the matrix' if matrix_suffixed.all() else 'it'} "
                     "carries") if len(joined) else None
+
+
+def without_gem_suffix(barcodes: pd.Index) -> pd.Index:
+    """Barcodes without Cell Ranger's GEM-well suffix, which some tools drop."""
+    return pd.Index(barcodes.astype(str)).str.replace(GEM_SUFFIX, "", regex=True)
 
 
 def labels_across_sample_tags(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.Series, str] | None:

@@ -25,7 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import InputError
-from .filtering import GEM_SUFFIX
+from .filtering import without_gem_suffix
 
 log = logging.getLogger(__name__)
 
@@ -581,8 +581,8 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
                                           shape=(len(row_names), len(columns))), path, round_counts)
     row_names = np.array(row_names, dtype=object)
     rows, ids = pd.Index(row_names[:, -1].astype(str)), row_names[:, 0].astype(str)
-    keys = _barcode_keys(pd.Index(list(map(str, barcodes))))
-    in_rows, in_columns = (int(_barcode_keys(names).isin(keys).sum()) for names in (rows, pd.Index(columns)))
+    keys = without_gem_suffix(pd.Index(barcodes))
+    in_rows, in_columns = (int(without_gem_suffix(names).isin(keys).sum()) for names in (rows, pd.Index(columns)))
     cells_in_rows = in_rows > in_columns
     if not in_rows and not in_columns:
         log.warning("%s: none of the annotation's barcodes names a row or a column as they are; reading a cell in "
@@ -614,11 +614,6 @@ def _leading_fields(line: str, separator: str, count: int) -> tuple[list[str], s
         if end < 0:
             return fields, None
     return fields, line[position:]
-
-
-def _barcode_keys(names: pd.Index) -> pd.Index:
-    """Barcodes without Cell Ranger's GEM-well suffix, which some tools drop."""
-    return pd.Index(names.astype(str)).str.replace(GEM_SUFFIX, "", regex=True)
 
 
 def _h5_counts(group: h5py.Group, path: Path, round_counts: bool) -> tuple[sp.csr_matrix, np.ndarray]:
