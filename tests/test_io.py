@@ -652,29 +652,25 @@ def test_count_table_problems_are_named(tmp_path, small_cells):
     missing.iloc[4, 2] = np.nan  # written as an empty field
     with pytest.raises(InputError, match="missing.csv: line 6 holds a value that is not a number .* 'NA' or empty"):
         read_counts_table(written("missing.csv", missing), barcodes)
-    (tmp_path / "ragged.csv").write_text("gene,c1,c2\nA,1,2\nB,1\nC\n")
-    with pytest.raises(InputError, match="ragged.csv: line 3 has 1 values but the header names 2 columns"):
-        read_counts_table(tmp_path / "ragged.csv", ["c1"])
-    # A missing last value is no count, whatever the line ending (numpy reads "1,\n" as [1, -1]).
-    (tmp_path / "lastmissing.csv").write_text("gene,c1,c2\nA,1,\r\n")
-    with pytest.raises(InputError, match="lastmissing.csv: line 2 has 1 values but the header names 2 columns"):
-        read_counts_table(tmp_path / "lastmissing.csv", ["c1"])
+    three_names = table.set_index([table.index.str.lower(), table.index + "x"], append=True)
+    with pytest.raises(InputError, match="its second line starts with 3 fields that are not numbers"):
+        read_counts_table(written("names.csv", three_names), barcodes)
+    broken_texts = {
+        "ragged.csv": ("gene,c1,c2\nA,1,2\nB,1\nC\n", "line 3 has 1 values but the header names 2 columns"),
+        # A missing last value is no count, whatever the line ending (numpy reads "1,\n" as [1, -1]).
+        "lastmissing.csv": ("gene,c1,c2\nA,1,\r\n", "line 2 has 1 values but the header names 2 columns"),
+        "nameonly.csv": ("gene,c1,c2\nA,1,2\nC\n", "line 3 holds no counts after its name \\('C'\\)"),
+        "short.csv": ("gene,c1,c2,c3\nA,1,2\n", "its header has 4 fields but its second line 3"),
+        "header.csv": ("gene,c1,c2\n", "no line after its header"),
+    }
+    for name, (text, message) in broken_texts.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=f"{name}: .*{message}"):
+            read_counts_table(tmp_path / name, ["c1"])
     # A separator closing every line ends no field.
     (tmp_path / "closed.csv").write_text("gene,c1,c2,\nA,1,2,\nB,0,3,\n")
     closed = read_counts_table(tmp_path / "closed.csv", ["c1"])
     assert list(closed.obs_names) == ["c1", "c2"] and closed.X.toarray().tolist() == [[1, 0], [2, 3]]
-    (tmp_path / "nameonly.csv").write_text("gene,c1,c2\nA,1,2\nC\n")
-    with pytest.raises(InputError, match="nameonly.csv: line 3 holds no counts after its name \\('C'\\)"):
-        read_counts_table(tmp_path / "nameonly.csv", ["c1"])
-    three_names = table.set_index([table.index.str.lower(), table.index + "x"], append=True)
-    with pytest.raises(InputError, match="its second line starts with 3 fields that are not numbers"):
-        read_counts_table(written("names.csv", three_names), barcodes)
-    (tmp_path / "short.csv").write_text("gene,c1,c2,c3\nA,1,2\n")
-    with pytest.raises(InputError, match="its header has 4 fields but its second line 3"):
-        read_counts_table(tmp_path / "short.csv", ["c1"])
-    (tmp_path / "header.csv").write_text("gene,c1,c2\n")
-    with pytest.raises(InputError, match="no line after its header"):
-        read_counts_table(tmp_path / "header.csv", ["c1"])
     # Repeated gene names are made unique, as for the other formats.
     repeated = read_counts_table(written("repeated.csv", table.set_axis(["SAME"] * len(table))), barcodes)
     assert list(repeated.var_names[:3]) == ["SAME", "SAME-1", "SAME-2"]
