@@ -491,6 +491,11 @@ def _is_gzipped(path: str | Path) -> bool:
         return handle.read(2) == GZIP_MAGIC
 
 
+def _open_table_text(path: Path):
+    """A count table's text, gzipped or not, without a byte-order mark, line endings as written."""
+    return (gzip.open if _is_gzipped(path) else open)(path, "rt", encoding="utf-8-sig", newline="")
+
+
 def _is_number(field: str) -> bool:
     """A count table's value field: a number, or empty or NA (missing: refused later as not a count)."""
     try:
@@ -511,7 +516,7 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int]:
     if hint:
         raise InputError(f"{path}: not a text count table{hint}")
     try:
-        with (gzip.open if _is_gzipped(path) else open)(path, "rt", encoding="utf-8-sig", newline="") as handle:
+        with _open_table_text(path) as handle:
             header, first = handle.readline().rstrip("\r\n"), handle.readline().rstrip("\r\n")
     except (UnicodeDecodeError, OSError, EOFError, zlib.error) as error:
         raise InputError(f"{path}: not a text count table ({error})") from error
@@ -550,8 +555,7 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     separator, columns, n_names = table_layout(path)
     row_names, row_lengths, indices, values = [], [], [], []
     try:
-        with (gzip.open if _is_gzipped(path) else open)(path, "rt", encoding="utf-8-sig", newline="") as handle, \
-                warnings.catch_warnings():
+        with _open_table_text(path) as handle, warnings.catch_warnings():
             warnings.simplefilter("error", DeprecationWarning)  # numpy's word for a field it cannot read
             handle.readline()
             for number, line in enumerate(handle, start=2):
