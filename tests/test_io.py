@@ -608,6 +608,8 @@ COUNT_TABLE_LAYOUTS = {
     # The same with the byte-order mark Excel's "CSV UTF-8" starts with (before the first cell's name here).
     "r_write_table_with_bom": lambda table, path: path.write_bytes(
         b"\xef\xbb\xbf" + write_r_table(path, table).read_bytes()),
+    # Excel's "Unicode Text": UTF-16 with a byte-order mark, tab-separated.
+    "excel_unicode_text": lambda table, path: path.write_bytes(table.to_csv(sep="\t").encode("utf-16")),
     # Cells x genes, semicolon-separated (a spreadsheet's CSV where the comma is the decimal mark).
     "cells_by_genes_semicolon": lambda table, path: table.T.to_csv(path, sep=";"),
     # Gene ids, then gene names, then the cells.
@@ -632,6 +634,19 @@ def test_count_tables_are_read_in_the_layouts_tools_write(tmp_path, small_cells,
             if layout == "ids_and_names" else "gene_ids" not in adata.var)
 
 
+def test_count_tables_saved_as_windows_1252_are_read(tmp_path, caplog):
+    # Excel's CSV on Windows, where a name is not ASCII; a table in no encoding at all is refused.
+    path = tmp_path / "windows.csv"
+    path.write_bytes("gene,c1,c2\nGENE1,1,0\nCD45RA\u2013Na\u00efve,2,3\n".encode("cp1252"))
+    with caplog.at_level(logging.INFO):
+        adata = read_counts_table(path, ["c1"])
+    assert list(adata.var_names) == ["GENE1", "CD45RA\u2013Na\u00efve"] and adata.X.toarray().tolist() == [[1, 2], [0, 3]]
+    assert "not UTF-8; read as Windows-1252" in caplog.text
+    path.write_bytes(b"gene,c1,c2\nGENE1,1,0\nGENE\x81,2,3\n")  # 0x81 is no character in Windows-1252 either
+    with pytest.raises(InputError, match="windows.csv: text in none of the encodings utf-8, cp1252"):
+        read_counts_table(path, ["c1"])
+
+
 def test_count_table_problems_are_named(tmp_path, small_cells):
     table = pd.DataFrame(small_cells.X.toarray().T, index=small_cells.var_names, columns=small_cells.obs_names)
     barcodes = small_cells.obs_names
@@ -646,12 +661,19 @@ def test_count_table_problems_are_named(tmp_path, small_cells):
     assert (expected.X != small_cells.X).nnz == 0
     words = table.astype(object)
     words.iloc[5, 3] = "many"
-    with pytest.raises(InputError, match="words.csv: line 7 holds a value that is not a number"):
+    with pytest.raises(InputError, match=f"words.csv: line 7 holds a value that is not a number \\('many', in "
+                                         f"column '{barcodes[3]}'\\)"):
         read_counts_table(written("words.csv", words), barcodes)
     missing = table.astype(float)
     missing.iloc[4, 2] = np.nan  # written as an empty field
-    with pytest.raises(InputError, match="missing.csv: line 6 holds a value that is not a number .* 'NA' or empty"):
+    with pytest.raises(InputError, match=f"missing.csv: line 6 holds a value that is not a number \\('', in column "
+                                         f"'{barcodes[2]}'\\).* 'NA' or empty"):
         read_counts_table(written("missing.csv", missing), barcodes)
+    # Cell types kept as a last column of a cells x genes table: named, with where they belong.
+    labelled = table.T.assign(cluster="B cell")
+    with pytest.raises(InputError, match="labelled.csv: line 2 .* \\('B cell', in column 'cluster'\\).* cell types "
+                                         "and other metadata belong in the annotation"):
+        read_counts_table(written("labelled.csv", labelled), barcodes)
     three_names = table.set_index([table.index.str.lower(), table.index + "x"], append=True)
     with pytest.raises(InputError, match="its second line starts with 3 fields that are not numbers"):
         read_counts_table(written("names.csv", three_names), barcodes)

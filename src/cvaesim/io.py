@@ -491,23 +491,46 @@ def _is_gzipped(path: str | Path) -> bool:
         return handle.read(2) == GZIP_MAGIC
 
 
-def _open_table_text(path: Path):
-    """A count table's text, gzipped or not, without a byte-order mark, line endings as written."""
-    return (gzip.open if _is_gzipped(path) else open)(path, "rt", encoding="utf-8-sig", newline="")
+def _open_table_text(path: Path, encoding: str):
+    """A count table's text, gzipped or not, line endings as written."""
+    return (gzip.open if _is_gzipped(path) else open)(path, "rt", encoding=encoding, newline="")
 
 
-def _is_number(field: str) -> bool:
-    """A count table's value field: a number, or empty or NA (missing: refused later as not a count)."""
+def text_encodings(start: bytes) -> list[str]:
+    """The encodings to try, in turn, on text that starts with ``start``: Excel's "Unicode Text" export is UTF-16
+    with a byte-order mark; its CSV on Windows is Windows-1252 where a name is not ASCII ("Naïve")."""
+    return ["utf-16"] if start[:2] in (b"\xff\xfe", b"\xfe\xff") else ["utf-8-sig", "cp1252"]
+
+
+def decoded(path: str | Path, encodings: list[str], read):
+    """(``read(encoding)``, encoding) with the first of ``encodings`` that decodes the text ``read`` reads from
+    ``path``; InputError where none does."""
+    for encoding in encodings:
+        try:
+            return read(encoding), encoding
+        except UnicodeDecodeError as error:
+            undecodable = error
+    shown = (encoding.removesuffix("-sig") for encoding in encodings)  # utf-8-sig: UTF-8, a byte-order mark skipped
+    raise InputError(f"{path}: text in none of the encodings {', '.join(shown)} ({undecodable}); save it as "
+                     "UTF-8 text") from undecodable
+
+
+def _is_float(field: str) -> bool:
     try:
         float(field)
         return True
     except ValueError:
-        return field.strip() in ("", "NA")
+        return False
 
 
-def table_layout(path: str | Path) -> tuple[str, list[str], int]:
-    """(separator, names of the value columns, number of name columns) of a delimited count table, from its
-    first two lines; InputError where they do not make one.
+def _is_number(field: str) -> bool:
+    """A count table's value field: a number, or empty or NA (missing: refused later as not a count)."""
+    return _is_float(field) or field.strip() in ("", "NA")
+
+
+def table_layout(path: str | Path) -> tuple[str, list[str], int, str]:
+    """(separator, names of the value columns, number of name columns, the first encoding that decodes them) of
+    a delimited count table, from its first two lines; InputError where they do not make one.
 
     The first column holds the row names, or the first two gene ids and names; the header names the
     value columns, with or without a field above the name column (R's write.table leaves it out)."""
@@ -515,10 +538,14 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int]:
     hint = format_hint(path, "counts_table")
     if hint:
         raise InputError(f"{path}: not a text count table{hint}")
+
+    def first_two_lines(encoding: str) -> tuple[str, str]:
+        with _open_table_text(path, encoding) as handle:
+            return handle.readline().rstrip("\r\n"), handle.readline().rstrip("\r\n")
+
     try:
-        with _open_table_text(path) as handle:
-            header, first = handle.readline().rstrip("\r\n"), handle.readline().rstrip("\r\n")
-    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as error:
+        (header, first), encoding = decoded(path, _table_encodings(path), first_two_lines)
+    except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"{path}: not a text count table ({error})") from error
     separator = next((candidate for candidate in TABLE_SEPARATORS if candidate in header), None)
     if separator is None or not first:
@@ -540,7 +567,12 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int]:
         columns = header_fields[n_names - 1:]
     else:
         raise InputError(f"{path}: its header has {len(header_fields)} fields but its second line {len(row)}")
-    return separator, columns, n_names
+    return separator, columns, n_names, encoding
+
+
+def _table_encodings(path: Path) -> list[str]:
+    with (gzip.open if _is_gzipped(path) else open)(path, "rb") as handle:
+        return text_encodings(handle.read(2))
 
 
 def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: bool = False) -> ad.AnnData:
@@ -552,37 +584,16 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     (pandas' parser takes minutes over a table of 68,579 columns). ``round_counts``: see ``integer_counts``;
     see ``table_layout`` for the layouts read."""
     path = Path(path)
-    separator, columns, n_names = table_layout(path)
-    row_names, row_lengths, indices, values = [], [], [], []
+    separator, columns, n_names, encoding = table_layout(path)
+    encodings = _table_encodings(path)
     try:
-        with _open_table_text(path) as handle, warnings.catch_warnings():
-            warnings.simplefilter("error", DeprecationWarning)  # numpy's word for a field it cannot read
-            handle.readline()
-            for number, line in enumerate(handle, start=2):
-                if not line.strip():
-                    continue
-                names, rest = _leading_fields(line, separator, n_names)
-                if rest is None:
-                    raise InputError(f"{path}: line {number} holds no counts after its name ({line[:40].strip()!r})")
-                try:
-                    # Without its line ending: numpy reads "1,2,\n" as [1, 2, -1].
-                    row = np.fromstring(rest.rstrip("\r\n"), sep=separator)
-                except (ValueError, DeprecationWarning):
-                    raise InputError(f"{path}: line {number} holds a value that is not a number (counts follow the "
-                                     f"row names; a missing value, 'NA' or empty, is no count)") from None
-                if row.size != len(columns):
-                    raise InputError(f"{path}: line {number} has {row.size} values but the header names "
-                                     f"{len(columns)} columns")
-                detected = np.flatnonzero(row)
-                row_names.append(names)
-                row_lengths.append(detected.size)
-                indices.append(detected.astype(np.int32))
-                values.append(row[detected])
-    except (UnicodeDecodeError, EOFError, zlib.error, OSError) as error:
+        (row_names, counts), encoding = decoded(path, encodings[encodings.index(encoding):], lambda encoding: (
+            _table_rows(path, encoding, separator, columns, n_names)))
+    except (EOFError, zlib.error, OSError) as error:
         raise InputError(f"{path}: could not be read as a count table ({error})") from error
-    indptr = np.concatenate([[0], np.cumsum(row_lengths)])
-    counts = integer_counts(sp.csr_matrix((np.concatenate(values), np.concatenate(indices), indptr),
-                                          shape=(len(row_names), len(columns))), path, round_counts)
+    if encoding == "cp1252":
+        log.info("%s: not UTF-8; read as Windows-1252, as Excel writes CSV on Windows", path)
+    counts = integer_counts(counts, path, round_counts)
     row_names = np.array(row_names, dtype=object)
     rows, ids = pd.Index(row_names[:, -1].astype(str)), row_names[:, 0].astype(str)
     keys = without_gem_suffix(pd.Index(barcodes))
@@ -600,6 +611,48 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     var = pd.DataFrame({"gene_ids": ids} if n_names == 2 else {}, index=rows)
     return with_unique_gene_names(ad.AnnData(counts.T.tocsr(), obs=pd.DataFrame(index=pd.Index(columns)), var=var),
                                   path)
+
+
+def _table_rows(path: Path, encoding: str, separator: str, columns: list[str],
+                n_names: int) -> tuple[list[list[str]], sp.csr_matrix]:
+    """The names and values of a count table's rows (after its header), the values as a sparse matrix."""
+    row_names, row_lengths, indices, values = [], [], [], []
+    with _open_table_text(path, encoding) as handle, warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # numpy's word for a field it cannot read
+        handle.readline()
+        for number, line in enumerate(handle, start=2):
+            if not line.strip():
+                continue
+            names, rest = _leading_fields(line, separator, n_names)
+            if rest is None:
+                raise InputError(f"{path}: line {number} holds no counts after its name ({line[:40].strip()!r})")
+            rest = rest.rstrip("\r\n")  # numpy reads "1,2,\n" as [1, 2, -1]
+            try:
+                row = np.fromstring(rest, sep=separator)
+            except (ValueError, DeprecationWarning):
+                raise InputError(_not_a_count(path, number, rest, separator, columns)) from None
+            if row.size != len(columns):
+                raise InputError(f"{path}: line {number} has {row.size} values but the header names "
+                                 f"{len(columns)} columns")
+            detected = np.flatnonzero(row)
+            row_names.append(names)
+            row_lengths.append(detected.size)
+            indices.append(detected.astype(np.int32))
+            values.append(row[detected])
+    indptr = np.concatenate([[0], np.cumsum(row_lengths)])
+    return row_names, sp.csr_matrix((np.concatenate(values), np.concatenate(indices), indptr),
+                                    shape=(len(row_names), len(columns)))
+
+
+def _not_a_count(path: Path, number: int, values: str, separator: str, columns: list[str]) -> str:
+    """The error for a count table's line whose values numpy could not read: which value, in which column."""
+    fields = next(csv.reader([values], delimiter=separator))
+    position = next((position for position, field in enumerate(fields) if not _is_float(field)), None)
+    where = "" if position is None else (
+        f" ({fields[position]!r}, in column {columns[position]!r})" if position < len(columns)
+        else f" ({fields[position]!r}, its value {position + 1})")
+    return (f"{path}: line {number} holds a value that is not a number{where}; only counts follow the row names (a "
+            "missing value, 'NA' or empty, is no count; cell types and other metadata belong in the annotation)")
 
 
 def _leading_fields(line: str, separator: str, count: int) -> tuple[list[str], str | None]:
@@ -833,23 +886,15 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
         raise InputError(f"{path}: a zip archive (as an Excel .xlsx workbook is), not a table; save the table as "
                          "tab- or comma-separated text (and unzip it) and give that file")
     gzipped = start[:2] == GZIP_MAGIC
-    # Excel's "Unicode Text" export is UTF-16 with a byte-order mark; its CSV on Windows is Windows-1252.
-    encodings = ["utf-16"] if start[:2] in (b"\xff\xfe", b"\xfe\xff") else ["utf-8", "cp1252"]
+    encodings = text_encodings(start)
     try:
         # The separators are ASCII, so the header finds them in any of the encodings.
         with (gzip.open if gzipped else open)(path, "rt", encoding=encodings[0], errors="replace") as handle:
             header = handle.readline()
         separator = next((candidate for candidate in "\t,;" if candidate in header), "\t")
-        for encoding in encodings:
-            try:
-                table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=[""],
-                                    compression="gzip" if gzipped else None, encoding=encoding)
-                break
-            except UnicodeDecodeError as error:
-                undecodable = error
-        else:
-            raise InputError(f"{path}: text in none of the encodings {', '.join(encodings)} ({undecodable}); save "
-                             "the table as UTF-8 text") from undecodable
+        table, encoding = decoded(path, encodings, lambda encoding: pd.read_csv(
+            path, sep=separator, dtype=str, keep_default_na=False, na_values=[""],
+            compression="gzip" if gzipped else None, encoding=encoding))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as error:
         raise InputError(f"{path}: could not be read as a table ({error})") from error
     if encoding == "cp1252":
