@@ -640,7 +640,8 @@ def test_count_tables_saved_as_windows_1252_are_read(tmp_path, caplog):
     path.write_bytes("gene,c1,c2\nGENE1,1,0\nCD45RA\u2013Na\u00efve,2,3\n".encode("cp1252"))
     with caplog.at_level(logging.INFO):
         adata = read_counts_table(path, ["c1"])
-    assert list(adata.var_names) == ["GENE1", "CD45RA\u2013Na\u00efve"] and adata.X.toarray().tolist() == [[1, 2], [0, 3]]
+    assert list(adata.var_names) == ["GENE1", "CD45RA\u2013Na\u00efve"]
+    assert adata.X.toarray().tolist() == [[1, 2], [0, 3]]
     assert "not UTF-8; read as Windows-1252" in caplog.text
     path.write_bytes(b"gene,c1,c2\nGENE1,1,0\nGENE\x81,2,3\n")  # 0x81 is no character in Windows-1252 either
     with pytest.raises(InputError, match="windows.csv: text in none of the encodings utf-8, cp1252"):
