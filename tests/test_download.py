@@ -240,7 +240,7 @@ def test_a_folder_of_geo_files_is_packed_for_one_sample_or_the_sample_named(tmp_
     with tarfile.open(write_tarball(tmp_path / "two.tar", small_cells[:5], folder="", v3=True, prefix="GSM2_",
                                     compression="")) as archive:
         archive.extractall(geo, filter="data")
-    with pytest.raises(DownloadError, match=f"^{geo}: holds more than one 10x matrix folder or sample "
+    with pytest.raises(DownloadError, match=f"^{geo}: holds more than one matrix folder or sample "
                                             r"\(GSM1_matrix.mtx, GSM2_matrix.mtx\); name the one to read with "
                                             "the dataset's sample key"):
         download(str(geo), str(tmp_path / "again" / "matrix.tar.gz"))
@@ -251,7 +251,7 @@ def test_a_folder_of_geo_files_is_packed_for_one_sample_or_the_sample_named(tmp_
         assert sorted(archive.getnames()) == [f"GSE1/GSM2_{name}" for name in
                                               ("barcodes.tsv.gz", "features.tsv.gz", "matrix.mtx.gz")]
     assert list(read_10x_tarball(second, sample="GSM2").obs_names) == list(small_cells[:5].obs_names)
-    with pytest.raises(DownloadError, match=f"^{geo}: no 10x matrix is named by sample 'GSM3'"):
+    with pytest.raises(DownloadError, match=f"^{geo}: no matrix is named by sample 'GSM3'"):
         download(str(geo), str(tmp_path / "third" / "matrix.tar.gz"), sample="GSM3")
     assert not (tmp_path / "third").exists() or list((tmp_path / "third").iterdir()) == []
 
@@ -265,9 +265,9 @@ def test_an_archive_without_the_matrix_to_read_is_refused_at_download_under_its_
                 for member in one:
                     archive.addfile(member, one.extractfile(member))
     target = tmp_path / "resources" / "matrix.tar.gz"
-    for sample, problem in ((None, r"holds more than one 10x matrix folder or sample \(GSM1_matrix.mtx, "
+    for sample, problem in ((None, r"holds more than one matrix folder or sample \(GSM1_matrix.mtx, "
                                    r"GSM2_matrix.mtx\); name the one to read with the dataset's sample key"),
-                            ("GSM3", r"no 10x matrix is named by sample 'GSM3' \(it holds GSM1_matrix.mtx, ")):
+                            ("GSM3", r"no matrix is named by sample 'GSM3' \(it holds GSM1_matrix.mtx, ")):
         with pytest.raises(DownloadError, match=f"^{raw}: {problem}.*; nothing was written to {target}$"):
             download(str(raw), str(target), sample=sample)
         assert list(target.parent.iterdir()) == []
@@ -276,7 +276,7 @@ def test_an_archive_without_the_matrix_to_read_is_refused_at_download_under_its_
     # A RAW tar of each sample's HDF5 file: the format to give it as is named.
     with tarfile.open(hdf5 := tmp_path / "GSE2_RAW.tar", "w") as archive:
         add_member(archive, "GSM1_filtered_feature_bc_matrix.h5", b"\x89HDF")
-    with pytest.raises(DownloadError, match=r"GSE2_RAW.tar: holds no 10x matrix .*; it holds HDF5 files "
+    with pytest.raises(DownloadError, match=r"GSE2_RAW.tar: holds no matrix .*; it holds HDF5 files "
                                             r"\(GSM1_filtered_feature_bc_matrix.h5\): give it as a 10x_h5 source"):
         download(str(hdf5), str(tmp_path / "again" / "matrix.tar.gz"))
 
@@ -317,7 +317,7 @@ def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_
     outs.mkdir()
     (outs / "barcodes.tsv").write_text("AAAC-1\n")
     target = tmp_path / "resources" / "matrix.tar.gz"
-    with pytest.raises(DownloadError, match=f"^{outs}: holds no 10x matrix"):
+    with pytest.raises(DownloadError, match=f"^{outs}: holds no matrix"):
         download(str(outs), str(target))
     assert list(target.parent.iterdir()) == []
     with pytest.raises(DownloadError, match=f"^{outs}: a folder, but matrix.h5ad must be a file"):
@@ -329,7 +329,7 @@ def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_
         (outs / matrix_folder).mkdir()
         for name in ("matrix.mtx", "barcodes.tsv", "features.tsv"):
             (outs / matrix_folder / name).write_text("")
-    with pytest.raises(DownloadError, match="holds more than one 10x matrix folder or sample "
+    with pytest.raises(DownloadError, match="holds more than one matrix folder or sample "
                                             r"\(\., filtered_feature_bc_matrix, raw_feature_bc_matrix\)"):
         download(str(outs), str(target))
     assert list(target.parent.iterdir()) == []

@@ -1,5 +1,6 @@
 import logging
 import gzip
+import io
 import tarfile
 import zipfile
 from pathlib import Path
@@ -9,11 +10,12 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.io
 import scipy.sparse as sp
 
 from cvaesim import InputError
-from cvaesim.io import (atomic_output, container_problem, counts_problem, read_10x_h5, read_10x_tarball,
-                        read_annotation, read_counts_table, read_h5ad_counts)
+from cvaesim.io import (atomic_output, container_problem, counts_problem, pack_10x_folder, read_10x_h5,
+                        read_10x_tarball, read_annotation, read_counts_table, read_h5ad_counts)
 
 from conftest import EMBEDDED_ANNOTATION, EMBEDDED_H5AD, EMBEDDED_TARBALL, add_member, write_10x_h5, write_tarball
 
@@ -152,13 +154,13 @@ def test_missing_matrix_and_inconsistent_sizes(tmp_path, small_cells):
     empty = tmp_path / "empty.tar.gz"
     with tarfile.open(empty, "w:gz") as archive:
         add_member(archive, "readme.txt", b"hi")
-    with pytest.raises(InputError, match=r"empty.tar.gz: holds no 10x matrix \(.*features\)$"):
+    with pytest.raises(InputError, match=r"empty.tar.gz: holds no matrix named as the workflow reads them \(.*all_genes.csv\)$"):
         read_10x_tarball(empty)
     # GEO's RAW tar of each sample's Cell Ranger HDF5 file: the error says to give one as a 10x_h5 source.
     with tarfile.open(hdf5_only := tmp_path / "GSE1_RAW.tar", "w") as archive:
         for sample in range(1, 6):
             add_member(archive, f"GSM{sample}_filtered_feature_bc_matrix.h5", b"\x89HDF")
-    with pytest.raises(InputError, match=r"GSE1_RAW.tar: holds no 10x matrix .*; it holds HDF5 files "
+    with pytest.raises(InputError, match=r"GSE1_RAW.tar: holds no matrix .*; it holds HDF5 files "
                                          r"\(GSM1_filtered_feature_bc_matrix.h5, GSM2_filtered_feature_bc_matrix.h5, "
                                          r"GSM3_filtered_feature_bc_matrix.h5, ...\): give it as a 10x_h5 source "
                                          r"\(the sample key naming the file where it holds several\)"):
@@ -195,7 +197,7 @@ def test_the_sample_key_picks_one_of_several_samples_or_genomes(tmp_path, small_
                                                  compression=""))
     raw = tarball_of(tmp_path / "GSE1_RAW.tar.gz", members)
     # Unnamed, several samples are refused, naming each and the key.
-    with pytest.raises(InputError, match=r"GSE1_RAW.tar.gz: holds more than one 10x matrix folder or sample "
+    with pytest.raises(InputError, match=r"GSE1_RAW.tar.gz: holds more than one matrix folder or sample "
                                          r"\(GSM10_matrix.mtx, GSM1_sample_matrix.mtx, GSM2_matrix.mtx\); name the "
                                          r"one to read with the dataset's sample key"):
         read_10x_tarball(raw)
@@ -206,18 +208,18 @@ def test_the_sample_key_picks_one_of_several_samples_or_genomes(tmp_path, small_
         assert list(adata.obs_names) == list(samples[prefix].obs_names), sample
         assert (adata.X != samples[prefix].X).nnz == 0
     for sample, problem in (("GSM", "no"), ("GSM3", "no"), ("sample", "no")):
-        with pytest.raises(InputError, match=rf"GSE1_RAW.tar.gz: {problem} 10x matrix is named by sample '{sample}' "
+        with pytest.raises(InputError, match=rf"GSE1_RAW.tar.gz: {problem} matrix is named by sample '{sample}' "
                                              r"\(it holds GSM10_matrix.mtx, GSM1_sample_matrix.mtx, GSM2_matrix.mtx\)"):
             read_10x_tarball(raw, sample=sample)
     # A name that must match the one matrix there is: a wrong one is refused rather than ignored.
-    with pytest.raises(InputError, match=r"no 10x matrix is named by sample 'GSM2' \(it holds filtered_matrices_mex"):
+    with pytest.raises(InputError, match=r"no matrix is named by sample 'GSM2' \(it holds filtered_matrices_mex"):
         read_10x_tarball(write_tarball(tmp_path / "one.tar.gz", small_cells), sample="GSM2")
     # Cell Ranger 2's mixed-species tarball: a folder per genome, picked by its name.
     genomes = {**tarball_members(write_tarball(tmp_path / "h.tar.gz", small_cells[:6], folder="matrices/hg19")),
                **tarball_members(write_tarball(tmp_path / "m.tar.gz", small_cells[6:], folder="matrices/mm10"))}
     barnyard = tarball_of(tmp_path / "barnyard.tar.gz", genomes)
     assert list(read_10x_tarball(barnyard, sample="mm10").obs_names) == list(small_cells[6:].obs_names)
-    with pytest.raises(InputError, match=r"more than one 10x matrix is named by sample 'matrices' \(it holds "
+    with pytest.raises(InputError, match=r"more than one matrix is named by sample 'matrices' \(it holds "
                                          r"matrices/hg19, matrices/mm10\)"):
         read_10x_tarball(barnyard, sample="matrices")
 
@@ -234,6 +236,67 @@ def tarball_of(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
+def write_mtx(path: Path, matrix) -> None:
+    """A Matrix Market file of ``matrix`` as it is (rows as rows), gzipped where the name ends in .gz."""
+    buffer = io.BytesIO()
+    scipy.io.mmwrite(buffer, sp.coo_matrix(matrix), field="integer")
+    path.write_bytes(gzip.compress(buffer.getvalue()) if path.name.endswith(".gz") else buffer.getvalue())
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])  # kb-python gzips its output where asked (--gzip)
+def test_kallisto_bustools_folders_are_read(tmp_path, small_cells, caplog, suffix):
+    """kb count's counts_unfiltered/: a row per cell, gene ids in one list and their names in another."""
+    ids = [f"ENSG{i:011d}" for i in range(small_cells.n_vars)]
+    folder = tmp_path / "kb_out" / "counts_unfiltered"
+    folder.mkdir(parents=True)
+    write_mtx(folder / f"cells_x_genes.mtx{suffix}", small_cells.X)
+    for name, lines in (("barcodes", small_cells.obs_names), ("genes", ids), ("genes.names", small_cells.var_names)):
+        text = "".join(f"{line}\n" for line in lines).encode()
+        (folder / f"cells_x_genes.{name}.txt{suffix}").write_bytes(gzip.compress(text) if suffix else text)
+    (tmp_path / "kb_out" / "run_info.json").write_text("{}")
+    pack_10x_folder(tmp_path / "kb_out", tmp_path / "kb.tar.gz")
+    with caplog.at_level(logging.WARNING):
+        adata = read_10x_tarball(tmp_path / "kb.tar.gz")
+    assert "read transposed" not in caplog.text  # a row per cell is kb's own layout
+    assert list(adata.obs_names) == list(small_cells.obs_names) and list(adata.var_names) == list(small_cells.var_names)
+    assert list(adata.var["gene_ids"]) == ids and (adata.X != small_cells.X).nnz == 0
+    # Without the names list (kb-python before 0.28), the ids name the genes.
+    (folder / f"cells_x_genes.genes.names.txt{suffix}").unlink()
+    pack_10x_folder(tmp_path / "kb_out", tmp_path / "ids.tar.gz")
+    assert list(read_10x_tarball(tmp_path / "ids.tar.gz").var_names) == ids
+    # The nac workflow's three matrices (one per RNA species) are not one cell's whole counts: refused saying so.
+    for species in ("mature", "nascent", "ambiguous"):
+        (folder / f"cells_x_genes.mtx{suffix}").rename(folder / f"cells_x_genes.{species}.mtx{suffix}")
+        write_mtx(folder / f"cells_x_genes.mtx{suffix}", small_cells.X)
+    (folder / f"cells_x_genes.mtx{suffix}").unlink()
+    with pytest.raises(InputError, match=r"kb_out: holds no matrix named as .*; its Matrix Market files "
+                                         r"\(counts_unfiltered/cells_x_genes\.\w+\.mtx.*kb count's nac"):
+        pack_10x_folder(tmp_path / "kb_out", tmp_path / "nac.tar.gz")
+
+
+def test_parse_biosciences_folders_are_read(tmp_path, small_cells):
+    """split-pipe's output: a DGE_filtered/ folder per sample and one for all of them, each a row per cell,
+    with CSV tables of the cells and the genes (their genome beside them)."""
+    genomes = np.where(np.arange(small_cells.n_vars) < 30, "hg38", "mm39")
+    halves = {"sample1": small_cells[:60], "sample2": small_cells[60:], "all-sample": small_cells}
+    for sample, cells in halves.items():
+        folder = tmp_path / "split_pipe" / sample / "DGE_filtered"
+        folder.mkdir(parents=True)
+        write_mtx(folder / "DGE.mtx", cells.X)
+        pd.DataFrame({"gene_id": [f"G{i}" for i in range(cells.n_vars)], "gene_name": cells.var_names,
+                      "genome": genomes}).to_csv(folder / "all_genes.csv", index=False)
+        pd.DataFrame({"bc_wells": cells.obs_names, "sample": sample, "species": "hg38",
+                      "gene_count": 1}).to_csv(folder / "cell_metadata.csv", index=False)
+    with pytest.raises(InputError, match=r"more than one matrix folder or sample \(all-sample/DGE_filtered, "
+                                         r"sample1/DGE_filtered, sample2/DGE_filtered\)"):
+        pack_10x_folder(tmp_path / "split_pipe", tmp_path / "parse.tar.gz")
+    pack_10x_folder(tmp_path / "split_pipe", tmp_path / "parse.tar.gz", sample="sample2")
+    adata = read_10x_tarball(tmp_path / "parse.tar.gz", sample="sample2")
+    assert list(adata.obs_names) == list(small_cells.obs_names[60:])
+    assert list(adata.var_names) == list(small_cells.var_names) and (adata.X != small_cells[60:].X).nnz == 0
+    assert list(adata.var["gene_ids"][:2]) == ["G0", "G1"] and list(adata.var["genome"]) == list(genomes)
+
+
 def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, small_cells, caplog):
     """A matrix written cells x genes (as scipy.io.mmwrite of an AnnData's X, or Parse's DGE.mtx) is read
     transposed where only that fits its lists; lists written with a header line (R's write.table by default) are
@@ -245,7 +308,7 @@ def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, 
     with caplog.at_level(logging.WARNING):
         read = read_10x_tarball(tarball_of(tmp_path / "transposed.tar.gz", {**members, matrix: transposed[matrix]}))
     assert (read.X != cells.X).nnz == 0 and list(read.obs_names) == list(cells.obs_names)
-    assert "matrix.mtx has a row per cell (10x's has a row per gene): read transposed" in caplog.text
+    assert "matrix.mtx has a row per cell (Cell Ranger's has a row per gene): read transposed" in caplog.text
     genes, barcodes = "filtered_matrices_mex/hg19/genes.tsv", "filtered_matrices_mex/hg19/barcodes.tsv"
     headed = {**members, genes: b"gene_id\tgene_name\tfeature_type\n" + members[genes],
               barcodes: b"x\n" + members[barcodes]}

@@ -16,7 +16,9 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
+from typing import NamedTuple
 
 import anndata as ad
 import h5py
@@ -29,20 +31,62 @@ from .filtering import without_gem_suffix
 
 log = logging.getLogger(__name__)
 
-MATRIX_NAMES = ("matrix.mtx", "matrix.mtx.gz")
-GENE_NAMES = ("genes.tsv", "genes.tsv.gz", "features.tsv", "features.tsv.gz")
-BARCODE_NAMES = ("barcodes.tsv", "barcodes.tsv.gz")
+
+
+def _plain_or_gzipped(*names: str) -> tuple[str, ...]:
+    return tuple(variant for name in names for variant in (name, name + ".gz"))
+
+
+@dataclass(frozen=True)
+class MatrixLayout:
+    """How a tool names and writes the files of a Matrix Market matrix folder."""
+    tool: str
+    matrix: tuple[str, ...]
+    barcodes: tuple[str, ...]
+    genes: tuple[str, ...]
+    gene_symbols: tuple[str, ...] = ()  # an optional list of symbols beside a list of gene ids
+    cells_in_rows: bool = False  # the matrix has a row per cell (Cell Ranger's has a row per gene)
+    tables: bool = False  # the lists are CSV tables with a header (else a tab-separated list without one)
+
+
+CELL_RANGER = MatrixLayout("Cell Ranger", _plain_or_gzipped("matrix.mtx"), _plain_or_gzipped("barcodes.tsv"),
+                           _plain_or_gzipped("genes.tsv", "features.tsv"))
+MATRIX_LAYOUTS = (
+    CELL_RANGER,  # and STARsolo, and GEO's uploads of either
+    MatrixLayout("kallisto|bustools", _plain_or_gzipped("cells_x_genes.mtx"),
+                 _plain_or_gzipped("cells_x_genes.barcodes.txt"), _plain_or_gzipped("cells_x_genes.genes.txt"),
+                 _plain_or_gzipped("cells_x_genes.genes.names.txt"), cells_in_rows=True),
+    MatrixLayout("Parse Biosciences", _plain_or_gzipped("DGE.mtx"), _plain_or_gzipped("cell_metadata.csv"),
+                 _plain_or_gzipped("all_genes.csv"), cells_in_rows=True, tables=True),
+)
+READ_MATRIX_NAMES = ("Cell Ranger's or STARsolo's matrix.mtx[.gz] with barcodes.tsv and genes.tsv or features.tsv "
+                     "(or GEO's <prefix>matrix.mtx.gz), kallisto|bustools' cells_x_genes.mtx with its "
+                     "cells_x_genes.barcodes.txt and .genes.txt, or Parse Biosciences' DGE.mtx with cell_metadata.csv "
+                     "and all_genes.csv")
+
+
+class MatrixFiles(NamedTuple):
+    """One matrix among a folder's or archive's files: its folder, file-name prefix and layout."""
+    folder: PurePath
+    prefix: str
+    layout: MatrixLayout
+
+    def __str__(self) -> str:
+        return f"{self.folder / self.prefix}{self.layout.matrix[0]}" if self.prefix else str(self.folder)
+
+
 MTX_CHUNK_ROWS = 5_000_000
 TABLE_SEPARATORS = ("\t", ",", ";", " ")
 TEXT_SAMPLE_BYTES = 65536
 
 
-def matrix_sets(names: Iterable[PurePath]) -> list[tuple[PurePath, str]]:
-    """(folder, prefix) of each 10x matrix among the file ``names``: Cell Ranger names its files
-    ``matrix.mtx.gz`` and so on; GEO's supplementary files carry a sample prefix (``GSM1234567_matrix.mtx.gz``),
-    as scanpy's ``read_10x_mtx(prefix=...)`` reads them."""
-    return sorted({(name.parent, name.name[:-len(standard)]) for name in names for standard in MATRIX_NAMES
-                   if name.name.endswith(standard)}, key=str)
+def matrix_sets(names: Iterable[PurePath]) -> list[MatrixFiles]:
+    """Each matrix among the file ``names``, by its layout's names (Cell Ranger's ``matrix.mtx.gz`` and so on);
+    GEO's supplementary files carry a sample prefix (``GSM1234567_matrix.mtx.gz``), as scanpy's
+    ``read_10x_mtx(prefix=...)`` reads them."""
+    return sorted({MatrixFiles(name.parent, name.name[:-len(standard)], layout) for name in names
+                   for layout in MATRIX_LAYOUTS for standard in layout.matrix if name.name.endswith(standard)},
+                  key=lambda matrix: (str(matrix.folder), matrix.prefix))
 
 
 def list_names(candidates: tuple[str, ...], prefix: str) -> tuple[str, ...]:
@@ -51,36 +95,41 @@ def list_names(candidates: tuple[str, ...], prefix: str) -> tuple[str, ...]:
     return tuple(prefix + name for name in candidates) + (candidates if prefix else ())
 
 
-def names_sample(matrix: tuple[PurePath, str], sample: str) -> bool:
-    """Whether ``sample`` names the ``(folder, prefix)`` matrix: its file-name prefix up to a separator
+def names_sample(matrix: tuple[PurePath, str, ...], sample: str) -> bool:
+    """Whether ``sample`` names the matrix ``(folder, prefix, ...)``: its file-name prefix up to a separator
     (``GSM123`` names ``GSM123_Sample1_matrix.mtx.gz``, not ``GSM1234_matrix.mtx.gz``) or one of its folders
     (``hg19`` in a two-genome Cell Ranger 2 tarball)."""
-    folder, prefix = matrix
+    folder, prefix = matrix[:2]
     return (prefix.startswith(sample) and not prefix[len(sample):len(sample) + 1].isalnum()) or sample in folder.parts
 
 
-def chosen_matrix(names: list[PurePath], sample: str | None) -> tuple[PurePath, str]:
-    """(folder, prefix) of the 10x matrix to read among the file ``names`` of a folder or archive: the only one,
-    or the one ``sample`` names (the dataset's ``sample`` key). Raises ValueError saying why there is none, for
-    the caller to name the source."""
+def chosen_matrix(names: list[PurePath], sample: str | None) -> MatrixFiles:
+    """The matrix to read among the file ``names`` of a folder or archive: the only one, or the one ``sample``
+    names (the dataset's ``sample`` key). Raises ValueError saying why there is none, for the caller to name the
+    source."""
     matrices = matrix_sets(names)
-    found = ", ".join(f"{folder / prefix}matrix.mtx" if prefix else str(folder) for folder, prefix in matrices)
+    found = ", ".join(map(str, matrices))
     if sample is not None:
         picked = [matrix for matrix in matrices if names_sample(matrix, sample)]
         if len(picked) == 1:
             return picked[0]
-        raise ValueError(f"{'more than one' if picked else 'no'} 10x matrix is named by sample {sample!r} "
+        raise ValueError(f"{'more than one' if picked else 'no'} matrix is named by sample {sample!r} "
                          f"(it holds {found or 'none'}); give the sample's file-name prefix or its folder's name")
     if not matrices:
         # GEO's GSE..._RAW.tar often holds each sample's Cell Ranger HDF5 file instead.
         hdf5 = [str(name) for name in names if name.name.endswith(".h5")]
-        raise ValueError("holds no 10x matrix (matrix.mtx or matrix.mtx.gz, or a GEO sample's "
-                         "<prefix>matrix.mtx.gz, with barcodes and genes or features)"
+        other_mtx = [str(name) for name in names if name.name.endswith((".mtx", ".mtx.gz"))]
+        raise ValueError(f"holds no matrix named as the workflow reads them ({READ_MATRIX_NAMES})"
                          + (f"; it holds HDF5 files ({', '.join(hdf5[:3])}{', ...' if len(hdf5) > 3 else ''}): "
                             "give it as a 10x_h5 source (the sample key naming the file where it holds several)"
-                            if hdf5 else ""))
+                            if hdf5 else "")
+                         + (f"; its Matrix Market files ({', '.join(other_mtx[:3])}"
+                            f"{', ...' if len(other_mtx) > 3 else ''}) are named otherwise: one matrix of each "
+                            "cell's whole counts is needed (kb count's nac and lamanno workflows split them by "
+                            "RNA species: add those matrices into one, or count with the standard workflow)"
+                            if other_mtx else ""))
     if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
-        raise ValueError(f"holds more than one 10x matrix folder or sample ({found}); name the one to "
+        raise ValueError(f"holds more than one matrix folder or sample ({found}); name the one to "
                          "read with the dataset's sample key (a file-name prefix such as GSM1234567, or a folder's "
                          "name), or give a folder or archive holding only it")
     return matrices[0]
@@ -335,19 +384,17 @@ def pack_10x_folder(folder: str | Path, destination: str | Path, sample: str | N
     folder = Path(folder)
     files = sorted(path for path in folder.rglob("*") if path.is_file())
     try:
-        relative_folder, prefix = chosen_matrix([path.relative_to(folder) for path in files], sample)
+        matrix = chosen_matrix([path.relative_to(folder) for path in files], sample)
     except ValueError as error:
         raise InputError(f"{folder}: {error}") from None
-    matrix_folder = folder / relative_folder
-    beside = [path for path in files if path.parent == matrix_folder]
-    names = {prefix + name for name in MATRIX_NAMES}
-    for candidates, what in ((BARCODE_NAMES, "barcode"), (GENE_NAMES, "gene")):
-        wanted = list_names(candidates, prefix)
-        found = {path.name for path in beside} & set(wanted)
-        if not found:
-            raise InputError(f"{matrix_folder}: no {what} file ({' or '.join(wanted)}) beside the matrix")
-        names |= found
-    files = [path for path in beside if path.name in names]
+    matrix_folder = folder / matrix.folder
+    beside = {path.name: path for path in files if path.parent == matrix_folder}
+    names = {matrix.prefix + name for name in matrix.layout.matrix}
+    for role in LIST_ROLES:
+        found = _list_file(matrix, role, beside, f"{matrix_folder}:")
+        if found is not None:
+            names.add(found)
+    files = [path for name, path in beside.items() if name in names]
     with open(destination, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed, \
             tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for path in files:
@@ -355,6 +402,22 @@ def pack_10x_folder(folder: str | Path, destination: str | Path, sample: str | N
             member.size, member.mode = path.stat().st_size, 0o644
             with open(path, "rb") as handle:
                 archive.addfile(member, handle)
+
+
+# Each list beside a matrix: the layout's field with its candidate names, what it lists, whether it must be there.
+LIST_ROLES = (("barcodes", "barcode", True), ("genes", "gene", True), ("gene_symbols", "gene name", False))
+
+
+def _list_file(matrix: MatrixFiles, role: tuple[str, str, bool], present, where: str) -> str | None:
+    """The name of ``matrix``'s list for ``role`` (one of LIST_ROLES) among the ``present`` names: with the
+    matrix's prefix or without one (some uploads prefix the matrix only); None for an optional list not there,
+    InputError (prefixed by ``where``) for a required one."""
+    field, what, required = role
+    wanted = list_names(getattr(matrix.layout, field), matrix.prefix)
+    found = next((name for name in wanted if name in present), None)
+    if found is None and required:
+        raise InputError(f"{where} no {what} file ({' or '.join(wanted)}) beside the matrix")
+    return found
 
 
 def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str | None = None) -> ad.AnnData:
@@ -378,47 +441,59 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
                 if member.isfile():
                     members[name] = member
             try:
-                folder, prefix = chosen_matrix(list(members), sample)
+                matrix = chosen_matrix(list(members), sample)
             except ValueError as error:
                 raise InputError(f"{path}: {error}") from None
+            layout = matrix.layout
+            in_folder = {name.name for name in members if name.parent == matrix.folder}
 
-            def open_member(candidates: tuple[str, ...], what: str):
-                candidates = list_names(candidates, prefix)
-                for candidate in candidates:
-                    member = members.get(folder / candidate)
-                    if member is not None:
-                        stream = archive.extractfile(member)
-                        return gzip.GzipFile(fileobj=stream) if candidate.endswith(".gz") else stream
-                raise InputError(f"{path}: {folder}/ has no {what} file ({' or '.join(candidates)})")
+            def open_member(name: str):
+                stream = archive.extractfile(members[matrix.folder / name])
+                return gzip.GzipFile(fileobj=stream) if name.endswith(".gz") else stream
 
-            def read_list(candidates: tuple[str, ...], what: str) -> pd.DataFrame:
+            def read_list(role: tuple[str, str, bool]) -> pd.DataFrame | None:
+                name = _list_file(matrix, role, in_folder, f"{path}: {matrix.folder}/ has")
+                if name is None:
+                    return None
                 try:
-                    return pd.read_csv(open_member(candidates, what), sep="\t", header=None, dtype=str)
+                    return pd.read_csv(open_member(name), sep="," if layout.tables else "\t",
+                                       header=0 if layout.tables else None, dtype=str)
                 except pd.errors.EmptyDataError as error:
-                    raise InputError(f"{path}: the {what} list in {folder}/ is empty") from error
+                    raise InputError(f"{path}: the {role[1]} list in {matrix.folder}/ is empty") from error
                 except pd.errors.ParserError as error:  # rows of different lengths, as hand-made lists can have
-                    raise InputError(f"{path}: the {what} list in {folder}/ could not be read as a table "
+                    raise InputError(f"{path}: the {role[1]} list in {matrix.folder}/ could not be read as a table "
                                      f"({error})") from error
 
-            counts = _read_matrix_market(open_member(MATRIX_NAMES, "matrix"), path, round_counts)
-            genes = read_list(GENE_NAMES, "gene")
-            barcodes = read_list(BARCODE_NAMES, "barcode")[0]
+            matrix_name = next(matrix.prefix + name for name in layout.matrix if matrix.folder / (matrix.prefix + name)
+                               in members)
+            counts = _read_matrix_market(open_member(matrix_name), path, round_counts, matrix_name)
+            barcodes, genes, symbols = (read_list(role) for role in LIST_ROLES)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise InputError(f"{path}: the archive is truncated or corrupt ({error})") from error
 
-    if counts.shape == (len(genes), len(barcodes)) != (len(barcodes), len(genes)):
-        # Written cells x genes (scipy.io.mmwrite of an AnnData's X; Parse's DGE.mtx): only its transpose fits.
-        log.warning("%s: matrix.mtx has a row per cell (10x's has a row per gene): read transposed, as only that "
-                    "fits its %d genes and %d barcodes", path, len(genes), len(barcodes))
+    barcodes = barcodes.iloc[:, 0]
+    as_cells_by_genes = (len(barcodes), len(genes))
+    if counts.shape == as_cells_by_genes[::-1] and (layout.cells_in_rows or counts.shape != as_cells_by_genes):
+        # Read as written by a tool whose matrix has a row per cell (kallisto|bustools, Parse), or hand-made that
+        # way (scipy.io.mmwrite of an AnnData's X) where only its transpose fits.
+        if not layout.cells_in_rows:
+            log.warning("%s: %s has a row per cell (%s's has a row per gene): read transposed, as only that fits "
+                        "its %d genes and %d barcodes", path, matrix_name, layout.tool, len(genes), len(barcodes))
         counts = counts.T.tocsr()
-    if counts.shape != (len(barcodes), len(genes)):
+    if counts.shape != as_cells_by_genes:
         raise InputError(
-            f"{path}: matrix is {counts.shape[1]} genes x {counts.shape[0]} cells but the archive lists "
+            f"{path}: {matrix_name} is {counts.shape[1]} genes x {counts.shape[0]} cells but the archive lists "
             f"{len(genes)} genes and {len(barcodes)} barcodes{listing_hint(counts.shape, len(genes), len(barcodes))}"
         )
-    symbols = genes[1] if genes.shape[1] > 1 else genes[0]
-    feature_types = genes[2].to_numpy() if genes.shape[1] > 2 else None  # v3: Gene Expression, Antibody Capture, ...
-    return _cells_by_genes(counts, barcodes.to_numpy(), genes[0].to_numpy(), symbols.to_numpy(), path, feature_types)
+    if symbols is not None and len(symbols) != len(genes):
+        raise InputError(f"{path}: {matrix.folder}/ lists {len(genes)} genes but {len(symbols)} gene names")
+    symbols = symbols.iloc[:, 0] if symbols is not None else genes.iloc[:, 1] if genes.shape[1] > 1 else genes.iloc[:, 0]
+    # Cell Ranger 3's third column is each feature's type (Gene Expression, Antibody Capture, ...); Parse's
+    # gene table names each gene's genome.
+    feature_types = genes.iloc[:, 2].to_numpy() if layout is CELL_RANGER and genes.shape[1] > 2 else None
+    genomes = genes["genome"].to_numpy() if "genome" in genes.columns else None
+    return _cells_by_genes(counts, barcodes.to_numpy(), genes.iloc[:, 0].to_numpy(), symbols.to_numpy(), path,
+                           feature_types, genomes)
 
 
 def listing_hint(shape: tuple[int, int], n_genes: int, n_barcodes: int) -> str:
@@ -731,18 +806,19 @@ def with_unique_gene_names(adata: ad.AnnData, path: str | Path) -> ad.AnnData:
     return adata
 
 
-def _read_matrix_market(stream, path: Path, round_counts: bool) -> sp.csr_matrix:
-    """Parse a genes x cells Matrix Market stream into a cells x genes CSR of int32 counts.
+def _read_matrix_market(stream, path: Path, round_counts: bool, name: str = "matrix.mtx") -> sp.csr_matrix:
+    """Parse a genes x cells Matrix Market stream (the file ``name`` in ``path``) into a cells x genes CSR of
+    int32 counts.
 
     Chunked, with int32 indices, so PBMC68k's 55 million entries fit in about 1 GB.
     """
     text = io.TextIOWrapper(stream, encoding="ascii")
     header = text.readline()
     if not header.startswith("%%MatrixMarket matrix coordinate"):
-        raise InputError(f"{path}: matrix.mtx is not a Matrix Market coordinate file (header {header.strip()!r})")
+        raise InputError(f"{path}: {name} is not a Matrix Market coordinate file (header {header.strip()!r})")
     field = header.split()[3]
     if field not in ("integer", "real"):
-        raise InputError(f"{path}: matrix.mtx has {field!r} values; counts must be integer or real")
+        raise InputError(f"{path}: {name} has {field!r} values; counts must be integer or real")
     line = text.readline()
     while line.startswith("%"):
         line = text.readline()
@@ -758,17 +834,17 @@ def _read_matrix_market(stream, path: Path, round_counts: bool) -> sp.csr_matrix
         for chunk in reader:
             end = filled + len(chunk)
             if end > n_entries:
-                raise InputError(f"{path}: matrix.mtx has more entries than its header's {n_entries}")
+                raise InputError(f"{path}: {name} has more entries than its header's {n_entries}")
             genes[filled:end] = chunk["gene"].to_numpy()
             cells[filled:end] = chunk["cell"].to_numpy()
             values[filled:end] = chunk["value"].to_numpy()
             filled = end
     except (ValueError, pd.errors.ParserError) as error:
-        raise InputError(f"{path}: matrix.mtx could not be parsed ({error})") from error
+        raise InputError(f"{path}: {name} could not be parsed ({error})") from error
     if filled != n_entries:
-        raise InputError(f"{path}: matrix.mtx has {filled} entries but its header promises {n_entries}")
+        raise InputError(f"{path}: {name} has {filled} entries but its header promises {n_entries}")
     if n_entries and (genes.min() < 1 or genes.max() > n_genes or cells.min() < 1 or cells.max() > n_cells):
-        raise InputError(f"{path}: matrix.mtx has indices outside its {n_genes} x {n_cells} shape")
+        raise InputError(f"{path}: {name} has indices outside its {n_genes} x {n_cells} shape")
     return integer_counts(sp.csr_matrix((values, (cells - 1, genes - 1)), shape=(n_cells, n_genes)), path,
                           round_counts)
 
