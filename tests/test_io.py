@@ -272,6 +272,12 @@ def test_kallisto_bustools_folders_are_read(tmp_path, small_cells, caplog, suffi
     with pytest.raises(InputError, match=r"kb_out: holds no matrix named as .*; its Matrix Market files "
                                          r"\(counts_unfiltered/cells_x_genes\.\w+\.mtx.*kb count's nac"):
         pack_10x_folder(tmp_path / "kb_out", tmp_path / "nac.tar.gz")
+    # alevin-fry's folder, whose gene list is that of each RNA species in turn in USA mode: pointed to its loader.
+    fry = tmp_path / "fry_out" / "alevin"
+    fry.mkdir(parents=True)
+    write_mtx(fry / "quants_mat.mtx", small_cells.X)
+    with pytest.raises(InputError, match=r"\(alevin/quants_mat.mtx\) are named otherwise: .* pyroe.load_fry"):
+        pack_10x_folder(tmp_path / "fry_out", tmp_path / "fry.tar.gz")
 
 
 def test_parse_biosciences_folders_are_read(tmp_path, small_cells):

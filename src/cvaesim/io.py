@@ -126,7 +126,8 @@ def chosen_matrix(names: list[PurePath], sample: str | None) -> MatrixFiles:
                          + (f"; its Matrix Market files ({', '.join(other_mtx[:3])}"
                             f"{', ...' if len(other_mtx) > 3 else ''}) are named otherwise: one matrix of each "
                             "cell's whole counts is needed (kb count's nac and lamanno workflows split them by "
-                            "RNA species: add those matrices into one, or count with the standard workflow)"
+                            "RNA species: add those matrices into one, or count with the standard workflow; "
+                            "alevin-fry's: pyroe.load_fry(folder).write_h5ad(path) writes them as an h5ad source)"
                             if other_mtx else ""))
     if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
         raise ValueError(f"holds more than one matrix folder or sample ({found}); name the one to "
