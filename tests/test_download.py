@@ -312,6 +312,41 @@ def test_a_raw_tar_of_hdf5_files_gives_the_sample_s_for_a_10x_h5_dataset(tmp_pat
         download(str(EMBEDDED_TARBALL), str(tmp_path / "tarball" / "matrix.h5"))
 
 
+def test_a_whole_download_the_config_picks_no_matrix_of_is_kept_for_the_next_run(tmp_path, small_cells):
+    """GEO's RAW tar of several samples, downloaded without the sample key (or given as the wrong format), is not
+    downloaded again once the config names the sample."""
+    raw = tmp_path / "GSE4_RAW.tar"
+    with tarfile.open(raw, "w") as archive:
+        for n in (1, 2):
+            archive.add(write_10x_h5(tmp_path / f"{n}.h5", small_cells[n * 10:]),
+                        arcname=f"GSM{n}_filtered_feature_bc_matrix.h5")
+    server = Server({"/GSE4_RAW.tar": raw.read_bytes(), "/other.tar": raw.read_bytes()})
+    try:
+        url, dataset = f"{server.url}/GSE4_RAW.tar", tmp_path / "resources" / "datasets" / "geo"
+        kept = dataset / "kept_download"
+        with pytest.raises(DownloadError, match=rf"holds more than one Cell Ranger HDF5 file .*; nothing was written "
+                                                rf"to {dataset / 'matrix.h5'} \(the download is kept as {kept}, and "
+                                                r"the next run from that address takes it instead of downloading\)$"):
+            download(url, str(dataset / "matrix.h5"))
+        assert kept.read_bytes() == raw.read_bytes() and len(server.requests) == 1
+        # Given as a 10x_tarball next: told it holds HDF5 files, still not downloaded again.
+        with pytest.raises(DownloadError, match=r"holds no matrix named as .*; it holds HDF5 files .*kept as"):
+            download(url, str(dataset / "matrix.tar.gz"))
+        assert len(server.requests) == 1 and not (dataset / "matrix.tar.gz").exists()
+        download(url, str(dataset / "matrix.h5"), sample="GSM2")
+        assert len(server.requests) == 1
+        assert list(read_10x_h5(dataset / "matrix.h5").obs_names) == list(small_cells[20:].obs_names)
+        assert sorted(path.name for path in dataset.iterdir()) == ["matrix.h5", "matrix.h5.sha256"]
+        # A download kept from another address is not taken (and is deleted).
+        with pytest.raises(DownloadError, match="kept as"):
+            download(url, str(tmp_path / "again" / "matrix.h5"))
+        download(f"{server.url}/other.tar", str(tmp_path / "again" / "matrix.h5"), sample="GSM1")
+        assert [request["path"] for request in server.requests[1:]] == ["/GSE4_RAW.tar", "/other.tar"]
+        assert sorted(path.name for path in (tmp_path / "again").iterdir()) == ["matrix.h5", "matrix.h5.sha256"]
+    finally:
+        server.close()
+
+
 def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_path):
     outs = tmp_path / "outs"
     outs.mkdir()

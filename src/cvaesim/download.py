@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from . import InputError, __version__
-from .io import extract_10x_h5, pack_10x_folder
+from .io import MatrixChoiceError, extract_10x_h5, pack_10x_folder
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def fetch(
                                 f"genes or features)")
         log.info("packing the 10x matrix files under %s into %s", source, destination)
         _pack(_local_path(source), partial, sample, source)
-    else:
+    elif not _took_kept_download(source, destination, partial):
         transfer(source, partial)
 
     digest = sha256_of(partial)
@@ -103,21 +103,22 @@ def fetch(
             f"got {digest} ({size} bytes); the file was deleted"
         )
     digested, recorded = destination, destination.name  # what the digest is of: logged, and recorded beside it
-    if destination.name.endswith(".h5"):
-        # GEO's RAW tar of each sample's Cell Ranger HDF5 file: the one to read is taken out; the digest stays
-        # the archive's, which is what a user pins.
-        extracted = partial.with_name(partial.name + ".extracted")
-        try:
+    try:
+        if destination.name.endswith(".h5"):
+            # GEO's RAW tar of each sample's Cell Ranger HDF5 file: the one to read is taken out; the digest stays
+            # the archive's, which is what a user pins.
+            extracted = partial.with_name(partial.name + ".extracted")
             member = extract_10x_h5(partial, extracted, sample)
-        except ValueError as error:
-            partial.unlink()
-            raise DownloadError(f"{source}: {error}; nothing was written to {destination}") from None
-        if member is not None:
-            log.info("%s: took %s out of the archive", source, member)
-            extracted.replace(partial)
-            digested = f"{source} (the archive {member} was taken out of)"
-            recorded = f"{Path(urlparse(source).path).name} (the archive {member} was taken out of)"
-    problem = check(partial) if check else None
+            if member is not None:
+                log.info("%s: took %s out of the archive", source, member)
+                extracted.replace(partial)
+                digested = f"{source} (the archive {member} was taken out of)"
+                recorded = f"{Path(urlparse(source).path).name} (the archive {member} was taken out of)"
+        problem = check(partial) if check else None
+    except MatrixChoiceError as error:
+        # The file is whole, the config picks no matrix of it: fetching it again would give the same bytes.
+        raise DownloadError(f"{source}: {error}; nothing was written to {destination}"
+                            f"{_keep_download(source, destination, partial)}") from None
     if problem:
         partial.unlink()
         raise DownloadError(f"{source}: {problem}; nothing was written to {destination}")
@@ -125,6 +126,40 @@ def fetch(
     partial.replace(destination)
     destination.with_name(destination.name + ".sha256").write_text(f"{digest}  {recorded}  {size} bytes\n")
     return digest
+
+
+def _kept_download(destination: Path) -> tuple[Path, Path]:
+    """Where a whole download that the config picked no matrix of waits for the next run, and its address."""
+    kept = destination.with_name("kept_download")
+    return kept, kept.with_name("kept_download.source")
+
+
+def _keep_download(source: str, destination: Path, partial: Path) -> str:
+    """Keep ``partial``, downloaded from ``source``, for the next run (a local source is only deleted); what to
+    add to the error."""
+    if urlparse(source).scheme not in ("http", "https"):
+        partial.unlink()
+        return ""
+    kept, address = _kept_download(destination)
+    partial.replace(kept)
+    address.write_text(source + "\n")
+    return f" (the download is kept as {kept}, and the next run from that address takes it instead of downloading)"
+
+
+def _took_kept_download(source: str, destination: Path, partial: Path) -> bool:
+    """Whether a download kept by an earlier run is of ``source``, and then moved to ``partial``; one of another
+    address is deleted."""
+    kept, address = _kept_download(destination)
+    if not kept.exists():
+        return False
+    same = address.exists() and address.read_text().strip() == source
+    if same:
+        log.info("%s: taking the download kept by an earlier run (%s)", source, kept)
+        kept.replace(partial)
+    else:
+        kept.unlink()
+    address.unlink(missing_ok=True)
+    return same
 
 
 def _local_path(source: str) -> Path:

@@ -80,6 +80,11 @@ TABLE_SEPARATORS = ("\t", ",", ";", " ")
 TEXT_SAMPLE_BYTES = 65536
 
 
+class MatrixChoiceError(ValueError):
+    """A whole folder or archive that holds no one matrix to read as the dataset's config names it (its format
+    or sample key): the download is kept for a run with the config mended."""
+
+
 def matrix_sets(names: Iterable[PurePath]) -> list[MatrixFiles]:
     """Each matrix among the file ``names``, by its layout's names (Cell Ranger's ``matrix.mtx.gz`` and so on);
     GEO's supplementary files carry a sample prefix (``GSM1234567_matrix.mtx.gz``), as scanpy's
@@ -105,21 +110,21 @@ def names_sample(matrix: tuple[PurePath, str, ...], sample: str) -> bool:
 
 def chosen_matrix(names: list[PurePath], sample: str | None) -> MatrixFiles:
     """The matrix to read among the file ``names`` of a folder or archive: the only one, or the one ``sample``
-    names (the dataset's ``sample`` key). Raises ValueError saying why there is none, for the caller to name the
-    source."""
+    names (the dataset's ``sample`` key). Raises MatrixChoiceError saying why there is none, for the caller to name
+    the source."""
     matrices = matrix_sets(names)
     found = ", ".join(map(str, matrices))
     if sample is not None:
         picked = [matrix for matrix in matrices if names_sample(matrix, sample)]
         if len(picked) == 1:
             return picked[0]
-        raise ValueError(f"{'more than one' if picked else 'no'} matrix is named by sample {sample!r} "
+        raise MatrixChoiceError(f"{'more than one' if picked else 'no'} matrix is named by sample {sample!r} "
                          f"(it holds {found or 'none'}); give the sample's file-name prefix or its folder's name")
     if not matrices:
         # GEO's GSE..._RAW.tar often holds each sample's Cell Ranger HDF5 file instead.
         hdf5 = [str(name) for name in names if name.name.endswith(".h5")]
         other_mtx = [str(name) for name in names if name.name.endswith((".mtx", ".mtx.gz"))]
-        raise ValueError(f"holds no matrix named as the workflow reads them ({READ_MATRIX_NAMES})"
+        raise MatrixChoiceError(f"holds no matrix named as the workflow reads them ({READ_MATRIX_NAMES})"
                          + (f"; it holds HDF5 files ({', '.join(hdf5[:3])}{', ...' if len(hdf5) > 3 else ''}): "
                             "give it as a 10x_h5 source (the sample key naming the file where it holds several)"
                             if hdf5 else "")
@@ -130,7 +135,7 @@ def chosen_matrix(names: list[PurePath], sample: str | None) -> MatrixFiles:
                             "alevin-fry's: pyroe.load_fry(folder).write_h5ad(path) writes them as an h5ad source)"
                             if other_mtx else ""))
     if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
-        raise ValueError(f"holds more than one matrix folder or sample ({found}); name the one to "
+        raise MatrixChoiceError(f"holds more than one matrix folder or sample ({found}); name the one to "
                          "read with the dataset's sample key (a file-name prefix such as GSM1234567, or a folder's "
                          "name), or give a folder or archive holding only it")
     return matrices[0]
@@ -141,8 +146,8 @@ def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: st
     sample's ``GSM123_filtered_feature_bc_matrix.h5``) to ``destination``: the only one, or the one whose name
     ``sample`` begins up to a separator (``GSM123``, or ``GSM123_filtered`` where the raw matrix is there too).
     Returns the member's name, or None where ``archive_path`` is no readable tar archive of ``.h5`` files (the
-    HDF5 check then says what it is). Raises ValueError saying why there is none to read, for the caller to name
-    the source."""
+    HDF5 check then says what it is). Raises MatrixChoiceError saying why there is none to read, for the caller to
+    name the source."""
     try:
         archive = tarfile.open(archive_path, "r:*")
     except TAR_OPEN_ERRORS:
@@ -159,9 +164,9 @@ def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: st
         picked = [name for name in files if sample is None or names_sample((PurePosixPath(), name), sample)]
         named = f" named by sample {sample!r}" if sample is not None else ""
         if not picked:
-            raise ValueError(f"holds no Cell Ranger HDF5 file{named} (it holds {', '.join(sorted(files)) or 'none'})")
+            raise MatrixChoiceError(f"holds no Cell Ranger HDF5 file{named} (it holds {', '.join(sorted(files)) or 'none'})")
         if len(picked) > 1:
-            raise ValueError(f"holds more than one Cell Ranger HDF5 file{named} ({', '.join(sorted(picked))}); name "
+            raise MatrixChoiceError(f"holds more than one Cell Ranger HDF5 file{named} ({', '.join(sorted(picked))}); name "
                              "the one to read with the dataset's sample key (its file-name prefix, such as GSM1234567)")
         with archive.extractfile(files[picked[0]]) as member, open(destination, "wb") as output:
             shutil.copyfileobj(member, output)
@@ -338,7 +343,8 @@ def container_problem(path: str | Path, name: str, sample: str | None = None) ->
 
     Only the container and an archive's list of files are checked, in seconds; the content is the filter
     step's. Run on a download before it is put in place, so that a truncated or wrong file is reported under
-    the source the user gave.
+    the source the user gave. A whole archive holding no one matrix that ``sample`` picks raises
+    MatrixChoiceError (see ``chosen_matrix``).
     """
     if name.endswith((".h5", ".h5ad")):
         try:
@@ -366,10 +372,7 @@ def container_problem(path: str | Path, name: str, sample: str | None = None) ->
         except TAR_OPEN_ERRORS as error:
             return (f"not a readable tar archive, as {name} must be ({tar_problem(error)})"
                     f"{format_hint(path, '10x_tarball')}")
-        try:
-            chosen_matrix([PurePosixPath(member.name) for member in members if member.isfile()], sample)
-        except ValueError as error:
-            return str(error)
+        chosen_matrix([PurePosixPath(member.name) for member in members if member.isfile()], sample)
     return None
 
 
