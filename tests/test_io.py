@@ -714,6 +714,17 @@ def test_count_tables_are_read_in_the_layouts_tools_write(tmp_path, small_cells,
             if layout == "ids_and_names" else "gene_ids" not in adata.var)
 
 
+def test_a_cells_by_genes_table_is_told_by_an_annotation_of_several_samples(tmp_path, small_cells):
+    """The annotation of a Seurat merge names this sample's cells 'ctrl_<barcode>', the other's 'stim_<barcode>':
+    its barcodes name neither axis as they are, and the tag tells the cells' axis."""
+    path = tmp_path / "cells_by_genes.csv"
+    pd.DataFrame(small_cells.X.toarray(), index=small_cells.obs_names, columns=small_cells.var_names).to_csv(path)
+    annotation = [f"ctrl_{barcode}" for barcode in small_cells.obs_names] + [
+        f"stim_{barcode[::-1]}" for barcode in small_cells.obs_names]
+    adata = read_counts_table(path, annotation)
+    assert list(adata.obs_names) == list(small_cells.obs_names) and (adata.X != small_cells.X).nnz == 0
+
+
 def test_count_tables_saved_as_windows_1252_are_read(tmp_path, caplog):
     # Excel's CSV on Windows, where a name is not ASCII; a table in no encoding at all is refused.
     path = tmp_path / "windows.csv"

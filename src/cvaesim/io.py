@@ -27,7 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import InputError
-from .filtering import without_gem_suffix
+from .filtering import labels_across_sample_tags, without_gem_suffix
 
 log = logging.getLogger(__name__)
 
@@ -675,15 +675,28 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     counts = integer_counts(counts, path, round_counts)
     row_names = np.array(row_names, dtype=object)
     rows, ids = pd.Index(row_names[:, -1].astype(str)), row_names[:, 0].astype(str)
-    keys = without_gem_suffix(pd.Index(barcodes))
+    barcodes = pd.Index(barcodes)
+    keys = without_gem_suffix(barcodes)
     in_rows, in_columns = (int(without_gem_suffix(names).isin(keys).sum()) for names in (rows, pd.Index(columns)))
+    how = "as they are"
+    if not in_rows and not in_columns:
+        # An annotation of several samples names the cells with a sample's tag ('ctrl_AAAC-1'): tried on the axis
+        # whose names have fewer lengths (a barcode's) first, the other only where that joins none.
+        axes = sorted((rows, pd.Index(columns)), key=lambda names: names.str.len().nunique())
+        tagged = pd.Series(np.zeros(len(barcodes)), index=barcodes)
+        joined = labels_across_sample_tags(axes[0], tagged) or labels_across_sample_tags(axes[1], tagged)
+        if joined is not None:
+            in_rows, in_columns = (len(joined[0]) if joined[0].index.isin(names).all() else 0
+                                   for names in (rows, pd.Index(columns)))
+            how = "with a sample's tag around them"
     cells_in_rows = in_rows > in_columns
     if not in_rows and not in_columns:
-        log.warning("%s: none of the annotation's barcodes names a row or a column as they are; reading a cell in "
-                    "each column (genes x cells, the usual layout; e.g. columns %s, rows %s)", path, columns[:2],
-                    rows[:2].tolist())
-    log.info("%s: %d rows x %d columns; read with a cell in each %s (of the annotation's barcodes, %d name its rows, "
-             "%d its columns)", path, *counts.shape, "row" if cells_in_rows else "column", in_rows, in_columns)
+        log.warning("%s: none of the annotation's barcodes names a row or a column, as they are or with a sample's "
+                    "tag around them; reading a cell in each column (genes x cells, the usual layout; e.g. columns "
+                    "%s, rows %s)", path, columns[:2], rows[:2].tolist())
+    log.info("%s: %d rows x %d columns; read with a cell in each %s (of the annotation's barcodes, %s, %d name its "
+             "rows, %d its columns)", path, *counts.shape, "row" if cells_in_rows else "column", how, in_rows,
+             in_columns)
     if cells_in_rows:
         return with_unique_gene_names(ad.AnnData(counts, obs=pd.DataFrame(index=rows), var=pd.DataFrame(
             index=pd.Index(columns))), path)
