@@ -32,7 +32,6 @@ from .filtering import labels_across_sample_tags, without_gem_suffix
 log = logging.getLogger(__name__)
 
 
-
 def _plain_or_gzipped(*names: str) -> tuple[str, ...]:
     return tuple(variant for name in names for variant in (name, name + ".gz"))
 
@@ -119,25 +118,25 @@ def chosen_matrix(names: list[PurePath], sample: str | None) -> MatrixFiles:
         if len(picked) == 1:
             return picked[0]
         raise MatrixChoiceError(f"{'more than one' if picked else 'no'} matrix is named by sample {sample!r} "
-                         f"(it holds {found or 'none'}); give the sample's file-name prefix or its folder's name")
+                                f"(it holds {found or 'none'}); give the sample's file-name prefix or its folder's "
+                                "name")
     if not matrices:
         # GEO's GSE..._RAW.tar often holds each sample's Cell Ranger HDF5 file instead.
         hdf5 = [str(name) for name in names if name.name.endswith(".h5")]
         other_mtx = [str(name) for name in names if name.name.endswith((".mtx", ".mtx.gz"))]
-        raise MatrixChoiceError(f"holds no matrix named as the workflow reads them ({READ_MATRIX_NAMES})"
-                         + (f"; it holds HDF5 files ({', '.join(hdf5[:3])}{', ...' if len(hdf5) > 3 else ''}): "
-                            "give it as a 10x_h5 source (the sample key naming the file where it holds several)"
-                            if hdf5 else "")
-                         + (f"; its Matrix Market files ({', '.join(other_mtx[:3])}"
-                            f"{', ...' if len(other_mtx) > 3 else ''}) are named otherwise: one matrix of each "
-                            "cell's whole counts is needed (kb count's nac and lamanno workflows split them by "
-                            "RNA species: add those matrices into one, or count with the standard workflow; "
-                            "alevin-fry's: pyroe.load_fry(folder).write_h5ad(path) writes them as an h5ad source)"
-                            if other_mtx else ""))
+        raise MatrixChoiceError(
+            f"holds no matrix named as the workflow reads them ({READ_MATRIX_NAMES})"
+            + (f"; it holds HDF5 files ({', '.join(hdf5[:3])}{', ...' if len(hdf5) > 3 else ''}): give it as a "
+               "10x_h5 source (the sample key naming the file where it holds several)" if hdf5 else "")
+            + (f"; its Matrix Market files ({', '.join(other_mtx[:3])}{', ...' if len(other_mtx) > 3 else ''}) are "
+               "named otherwise: one matrix of each cell's whole counts is needed (kb count's nac and lamanno "
+               "workflows split them by RNA species: add those matrices into one, or count with the standard "
+               "workflow; alevin-fry's: pyroe.load_fry(folder).write_h5ad(path) writes them as an h5ad source)"
+               if other_mtx else ""))
     if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
-        raise MatrixChoiceError(f"holds more than one matrix folder or sample ({found}); name the one to "
-                         "read with the dataset's sample key (a file-name prefix such as GSM1234567, or a folder's "
-                         "name), or give a folder or archive holding only it")
+        raise MatrixChoiceError(f"holds more than one matrix folder or sample ({found}); name the one to read with "
+                                "the dataset's sample key (a file-name prefix such as GSM1234567, or a folder's "
+                                "name), or give a folder or archive holding only it")
     return matrices[0]
 
 
@@ -164,10 +163,12 @@ def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: st
         picked = [name for name in files if sample is None or names_sample((PurePosixPath(), name), sample)]
         named = f" named by sample {sample!r}" if sample is not None else ""
         if not picked:
-            raise MatrixChoiceError(f"holds no Cell Ranger HDF5 file{named} (it holds {', '.join(sorted(files)) or 'none'})")
+            raise MatrixChoiceError(f"holds no Cell Ranger HDF5 file{named} (it holds "
+                                    f"{', '.join(sorted(files)) or 'none'})")
         if len(picked) > 1:
-            raise MatrixChoiceError(f"holds more than one Cell Ranger HDF5 file{named} ({', '.join(sorted(picked))}); name "
-                             "the one to read with the dataset's sample key (its file-name prefix, such as GSM1234567)")
+            raise MatrixChoiceError(f"holds more than one Cell Ranger HDF5 file{named} ({', '.join(sorted(picked))}); "
+                                    "name the one to read with the dataset's sample key (its file-name prefix, such "
+                                    "as GSM1234567)")
         with archive.extractfile(files[picked[0]]) as member, open(destination, "wb") as output:
             shutil.copyfileobj(member, output)
     return picked[0]
@@ -425,8 +426,9 @@ def _list_file(matrix: MatrixFiles, role: tuple[str, str, bool], present, where:
 
 
 def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str | None = None) -> ad.AnnData:
-    """Read a 10x Genomics matrix (v2 ``genes.tsv`` or v3 ``features.tsv.gz``) from a tarball; of several,
-    the one ``sample`` names (see ``chosen_matrix``).
+    """Read a Matrix Market matrix folder from a tarball: 10x Genomics' (v2 ``genes.tsv`` or v3
+    ``features.tsv.gz``), or another tool's (see MATRIX_LAYOUTS); of several, the one ``sample`` names (see
+    ``chosen_matrix``).
 
     Members are read in memory, never extracted, and unsafe members (absolute paths,
     ``..``, links) are refused. ``round_counts``: see ``integer_counts``.
@@ -491,7 +493,9 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
         )
     if symbols is not None and len(symbols) != len(genes):
         raise InputError(f"{path}: {matrix.folder}/ lists {len(genes)} genes but {len(symbols)} gene names")
-    symbols = symbols.iloc[:, 0] if symbols is not None else genes.iloc[:, 1] if genes.shape[1] > 1 else genes.iloc[:, 0]
+    if symbols is None:  # the symbols beside the ids, or the ids alone
+        symbols = genes.iloc[:, min(1, genes.shape[1] - 1)].to_frame()
+    symbols = symbols.iloc[:, 0]
     # Cell Ranger 3's third column is each feature's type (Gene Expression, Antibody Capture, ...); Parse's
     # gene table names each gene's genome.
     feature_types = genes.iloc[:, 2].to_numpy() if layout is CELL_RANGER and genes.shape[1] > 2 else None
@@ -628,8 +632,8 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int, str]:
         raise InputError(f"{path}: not a text count table ({error})") from error
     separator = next((candidate for candidate in TABLE_SEPARATORS if candidate in header), None)
     if separator is None or not first:
-        raise InputError(f"{path}: not a count table: "
-                         f"{'no line after its header' if separator else 'its first line has no tab, comma, semicolon or space'}")
+        problem = "no line after its header" if separator else "its first line has no tab, comma, semicolon or space"
+        raise InputError(f"{path}: not a count table: {problem}")
     # A separator closing every line, as some spreadsheets write, ends no field.
     header, first = (line[:-1] if header.endswith(separator) and first.endswith(separator) else line
                      for line in (header, first))
@@ -678,7 +682,7 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     barcodes = pd.Index(barcodes)
     keys = without_gem_suffix(barcodes)
     in_rows, in_columns = (int(without_gem_suffix(names).isin(keys).sum()) for names in (rows, pd.Index(columns)))
-    how = "as they are"
+    how = ""
     if not in_rows and not in_columns:
         # An annotation of several samples names the cells with a sample's tag ('ctrl_AAAC-1'): tried on the axis
         # whose names have fewer lengths (a barcode's) first, the other only where that joins none.
@@ -688,13 +692,13 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
         if joined is not None:
             in_rows, in_columns = (len(joined[0]) if joined[0].index.isin(names).all() else 0
                                    for names in (rows, pd.Index(columns)))
-            how = "with a sample's tag around them"
+            how = " with a sample's tag around them"
     cells_in_rows = in_rows > in_columns
     if not in_rows and not in_columns:
         log.warning("%s: none of the annotation's barcodes names a row or a column, as they are or with a sample's "
                     "tag around them; reading a cell in each column (genes x cells, the usual layout; e.g. columns "
                     "%s, rows %s)", path, columns[:2], rows[:2].tolist())
-    log.info("%s: %d rows x %d columns; read with a cell in each %s (of the annotation's barcodes, %s, %d name its "
+    log.info("%s: %d rows x %d columns; read with a cell in each %s (of the annotation's barcodes%s, %d name its "
              "rows, %d its columns)", path, *counts.shape, "row" if cells_in_rows else "column", how, in_rows,
              in_columns)
     if cells_in_rows:
