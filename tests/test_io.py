@@ -1,6 +1,7 @@
 import logging
 import gzip
 import io
+import itertools
 import tarfile
 import zipfile
 from pathlib import Path
@@ -281,12 +282,12 @@ def test_kallisto_bustools_folders_are_read(tmp_path, small_cells, caplog, suffi
 
 
 def test_parse_biosciences_folders_are_read(tmp_path, small_cells):
-    """split-pipe's output: a DGE_filtered/ folder per sample and one for all of them, each a row per cell,
-    with CSV tables of the cells and the genes (their genome beside them)."""
+    """split-pipe's output: DGE_filtered/ and DGE_unfiltered/ folders per sample and for all of them, each matrix
+    a row per cell, with CSV tables of the cells and the genes (their genome beside them)."""
     genomes = np.where(np.arange(small_cells.n_vars) < 30, "hg38", "mm39")
     halves = {"sample1": small_cells[:60], "sample2": small_cells[60:], "all-sample": small_cells}
-    for sample, cells in halves.items():
-        folder = tmp_path / "split_pipe" / sample / "DGE_filtered"
+    for (sample, cells), kind in itertools.product(halves.items(), ("filtered", "unfiltered")):
+        folder = tmp_path / "split_pipe" / sample / f"DGE_{kind}"
         folder.mkdir(parents=True)
         write_mtx(folder / "DGE.mtx", cells.X)
         pd.DataFrame({"gene_id": [f"G{i}" for i in range(cells.n_vars)], "gene_name": cells.var_names,
@@ -294,10 +295,14 @@ def test_parse_biosciences_folders_are_read(tmp_path, small_cells):
         pd.DataFrame({"bc_wells": cells.obs_names, "sample": sample, "species": "hg38",
                       "gene_count": 1}).to_csv(folder / "cell_metadata.csv", index=False)
     with pytest.raises(InputError, match=r"more than one matrix folder or sample \(all-sample/DGE_filtered, "
-                                         r"sample1/DGE_filtered, sample2/DGE_filtered\)"):
+                                         r"all-sample/DGE_unfiltered, sample1/DGE_filtered, .*\)"):
         pack_10x_folder(tmp_path / "split_pipe", tmp_path / "parse.tar.gz")
-    pack_10x_folder(tmp_path / "split_pipe", tmp_path / "parse.tar.gz", sample="sample2")
-    adata = read_10x_tarball(tmp_path / "parse.tar.gz", sample="sample2")
+    # Each sample's folder holds a filtered and an unfiltered matrix: the sample key names the folders in turn.
+    with pytest.raises(InputError, match=r"more than one matrix is named by sample 'sample2' \(it holds .*\); give "
+                                         r"the sample's file-name prefix, its folder's name or its folders' path"):
+        pack_10x_folder(tmp_path / "split_pipe", tmp_path / "parse.tar.gz", sample="sample2")
+    pack_10x_folder(tmp_path / "split_pipe", tmp_path / "parse.tar.gz", sample="sample2/DGE_filtered")
+    adata = read_10x_tarball(tmp_path / "parse.tar.gz", sample="sample2/DGE_filtered")
     assert list(adata.obs_names) == list(small_cells.obs_names[60:])
     assert list(adata.var_names) == list(small_cells.var_names) and (adata.X != small_cells[60:].X).nnz == 0
     assert list(adata.var["gene_ids"][:2]) == ["G0", "G1"] and list(adata.var["genome"]) == list(genomes)

@@ -101,10 +101,13 @@ def list_names(candidates: tuple[str, ...], prefix: str) -> tuple[str, ...]:
 
 def names_sample(matrix: tuple[PurePath, str, ...], sample: str) -> bool:
     """Whether ``sample`` names the matrix ``(folder, prefix, ...)``: its file-name prefix up to a separator
-    (``GSM123`` names ``GSM123_Sample1_matrix.mtx.gz``, not ``GSM1234_matrix.mtx.gz``) or one of its folders
-    (``hg19`` in a two-genome Cell Ranger 2 tarball)."""
+    (``GSM123`` names ``GSM123_Sample1_matrix.mtx.gz``, not ``GSM1234_matrix.mtx.gz``), one of its folders
+    (``hg19`` in a two-genome Cell Ranger 2 tarball) or several in turn (``s1/DGE_filtered`` where each sample's
+    folder holds a filtered and an unfiltered matrix)."""
     folder, prefix = matrix[:2]
-    return (prefix.startswith(sample) and not prefix[len(sample):len(sample) + 1].isalnum()) or sample in folder.parts
+    named, parts = PurePosixPath(sample).parts, folder.parts
+    return ((prefix.startswith(sample) and not prefix[len(sample):len(sample) + 1].isalnum())
+            or bool(named) and any(parts[start:start + len(named)] == named for start in range(len(parts))))
 
 
 def chosen_matrix(names: list[PurePath], sample: str | None) -> MatrixFiles:
@@ -118,8 +121,8 @@ def chosen_matrix(names: list[PurePath], sample: str | None) -> MatrixFiles:
         if len(picked) == 1:
             return picked[0]
         raise MatrixChoiceError(f"{'more than one' if picked else 'no'} matrix is named by sample {sample!r} "
-                                f"(it holds {found or 'none'}); give the sample's file-name prefix or its folder's "
-                                "name")
+                                f"(it holds {found or 'none'}); give the sample's file-name prefix, its folder's "
+                                "name or its folders' path (s1/DGE_filtered)")
     if not matrices:
         # GEO's GSE..._RAW.tar often holds each sample's Cell Ranger HDF5 file instead.
         hdf5 = [str(name) for name in names if name.name.endswith(".h5")]
