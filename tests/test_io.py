@@ -306,6 +306,20 @@ def test_parse_biosciences_folders_are_read(tmp_path, small_cells):
     assert list(adata.obs_names) == list(small_cells.obs_names[60:])
     assert list(adata.var_names) == list(small_cells.var_names) and (adata.X != small_cells[60:].X).nnz == 0
     assert list(adata.var["gene_ids"][:2]) == ["G0", "G1"] and list(adata.var["genome"]) == list(genomes)
+    # split-pipe 1.1 names the matrix count_matrix.mtx, which ends as Cell Ranger's matrix.mtx; GEO's uploads prefix
+    # each condition's files and gzip them.
+    geo = tmp_path / "geo"
+    geo.mkdir()
+    for condition, cells in (("NAP", small_cells[:60]), ("HAP", small_cells[60:])):
+        for name in ("DGE.mtx", "all_genes.csv", "cell_metadata.csv"):
+            (geo / f"{condition}_{name.replace('DGE', 'count_matrix')}.gz").write_bytes(
+                gzip.compress((tmp_path / "split_pipe" / ("sample1" if condition == "NAP" else "sample2") /
+                               "DGE_filtered" / name).read_bytes()))
+    with pytest.raises(InputError, match=r"more than one matrix folder or sample \(HAP_count_matrix.mtx, "
+                                         r"NAP_count_matrix.mtx\)"):
+        pack_10x_folder(geo, tmp_path / "geo.tar.gz")
+    pack_10x_folder(geo, tmp_path / "geo.tar.gz", sample="HAP")
+    assert list(read_10x_tarball(tmp_path / "geo.tar.gz").obs_names) == list(small_cells.obs_names[60:])
 
 
 def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, small_cells, caplog):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import difflib
@@ -55,23 +56,43 @@ MATRIX_LAYOUTS = (
     MatrixLayout("kallisto|bustools", _plain_or_gzipped("cells_x_genes.mtx"),
                  _plain_or_gzipped("cells_x_genes.barcodes.txt"), _plain_or_gzipped("cells_x_genes.genes.txt"),
                  _plain_or_gzipped("cells_x_genes.genes.names.txt"), cells_in_rows=True),
-    MatrixLayout("Parse Biosciences", _plain_or_gzipped("DGE.mtx"), _plain_or_gzipped("cell_metadata.csv"),
-                 _plain_or_gzipped("all_genes.csv"), cells_in_rows=True, tables=True),
+    # split-pipe's DGE.mtx was renamed count_matrix.mtx in its version 1.1.
+    MatrixLayout("Parse Biosciences", _plain_or_gzipped("DGE.mtx", "count_matrix.mtx"),
+                 _plain_or_gzipped("cell_metadata.csv"), _plain_or_gzipped("all_genes.csv"), cells_in_rows=True,
+                 tables=True),
 )
 READ_MATRIX_NAMES = ("Cell Ranger's or STARsolo's matrix.mtx[.gz] with barcodes.tsv and genes.tsv or features.tsv "
                      "(or GEO's <prefix>matrix.mtx.gz), kallisto|bustools' cells_x_genes.mtx with its "
-                     "cells_x_genes.barcodes.txt and .genes.txt, or Parse Biosciences' DGE.mtx with cell_metadata.csv "
-                     "and all_genes.csv")
+                     "cells_x_genes.barcodes.txt and .genes.txt, or Parse Biosciences' DGE.mtx or count_matrix.mtx "
+                     "with cell_metadata.csv and all_genes.csv")
 
 
 class MatrixFiles(NamedTuple):
-    """One matrix among a folder's or archive's files: its folder, file-name prefix and layout."""
+    """One matrix among a folder's or archive's files: its folder, file-name prefix, layout, and the layout's name
+    of the matrix file that it has (without .gz)."""
     folder: PurePath
     prefix: str
     layout: MatrixLayout
+    stem: str
 
     def __str__(self) -> str:
-        return f"{self.folder / self.prefix}{self.layout.matrix[0]}" if self.prefix else str(self.folder)
+        return f"{self.folder / self.prefix}{self.stem}" if self.prefix else str(self.folder)
+
+
+# Each list beside a matrix: the layout's field with its candidate names, what it lists, whether it must be there.
+LIST_ROLES = (("barcodes", "barcode", True), ("genes", "gene", True), ("gene_symbols", "gene name", False))
+
+
+def _list_file(matrix: MatrixFiles, role: tuple[str, str, bool], present, where: str | None = None) -> str | None:
+    """The name of ``matrix``'s list for ``role`` (one of LIST_ROLES) among the ``present`` names: with the
+    matrix's prefix or without one (some uploads prefix the matrix only); None where it is not there, and for a
+    required one InputError prefixed by ``where`` where that is given."""
+    field, what, required = role
+    wanted = list_names(getattr(matrix.layout, field), matrix.prefix)
+    found = next((name for name in wanted if name in present), None)
+    if found is None and required and where is not None:
+        raise InputError(f"{where} no {what} file ({' or '.join(wanted)}) beside the matrix")
+    return found
 
 
 MTX_CHUNK_ROWS = 5_000_000
@@ -88,9 +109,20 @@ def matrix_sets(names: Iterable[PurePath]) -> list[MatrixFiles]:
     """Each matrix among the file ``names``, by its layout's names (Cell Ranger's ``matrix.mtx.gz`` and so on);
     GEO's supplementary files carry a sample prefix (``GSM1234567_matrix.mtx.gz``), as scanpy's
     ``read_10x_mtx(prefix=...)`` reads them."""
-    return sorted({MatrixFiles(name.parent, name.name[:-len(standard)], layout) for name in names
-                   for layout in MATRIX_LAYOUTS for standard in layout.matrix if name.name.endswith(standard)},
-                  key=lambda matrix: (str(matrix.folder), matrix.prefix))
+    names = list(names)
+    in_folder = collections.defaultdict(set)
+    for name in names:
+        in_folder[name.parent].add(name.name)
+    matrices = set()
+    for name in names:
+        readings = [MatrixFiles(name.parent, name.name[:-len(standard)], layout, standard.removesuffix(".gz"))
+                    for layout in MATRIX_LAYOUTS for standard in layout.matrix if name.name.endswith(standard)]
+        # Parse's count_matrix.mtx ends as Cell Ranger's matrix.mtx: read as the layout whose lists are there
+        # (else as the first, whose error names the list missing).
+        whole = [matrix for matrix in readings if all(_list_file(matrix, role, in_folder[name.parent])
+                                                      for role in LIST_ROLES if role[2])]
+        matrices.update(whole or readings[:1])
+    return sorted(matrices, key=lambda matrix: (str(matrix.folder), matrix.prefix))
 
 
 def list_names(candidates: tuple[str, ...], prefix: str) -> tuple[str, ...]:
@@ -397,7 +429,7 @@ def pack_10x_folder(folder: str | Path, destination: str | Path, sample: str | N
         raise InputError(f"{folder}: {error}") from None
     matrix_folder = folder / matrix.folder
     beside = {path.name: path for path in files if path.parent == matrix_folder}
-    names = {matrix.prefix + name for name in matrix.layout.matrix}
+    names = {matrix.prefix + name for name in _plain_or_gzipped(matrix.stem)}
     for role in LIST_ROLES:
         found = _list_file(matrix, role, beside, f"{matrix_folder}:")
         if found is not None:
@@ -410,22 +442,6 @@ def pack_10x_folder(folder: str | Path, destination: str | Path, sample: str | N
             member.size, member.mode = path.stat().st_size, 0o644
             with open(path, "rb") as handle:
                 archive.addfile(member, handle)
-
-
-# Each list beside a matrix: the layout's field with its candidate names, what it lists, whether it must be there.
-LIST_ROLES = (("barcodes", "barcode", True), ("genes", "gene", True), ("gene_symbols", "gene name", False))
-
-
-def _list_file(matrix: MatrixFiles, role: tuple[str, str, bool], present, where: str) -> str | None:
-    """The name of ``matrix``'s list for ``role`` (one of LIST_ROLES) among the ``present`` names: with the
-    matrix's prefix or without one (some uploads prefix the matrix only); None for an optional list not there,
-    InputError (prefixed by ``where``) for a required one."""
-    field, what, required = role
-    wanted = list_names(getattr(matrix.layout, field), matrix.prefix)
-    found = next((name for name in wanted if name in present), None)
-    if found is None and required:
-        raise InputError(f"{where} no {what} file ({' or '.join(wanted)}) beside the matrix")
-    return found
 
 
 def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str | None = None) -> ad.AnnData:
@@ -473,8 +489,8 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
                     raise InputError(f"{path}: the {role[1]} list in {matrix.folder}/ could not be read as a table "
                                      f"({error})") from error
 
-            matrix_name = next(matrix.prefix + name for name in layout.matrix if matrix.folder / (matrix.prefix + name)
-                               in members)
+            matrix_name = next(matrix.prefix + name for name in _plain_or_gzipped(matrix.stem)
+                               if matrix.folder / (matrix.prefix + name) in members)
             counts = _read_matrix_market(open_member(matrix_name), path, round_counts, matrix_name)
             barcodes, genes, symbols = (read_list(role) for role in LIST_ROLES)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
