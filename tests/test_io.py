@@ -704,6 +704,10 @@ COUNT_TABLE_LAYOUTS = {
     # Drop-seq's DGE file: tab-separated, gzipped, 'GENE' above the gene names.
     "dropseq_dge_gz": lambda table, path: table.rename_axis("GENE").to_csv(path, sep="\t", compression="gzip"),
     "r_write_table": lambda table, path: write_r_table(path, table),
+    # BD Rhapsody's RSEC_MolsPerCell.csv: comment lines, then cells x genes under 'Cell_Index'.
+    "bd_rhapsody": lambda table, path: path.write_text(
+        "####################\n## BD Targeted Multiplex Rhapsody Analysis Pipeline Version 1.9\n## Analysis Date - "
+        "2021-03-01\n####################\n" + table.T.rename_axis("Cell_Index").to_csv()),
     # The same with the byte-order mark Excel's "CSV UTF-8" starts with (before the first cell's name here).
     "r_write_table_with_bom": lambda table, path: path.write_bytes(
         b"\xef\xbb\xbf" + write_r_table(path, table).read_bytes()),

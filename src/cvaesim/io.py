@@ -346,6 +346,8 @@ def text_kind(block: bytes, compression: str = "") -> tuple[str | None, str] | N
     cut = not text.endswith(("\n", "\r"))  # the block ends within a line
     if cut and len(lines) > 1:
         lines.pop()
+    while len(lines) > 1 and lines[0].startswith("##"):  # a table's comment lines (BD Rhapsody's)
+        lines.pop(0)
     if not lines:
         return None
     if lines[0].startswith("%%MatrixMarket"):
@@ -643,7 +645,7 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int, str]:
 
     def first_two_lines(encoding: str) -> tuple[str, str]:
         with _open_table_text(path, encoding) as handle:
-            return handle.readline().rstrip("\r\n"), handle.readline().rstrip("\r\n")
+            return _header_line(handle)[0].rstrip("\r\n"), handle.readline().rstrip("\r\n")
 
     try:
         (header, first), encoding = decoded(path, _table_encodings(path), first_two_lines)
@@ -670,6 +672,15 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int, str]:
     else:
         raise InputError(f"{path}: its header has {len(header_fields)} fields but its second line {len(row)}")
     return separator, columns, n_names, encoding
+
+
+def _header_line(handle) -> tuple[str, int]:
+    """A count table's header line and its number, after the comment lines ('##') that BD Rhapsody's pipeline
+    opens its tables with."""
+    number, line = 1, handle.readline()
+    while line.startswith("##"):
+        number, line = number + 1, handle.readline()
+    return line, number
 
 
 def _table_encodings(path: Path) -> list[str]:
@@ -734,8 +745,8 @@ def _table_rows(path: Path, encoding: str, separator: str, columns: list[str],
     row_names, row_lengths, indices, values = [], [], [], []
     with _open_table_text(path, encoding) as handle, warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # numpy's word for a field it cannot read
-        handle.readline()
-        for number, line in enumerate(handle, start=2):
+        header_number = _header_line(handle)[1]
+        for number, line in enumerate(handle, start=header_number + 1):
             if not line.strip():
                 continue
             names, rest = _leading_fields(line, separator, n_names)
