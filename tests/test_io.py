@@ -359,6 +359,21 @@ def test_annotation_labels_padded_or_missing_as_r_writes_them(tmp_path, caplog):
     assert "1 rows labelled 'NA', R's missing value" in caplog.text
 
 
+def test_a_matrix_or_other_file_given_as_the_annotation_is_named(tmp_path):
+    # Swapped sources are told at download (container_problem) and again when read.
+    with pytest.raises(InputError, match=r"counts.h5ad: not a table of barcodes and cell types, as an annotation "
+                                         r"is; it is an AnnData .h5ad file \(are the matrix and annotation sources "
+                                         r"swapped\?\)"):
+        read_annotation(EMBEDDED_H5AD, "barcodes", "celltype")
+    assert container_problem(EMBEDDED_TARBALL, "annotation.tsv").endswith(
+        "it is gzip-compressed, as a 10x tarball is (are the matrix and annotation sources swapped?)")
+    page = tmp_path / "page.tsv"
+    page.write_text("<!DOCTYPE html>\n<html><body>Sign in</body></html>\n")
+    assert container_problem(page, "annotation.tsv").endswith("it is a web page, not data (a server's error or "
+                                                               "sign-in page?)")
+    assert container_problem(EMBEDDED_ANNOTATION, "annotation.tsv") is None
+
+
 def test_annotation_errors_name_the_file_and_columns(tmp_path):
     path = tmp_path / "annotation.tsv"
     path.write_text("barcodes\tlabel\nA-1\tT\n")

@@ -391,6 +391,8 @@ def container_problem(path: str | Path, name: str, sample: str | None = None) ->
         except OSError as error:
             return (f"not a readable HDF5 file, as {name} must be ({error})"
                     f"{format_hint(path, '10x_h5' if name.endswith('.h5') else 'h5ad')}")
+    if name.endswith(".tsv"):
+        return annotation_problem(path)
     if name.endswith(".txt"):
         try:
             table_layout(path)
@@ -1004,6 +1006,16 @@ def did_you_mean(wanted: Iterable[str], names: Iterable[str]) -> str:
     return f" (did you mean {' and '.join(map(repr, dict.fromkeys(close)))}?)" if close else ""
 
 
+def annotation_problem(path: str | Path) -> str | None:
+    """Why ``path`` is no annotation table where its first bytes say it is a matrix or another file (the matrix
+    and annotation sources swapped, an R or web page given), else None."""
+    detected = detected_format(path)
+    if detected is None or detected[0] == "counts_table":  # text, or not known: read as a table
+        return None
+    swapped = " (are the matrix and annotation sources swapped?)" if detected[0] else ""
+    return f"not a table of barcodes and cell types, as an annotation is; it is {detected[1]}{swapped}"
+
+
 def read_annotation(path: str | Path, barcode_column: str, label_column: str) -> pd.Series:
     """Read a barcode-to-cell-type table (tab-, comma- or semicolon-separated, with a header; gzipped or not)."""
     path = Path(path)
@@ -1012,6 +1024,9 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     if start == ZIP_MAGIC:
         raise InputError(f"{path}: a zip archive (as an Excel .xlsx workbook is), not a table; save the table as "
                          "tab- or comma-separated text (and unzip it) and give that file")
+    problem = annotation_problem(path)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     gzipped = start[:2] == GZIP_MAGIC
     encodings = text_encodings(start)
     try:
