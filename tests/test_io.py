@@ -348,17 +348,6 @@ def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, 
         read_10x_tarball(tarball_of(tmp_path / "empty.tar.gz", {**members, barcodes: b""}))
 
 
-def test_annotation_labels_padded_or_missing_as_r_writes_them(tmp_path, caplog):
-    # R's write.csv writes a missing label as NA; a spreadsheet may pad a label with spaces.
-    path = tmp_path / "meta.csv"
-    path.write_text('"","celltype"\n"A-1","B cell"\n"B-1","B cell "\n"C-1",NA\n"D-1"," "\n"E-1","NK"\n')
-    with caplog.at_level(logging.WARNING):
-        labels = read_annotation(path, "barcodes", "celltype")
-    assert labels.dropna().to_dict() == {"A-1": "B cell", "B-1": "B cell", "E-1": "NK"}
-    assert list(labels.index[labels.isna()]) == ["C-1", "D-1"]
-    assert "1 rows labelled 'NA', R's missing value" in caplog.text
-
-
 def test_a_matrix_or_other_file_given_as_the_annotation_is_named(tmp_path):
     # Swapped sources are told at download (container_problem) and again when read.
     with pytest.raises(InputError, match=r"counts.h5ad: not a table of barcodes and cell types, as an annotation "

@@ -1069,13 +1069,7 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
             f"{path}: {len(duplicated)} barcodes appear more than once (e.g. {duplicated.iloc[0]!r}); "
             "each barcode needs exactly one label"
         )
-    labels = table[label_column].str.strip().replace("", np.nan)  # spreadsheets pad labels too ("B cell ")
-    r_missing = labels == "NA"
-    if r_missing.any():
-        log.warning("%s: %d rows labelled 'NA', R's missing value (write.csv writes it so), are left unlabelled; "
-                    "rename the label if 'NA' is a cell type", path, r_missing.sum())
-        labels = labels.mask(r_missing)
-    return pd.Series(labels.to_numpy(), index=table[barcode_column].to_numpy(), name="cell_type")
+    return pd.Series(table[label_column].to_numpy(), index=table[barcode_column].to_numpy(), name="cell_type")
 
 
 def read_h5ad_counts(path: str | Path, label_column: str | None, counts_layer: str | None,
