@@ -348,6 +348,15 @@ def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, 
         read_10x_tarball(tarball_of(tmp_path / "empty.tar.gz", {**members, barcodes: b""}))
 
 
+def test_annotations_after_comment_lines_are_read(tmp_path):
+    # BD Rhapsody's Sample_Tag_Calls.csv opens with '##' lines; a '#' within a label is kept.
+    path = tmp_path / "Sample_Tag_Calls.csv"
+    path.write_text("##########\n## BD Rhapsody Sequence Analysis Pipeline Version 1.10\n##########\n"
+                    "Cell_Index,Sample_Tag,Sample_Name\n1234,SampleTag01_hs,Donor #1\n5678,Multiplet,Multiplet\n")
+    labels = read_annotation(path, "Cell_Index", "Sample_Name")
+    assert labels.to_dict() == {"1234": "Donor #1", "5678": "Multiplet"}
+
+
 def test_a_matrix_or_other_file_given_as_the_annotation_is_named(tmp_path):
     # Swapped sources are told at download (container_problem) and again when read.
     with pytest.raises(InputError, match=r"counts.h5ad: not a table of barcodes and cell types, as an annotation "

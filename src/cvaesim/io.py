@@ -677,8 +677,8 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int, str]:
 
 
 def _header_line(handle) -> tuple[str, int]:
-    """A count table's header line and its number, after the comment lines ('##') that BD Rhapsody's pipeline
-    opens its tables with."""
+    """A table's header line and its number, after the comment lines ('##') that BD Rhapsody's pipeline opens its
+    tables with."""
     number, line = 1, handle.readline()
     while line.startswith("##"):
         number, line = number + 1, handle.readline()
@@ -1032,10 +1032,10 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     try:
         # The separators are ASCII, so the header finds them in any of the encodings.
         with (gzip.open if gzipped else open)(path, "rt", encoding=encodings[0], errors="replace") as handle:
-            header = handle.readline()
+            header, header_number = _header_line(handle)  # after comment lines, as BD Rhapsody's tables have
         separator = next((candidate for candidate in "\t,;" if candidate in header), "\t")
         table, encoding = decoded(path, encodings, lambda encoding: pd.read_csv(
-            path, sep=separator, dtype=str, keep_default_na=False, na_values=[""],
+            path, sep=separator, dtype=str, keep_default_na=False, na_values=[""], skiprows=header_number - 1,
             compression="gzip" if gzipped else None, encoding=encoding))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as error:
         raise InputError(f"{path}: could not be read as a table ({error})") from error
