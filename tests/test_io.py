@@ -184,6 +184,11 @@ def test_geo_files_with_a_sample_prefix_are_read(tmp_path, small_cells):
                for name, payload in tarball_members(raw).items()}
     assert sorted(members) == ["GSM1_sample_matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"]
     assert (read_10x_tarball(tarball_of(tmp_path / "matrix_only.tar.gz", members)).X != small_cells.X).nnz == 0
+    # Some name the matrix with more words than its lists (GSE1_count_matrix.mtx.gz beside GSE1_barcodes.tsv.gz).
+    longer = {name.replace("GSM1_sample_features", "GSM1_features").replace("GSM1_sample_barcodes", "GSM1_barcodes"):
+              payload for name, payload in tarball_members(raw).items()}
+    assert sorted(longer) == ["GSM1_barcodes.tsv.gz", "GSM1_features.tsv.gz", "GSM1_sample_matrix.mtx.gz"]
+    assert (read_10x_tarball(tarball_of(tmp_path / "longer.tar.gz", longer)).X != small_cells.X).nnz == 0
     # A prefixed matrix whose lists are missing says which names were looked for.
     del members["barcodes.tsv.gz"]
     with pytest.raises(InputError, match=r"has no barcode file \(GSM1_sample_barcodes.tsv or .* or barcodes.tsv.gz"):

@@ -126,9 +126,11 @@ def matrix_sets(names: Iterable[PurePath]) -> list[MatrixFiles]:
 
 
 def list_names(candidates: tuple[str, ...], prefix: str) -> tuple[str, ...]:
-    """A matrix's gene or barcode list: with the matrix's prefix, or without one (some uploads prefix the
-    matrix only)."""
-    return tuple(prefix + name for name in candidates) + (candidates if prefix else ())
+    """A matrix's gene or barcode list: with the matrix's prefix, a shorter one up to a separator (GEO's
+    ``GSE1_count_matrix.mtx.gz`` beside ``GSE1_barcodes.tsv.gz``), or none (some uploads prefix the matrix only)."""
+    shorter = [prefix[:end + 1] for end in range(len(prefix) - 2, -1, -1) if not prefix[end].isalnum()]
+    prefixes = dict.fromkeys([prefix, *shorter, ""])  # in that order, once each
+    return tuple(each + name for each in prefixes for name in candidates)
 
 
 def names_sample(matrix: tuple[PurePath, str, ...], sample: str) -> bool:
