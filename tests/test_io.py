@@ -266,8 +266,16 @@ def test_kallisto_bustools_folders_are_read(tmp_path, small_cells, caplog, suffi
     assert "read transposed" not in caplog.text  # a row per cell is kb's own layout
     assert list(adata.obs_names) == list(small_cells.obs_names) and list(adata.var_names) == list(small_cells.var_names)
     assert list(adata.var["gene_ids"]) == ids and (adata.X != small_cells.X).nnz == 0
+    # A names list that does not fit the ids is refused.
+    names_file = folder / f"cells_x_genes.genes.names.txt{suffix}"
+    short = "".join(f"{name}\n" for name in small_cells.var_names[1:]).encode()
+    names_file.write_bytes(gzip.compress(short) if suffix else short)
+    pack_10x_folder(tmp_path / "kb_out", tmp_path / "short.tar.gz")
+    with pytest.raises(InputError, match=f"short.tar.gz: counts_unfiltered/ lists {small_cells.n_vars} genes but "
+                                         f"{small_cells.n_vars - 1} gene names"):
+        read_10x_tarball(tmp_path / "short.tar.gz")
     # Without the names list (kb-python before 0.28), the ids name the genes.
-    (folder / f"cells_x_genes.genes.names.txt{suffix}").unlink()
+    names_file.unlink()
     pack_10x_folder(tmp_path / "kb_out", tmp_path / "ids.tar.gz")
     assert list(read_10x_tarball(tmp_path / "ids.tar.gz").var_names) == ids
     # The nac workflow's three matrices (one per RNA species) are not one cell's whole counts: refused saying so.
