@@ -271,7 +271,7 @@ def test_kallisto_bustools_folders_are_read(tmp_path, small_cells, caplog, suffi
     short = "".join(f"{name}\n" for name in small_cells.var_names[1:]).encode()
     names_file.write_bytes(gzip.compress(short) if suffix else short)
     pack_10x_folder(tmp_path / "kb_out", tmp_path / "short.tar.gz")
-    with pytest.raises(InputError, match=f"short.tar.gz: counts_unfiltered/ lists {small_cells.n_vars} genes but "
+    with pytest.raises(InputError, match=f"short.tar.gz: kb_out/counts_unfiltered/ lists {small_cells.n_vars} genes but "
                                          f"{small_cells.n_vars - 1} gene names"):
         read_10x_tarball(tmp_path / "short.tar.gz")
     # Without the names list (kb-python before 0.28), the ids name the genes.
