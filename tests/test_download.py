@@ -14,7 +14,7 @@ from cvaesim.steps import download
 
 from cvaesim.io import read_10x_h5, read_10x_tarball
 
-from conftest import EMBEDDED_TARBALL, add_member, write_10x_h5, write_tarball
+from conftest import EMBEDDED_ANNOTATION, EMBEDDED_TARBALL, add_member, write_10x_h5, write_tarball
 
 
 class Server:
@@ -320,28 +320,34 @@ def test_a_whole_download_the_config_picks_no_matrix_of_is_kept_for_the_next_run
         for n in (1, 2):
             archive.add(write_10x_h5(tmp_path / f"{n}.h5", small_cells[n * 10:]),
                         arcname=f"GSM{n}_filtered_feature_bc_matrix.h5")
-    server = Server({"/GSE4_RAW.tar": raw.read_bytes(), "/other.tar": raw.read_bytes()})
+    server = Server({"/GSE4_RAW.tar": raw.read_bytes(), "/other.tar": raw.read_bytes(),
+                     "/annotation.tsv": EMBEDDED_ANNOTATION.read_bytes()})
     try:
         url, dataset = f"{server.url}/GSE4_RAW.tar", tmp_path / "resources" / "datasets" / "geo"
-        kept = dataset / "kept_download"
+        kept = dataset / "matrix.kept_download"
         with pytest.raises(DownloadError, match=rf"holds more than one Cell Ranger HDF5 file .*; nothing was written "
                                                 rf"to {dataset / 'matrix.h5'} \(the download is kept as {kept}, and "
                                                 r"the next run from that address takes it instead of downloading\)$"):
             download(url, str(dataset / "matrix.h5"))
         assert kept.read_bytes() == raw.read_bytes() and len(server.requests) == 1
+        # The annotation's download, of another address, leaves it alone.
+        download(f"{server.url}/annotation.tsv", str(dataset / "annotation.tsv"))
+        assert kept.exists() and [request["path"] for request in server.requests] == ["/GSE4_RAW.tar",
+                                                                                      "/annotation.tsv"]
         # Given as a 10x_tarball next: told it holds HDF5 files, still not downloaded again.
         with pytest.raises(DownloadError, match=r"holds no matrix named as .*; it holds HDF5 files .*kept as"):
             download(url, str(dataset / "matrix.tar.gz"))
-        assert len(server.requests) == 1 and not (dataset / "matrix.tar.gz").exists()
+        assert len(server.requests) == 2 and not (dataset / "matrix.tar.gz").exists()
         download(url, str(dataset / "matrix.h5"), sample="GSM2")
-        assert len(server.requests) == 1
+        assert len(server.requests) == 2
         assert list(read_10x_h5(dataset / "matrix.h5").obs_names) == list(small_cells[20:].obs_names)
-        assert sorted(path.name for path in dataset.iterdir()) == ["matrix.h5", "matrix.h5.sha256"]
+        assert sorted(path.name for path in dataset.iterdir()) == ["annotation.tsv", "annotation.tsv.sha256",
+                                                                   "matrix.h5", "matrix.h5.sha256"]
         # A download kept from another address is not taken (and is deleted).
         with pytest.raises(DownloadError, match="kept as"):
             download(url, str(tmp_path / "again" / "matrix.h5"))
         download(f"{server.url}/other.tar", str(tmp_path / "again" / "matrix.h5"), sample="GSM1")
-        assert [request["path"] for request in server.requests[1:]] == ["/GSE4_RAW.tar", "/other.tar"]
+        assert [request["path"] for request in server.requests[2:]] == ["/GSE4_RAW.tar", "/other.tar"]
         assert sorted(path.name for path in (tmp_path / "again").iterdir()) == ["matrix.h5", "matrix.h5.sha256"]
     finally:
         server.close()

@@ -129,9 +129,12 @@ def fetch(
 
 
 def _kept_download(destination: Path) -> tuple[Path, Path]:
-    """Where a whole download that the config picked no matrix of waits for the next run, and its address."""
-    kept = destination.with_name("kept_download")
-    return kept, kept.with_name("kept_download.source")
+    """Where a whole download that the config picked no matrix of waits for the next run, and its address: one
+    place per role (``matrix.h5`` and ``matrix.tar.gz`` share it, so a format mended takes it too; an
+    annotation's download, perhaps running beside it, does not touch it)."""
+    role = destination.name.split(".", 1)[0]
+    kept = destination.with_name(f"{role}.kept_download")
+    return kept, kept.with_name(f"{kept.name}.source")
 
 
 def _keep_download(source: str, destination: Path, partial: Path) -> str:
