@@ -120,8 +120,17 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
     with h5py.File(h5seurat, "w") as h5:
         h5.create_group("assays/RNA")
         h5.create_group("meta.data")
+    # MuData's .h5mu: an AnnData per modality under mod/ (anndata's reader said to update anndata).
+    h5mu = tmp_path / "cells.h5mu"
+    small_cells.write_h5ad(tmp_path / "rna.h5ad")
+    with h5py.File(h5mu, "w") as h5, h5py.File(tmp_path / "rna.h5ad", "r") as rna:
+        h5.attrs["encoding-type"], h5.attrs["encoding-version"] = "MuData", "0.1.0"
+        rna.copy(rna["/"], h5, "mod/rna")
+        rna.copy(rna["obs"], h5, "obs")
     for path, advice in [(loom, r"it is a loom file: convert it to an .h5ad \(scanpy: sc.read_loom\(path\)"),
-                         (h5seurat, r"it is a Seurat .h5Seurat file: convert it to an .h5ad \(SeuratDisk")]:
+                         (h5seurat, r"it is a Seurat .h5Seurat file: convert it to an .h5ad \(SeuratDisk"),
+                         (h5mu, r"it is a MuData .h5mu file: write its RNA modality as an .h5ad \(mudata: "
+                                r"mudata.read_h5mu\(path\)\[\"rna\"\].write_h5ad")]:
         for read in (read_10x_h5, lambda source: read_h5ad_counts(source, "cell_type", None)):
             with pytest.raises(InputError, match=advice):
                 read(path)

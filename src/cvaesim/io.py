@@ -325,6 +325,10 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
                 if "matrix" in h5 and "row_attrs" in h5 and "col_attrs" in h5:
                     return None, ("a loom file: convert it to an .h5ad (scanpy: sc.read_loom(path).write_h5ad("
                                   "new_path), the counts in X) and give that file as the source")
+                if h5.attrs.get("encoding-type") == "MuData" or isinstance(h5.get("mod"), h5py.Group):
+                    return None, ("a MuData .h5mu file: write its RNA modality as an .h5ad (mudata: "
+                                  "mudata.read_h5mu(path)[\"rna\"].write_h5ad(new_path)) and give that file as the "
+                                  "source")
                 if "assays" in h5 and "meta.data" in h5:
                     return None, ("a Seurat .h5Seurat file: convert it to an .h5ad (SeuratDisk: Convert(path, "
                                   "dest = \"h5ad\")) and give that file as the source")
