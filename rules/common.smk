@@ -1,5 +1,6 @@
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from snakemake.utils import validate
 
@@ -116,6 +117,18 @@ def local_source(source):
         return source
     shipped = WORKFLOW_ROOT / source
     return str(shipped) if shipped.exists() else source
+
+
+def local_files(wildcards):
+    """The local files or folders a download copies, as its inputs: one edited in place is
+    copied again, and what follows reruns (Snakemake reruns a job whose input is newer than
+    its output). Addresses on the web are not inputs."""
+    sources = local_source(source_entry(wildcards)["source"])
+    return [
+        unquote(urlparse(source).path) if source.startswith("file://") else source
+        for source in (sources if isinstance(sources, list) else [sources])
+        if "://" not in source or source.startswith("file://")
+    ]
 
 
 def source_entry(wildcards):

@@ -3,6 +3,8 @@ localrules:
 
 
 rule download:
+    input:
+        local_files,
     output:
         "resources/datasets/{dataset}/{filename}",
     log:
