@@ -120,14 +120,20 @@ def local_source(source):
 
 
 def local_files(wildcards):
-    """The local files or folders a download copies, as its inputs: one edited in place is
-    copied again, and what follows reruns (Snakemake reruns a job whose input is newer than
-    its output). Addresses on the web are not inputs."""
+    """The local files a download copies (of a folder, every file in it), as its inputs: one
+    edited in place is copied again, and what follows reruns (Snakemake reruns a job whose
+    input is newer than its output). Addresses on the web are not inputs."""
     sources = local_source(source_entry(wildcards)["source"])
-    return [
-        unquote(urlparse(source).path) if source.startswith("file://") else source
+    paths = [
+        Path(unquote(urlparse(source).path) if source.startswith("file://") else source)
         for source in (sources if isinstance(sources, list) else [sources])
         if "://" not in source or source.startswith("file://")
+    ]
+    return [
+        str(file)
+        for path in paths
+        for file in (sorted(path.rglob("*")) if path.is_dir() else [path])
+        if file.is_file() or not path.is_dir()
     ]
 
 
