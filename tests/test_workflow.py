@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,17 @@ def test_only_what_changed_reruns(workdir):
     stricter = write_config(workdir / "stricter.yaml", {"filter": {"min_cells_per_gene": 5}})
     assert planned_jobs(workdir, *base, stricter) == {
         "filter": 1, "reshape": 1, "train": 1, "simulate": 1, "original_table": 1, "qc": 1, "evaluate": 1, "all": 1}
+    # A local source edited in place is copied again, and what follows reruns; put back, nothing does.
+    annotation = workdir / "resources/embedded/pbmc68k_reduced_barcodes_annotation.tsv"
+    original, times = annotation.read_bytes(), annotation.stat()
+    annotation.write_bytes(original + b"\n")
+    try:
+        assert planned_jobs(workdir, *base) == {"download": 1, "filter": 1, "reshape": 1, "train": 1, "simulate": 1,
+                                                "original_table": 1, "qc": 1, "evaluate": 1, "all": 1}
+    finally:
+        annotation.write_bytes(original)
+        os.utime(annotation, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert planned_jobs(workdir, *base) == {}
 
 
 def test_other_datasets_from_config_alone_in_their_own_folders(workdir):
