@@ -45,6 +45,9 @@ rule filter:
             "round_counts", False
         ),
         sample=lambda wildcards: dataset(wildcards.dataset).get("sample"),
+        exclude_types=lambda wildcards: dataset(wildcards.dataset).get(
+            "exclude_types", []
+        ),
         thresholds=config["filter"],
     script:
         "../scripts/filter.py"

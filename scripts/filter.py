@@ -14,4 +14,5 @@ filter_dataset(
     thresholds=snakemake.params.thresholds,
     round_counts=snakemake.params.round_counts,
     sample=snakemake.params.sample,
+    exclude_types=snakemake.params.exclude_types,
 )

@@ -68,6 +68,23 @@ def test_blank_and_missing_labels_name_no_cell_type(small_cells, caplog):
     assert "3 of 120 cells have no label" in caplog.text
 
 
+def test_excluded_types_are_left_out_and_a_name_no_cell_has_is_refused(small_cells, caplog):
+    cells = small_cells.copy()
+    cells.obs["cell_type"] = cells.obs["cell_type"].astype(object)
+    cells.obs.iloc[:5, cells.obs.columns.get_loc("cell_type")] = "Doublet"
+    cells.obs.iloc[5:7, cells.obs.columns.get_loc("cell_type")] = "Doublet "  # padded: the same type
+    with caplog.at_level(logging.INFO):
+        filtered = filter_cells_and_genes(cells, FilterThresholds(), "cells.h5ad", ["Doublet", AWKWARD_TYPES[2]])
+    dropped = cells.obs["cell_type"].str.strip().isin(["Doublet", AWKWARD_TYPES[2]])
+    assert list(filtered.obs_names) == list(cells.obs_names[~dropped.to_numpy()])
+    assert set(filtered.obs["cell_type"]) == set(AWKWARD_TYPES) - {AWKWARD_TYPES[2]}
+    assert f"{dropped.sum()} cells of the excluded types ('Doublet', {AWKWARD_TYPES[2]!r}) dropped" in caplog.text
+    # A type no cell has (a typo) would keep the cells it meant to drop: refused, with the types there are.
+    with pytest.raises(InputError, match=r"cells.h5ad: exclude_types names 'doublet', which no cell is labelled; "
+                                         r"the cell types are .*'Doublet'.* \(did you mean 'Doublet'\?\)"):
+        filter_cells_and_genes(cells, FilterThresholds(), "cells.h5ad", ["doublet"])
+
+
 def test_missing_value_markers_name_no_cell_type(small_cells, caplog):
     cells = small_cells.copy()
     cells.obs["cell_type"] = cells.obs["cell_type"].astype(object)

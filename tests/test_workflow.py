@@ -326,15 +326,19 @@ def test_a_text_count_table_or_an_unlabelled_h5ad_is_labelled_by_its_annotation(
         refused_before_any_job(workdir, write_config(workdir / f"{name}.yaml", {"datasets": {name: broken}}), name,
                                message)
     overlay = write_config(workdir / "table.yaml", {"datasets": {
-        "table": entry, "plain": {**entry, "format": "h5ad", "matrix": {"source": "plain.h5ad"}}}})
-    snakemake(workdir, "results/table/filtered.h5ad", "results/plain/filtered.h5ad", "--configfile",
-              "config/config.yaml", overlay)
+        "table": entry, "plain": {**entry, "format": "h5ad", "matrix": {"source": "plain.h5ad"}},
+        "pure": {**entry, "exclude_types": [AWKWARD_TYPES[0]]}}})
+    snakemake(workdir, "results/table/filtered.h5ad", "results/plain/filtered.h5ad", "results/pure/filtered.h5ad",
+              "--configfile", "config/config.yaml", overlay)
     for name in ("table", "plain"):
         filtered = ad.read_h5ad(workdir / "results" / name / "filtered.h5ad")
         assert list(filtered.obs_names) == list(cells.obs_names)
         assert list(filtered.var_names) == list(cells.var_names)
         assert (filtered.X != cells.X).nnz == 0
         assert list(filtered.obs["cell_type"]) == list(cells.obs["cell_type"])
+    # A dataset's exclude_types leaves those cells out (doublets, unassigned calls).
+    pure = ad.read_h5ad(workdir / "results" / "pure" / "filtered.h5ad")
+    assert list(pure.obs_names) == list(cells.obs_names[cells.obs["cell_type"] != AWKWARD_TYPES[0]])
 
 
 def test_lint_format_and_report(workdir):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from . import InputError
+from . import InputError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,10 @@ def tag_readings(name: str, lengths: list[int]) -> Iterator[tuple[str, str, str]
                 yield prefix, name[start:start + length], suffix
 
 
-def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, source: str | Path) -> ad.AnnData:
-    """Drop unlabelled cells, then cells, genes and cell types under the thresholds."""
+def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, source: str | Path,
+                           excluded_types: Sequence[str] = ()) -> ad.AnnData:
+    """Drop unlabelled cells and those of the ``excluded_types`` (doublets, unassigned cells), then cells, genes
+    and cell types under the thresholds."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{source}: the matrix holds no {'cells' if adata.n_obs == 0 else 'genes'} "
                          f"({adata.n_obs} x {adata.n_vars})")
@@ -169,6 +171,16 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
         raise InputError(f"{source}: none of its {adata.n_obs} cells has a label (every label is missing)")
     if not labelled.all():
         log.warning("%s: %d of %d cells have no label and are dropped", source, (~labelled).sum(), adata.n_obs)
+    types = set(labels[labelled])
+    unknown = [name for name in excluded_types if name not in types]
+    if unknown:  # a typo would otherwise keep the doublets it meant to drop
+        raise InputError(f"{source}: exclude_types names {', '.join(map(repr, unknown))}, which no cell is labelled; "
+                         f"the cell types are {', '.join(map(repr, sorted(types)))}{did_you_mean(unknown, types)}")
+    excluded = labelled & labels.isin(excluded_types).to_numpy()
+    if excluded.any():
+        log.info("%s: %d cells of the excluded types (%s) dropped", source, excluded.sum(),
+                 ", ".join(map(repr, excluded_types)))
+        labelled &= ~excluded
     totals = np.asarray(counts.sum(axis=1)).ravel()
     # A barcode without a single count has no expression profile to learn, whatever the thresholds say.
     empty = labelled & (totals == 0)

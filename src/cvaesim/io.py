@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
-import difflib
 import gzip
 import io
 import logging
@@ -27,7 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from . import InputError
+from . import InputError, did_you_mean
 from .filtering import labels_across_sample_tags, without_gem_suffix
 
 log = logging.getLogger(__name__)
@@ -1000,16 +999,6 @@ def annotation_row_names(table: pd.DataFrame) -> np.ndarray | None:
     if len(table.columns) and table.columns[0] == "Unnamed: 0":
         return table["Unnamed: 0"].to_numpy()
     return None
-
-
-def did_you_mean(wanted: Iterable[str], names: Iterable[str]) -> str:
-    """' (did you mean ...?)' naming the names close to the wanted ones (another case, a typo), else ''."""
-    names = [str(name) for name in names]
-    close = []
-    for name in wanted:
-        same_but_case = [candidate for candidate in names if candidate.casefold() == name.casefold()]
-        close += same_but_case or difflib.get_close_matches(name, names, n=1, cutoff=0.8)
-    return f" (did you mean {' and '.join(map(repr, dict.fromkeys(close)))}?)" if close else ""
 
 
 def annotation_problem(path: str | Path) -> str | None:

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -42,11 +43,12 @@ def filter_dataset(
     thresholds: dict | None = None,
     round_counts: bool = False,
     sample: str | None = None,
+    exclude_types: Sequence[str] = (),
 ) -> None:
     """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']`` (from the annotation
     table where there is one, else from an .h5ad's ``label_column``); ``round_counts``
     rounds non-integer counts (see ``io.integer_counts``); ``sample`` names the matrix to read of a tarball's
-    several (see ``io.chosen_matrix``)."""
+    several (see ``io.chosen_matrix``); cells labelled one of ``exclude_types`` are left out."""
     if format not in FORMATS:
         raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
     if format == "h5ad" and annotation is None:
@@ -64,7 +66,8 @@ def filter_dataset(
         else:  # an .h5ad whose cells an annotation table labels
             counts = read_h5ad_counts(matrix, None, counts_layer, round_counts)
         adata = attach_labels(counts, labels, matrix, annotation)
-    filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix)
+    filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix,
+                                      exclude_types)
     write_h5ad(filtered, output)
 
 
