@@ -83,6 +83,8 @@ def test_excluded_types_are_left_out_and_a_name_no_cell_has_is_refused(small_cel
     with pytest.raises(InputError, match=r"cells.h5ad: exclude_types names 'doublet', which no cell is labelled; "
                                          r"the cell types are .*'Doublet'.* \(did you mean 'Doublet'\?\)"):
         filter_cells_and_genes(cells, FilterThresholds(), "cells.h5ad", ["doublet"])
+    with pytest.raises(InputError, match="cells.h5ad: exclude_types names every cell type"):
+        filter_cells_and_genes(cells, FilterThresholds(), "cells.h5ad", ["Doublet", *AWKWARD_TYPES])
 
 
 def test_missing_value_markers_name_no_cell_type(small_cells, caplog):

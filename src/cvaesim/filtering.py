@@ -177,6 +177,8 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
         raise InputError(f"{source}: exclude_types names {', '.join(map(repr, unknown))}, which no cell is labelled; "
                          f"the cell types are {', '.join(map(repr, sorted(types)))}{did_you_mean(unknown, types)}")
     excluded = labelled & labels.isin(excluded_types).to_numpy()
+    if excluded.sum() == labelled.sum():
+        raise InputError(f"{source}: exclude_types names every cell type ({', '.join(map(repr, sorted(types)))})")
     if excluded.any():
         log.info("%s: %d cells of the excluded types (%s) dropped", source, excluded.sum(),
                  ", ".join(map(repr, excluded_types)))
