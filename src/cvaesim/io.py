@@ -77,15 +77,20 @@ class MatrixFiles(NamedTuple):
     def __str__(self) -> str:
         return f"{self.folder / self.prefix}{self.stem}" if self.prefix else str(self.folder)
 
+    @property
+    def matrix_names(self) -> tuple[str, ...]:
+        """The names its matrix file may have, plain or gzipped."""
+        return tuple(self.prefix + name for name in _plain_or_gzipped(self.stem))
+
 
 # Each list beside a matrix: the layout's field with its candidate names, what it lists, whether it must be there.
 LIST_ROLES = (("barcodes", "barcode", True), ("genes", "gene", True), ("gene_symbols", "gene name", False))
 
 
 def _list_file(matrix: MatrixFiles, role: tuple[str, str, bool], present, where: str | None = None) -> str | None:
-    """The name of ``matrix``'s list for ``role`` (one of LIST_ROLES) among the ``present`` names: with the
-    matrix's prefix or without one (some uploads prefix the matrix only); None where it is not there, and for a
-    required one InputError prefixed by ``where`` where that is given."""
+    """The name of ``matrix``'s list for ``role`` (one of LIST_ROLES) among the ``present`` names (see
+    ``list_names``); None where it is not there, and for a required one InputError prefixed by ``where`` where
+    that is given."""
     field, what, required = role
     wanted = list_names(getattr(matrix.layout, field), matrix.prefix)
     found = next((name for name in wanted if name in present), None)
@@ -158,22 +163,26 @@ def chosen_matrix(names: list[PurePath], sample: str | None) -> MatrixFiles:
                                 "name or its folders' path (s1/DGE_filtered)")
     if not matrices:
         # GEO's GSE..._RAW.tar often holds each sample's Cell Ranger HDF5 file instead.
-        hdf5 = [str(name) for name in names if name.name.endswith(".h5")]
-        other_mtx = [str(name) for name in names if name.name.endswith((".mtx", ".mtx.gz"))]
+        hdf5, other_mtx = ([str(name) for name in names if name.name.endswith(suffixes)]
+                           for suffixes in (".h5", (".mtx", ".mtx.gz")))
         raise MatrixChoiceError(
             f"holds no matrix named as the workflow reads them ({READ_MATRIX_NAMES})"
-            + (f"; it holds HDF5 files ({', '.join(hdf5[:3])}{', ...' if len(hdf5) > 3 else ''}): give it as a "
-               "10x_h5 source (the sample key naming the file where it holds several)" if hdf5 else "")
-            + (f"; its Matrix Market files ({', '.join(other_mtx[:3])}{', ...' if len(other_mtx) > 3 else ''}) are "
-               "named otherwise: one matrix of each cell's whole counts is needed (kb count's nac and lamanno "
-               "workflows split them by RNA species: add those matrices into one, or count with the standard "
-               "workflow; alevin-fry's: pyroe.load_fry(folder).write_h5ad(path) writes them as an h5ad source)"
+            + (f"; it holds HDF5 files ({_first_few(hdf5)}): give it as a 10x_h5 source (the sample key naming the "
+               "file where it holds several)" if hdf5 else "")
+            + (f"; its Matrix Market files ({_first_few(other_mtx)}) are named otherwise: one matrix of each "
+               "cell's whole counts is needed (kb count's nac and lamanno workflows split them by RNA species: add "
+               "those matrices into one, or count with the standard workflow; alevin-fry's: "
+               "pyroe.load_fry(folder).write_h5ad(path) writes them as an h5ad source)"
                if other_mtx else ""))
     if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
         raise MatrixChoiceError(f"holds more than one matrix folder or sample ({found}); name the one to read with "
                                 "the dataset's sample key (a file-name prefix such as GSM1234567, or a folder's "
                                 "name), or give a folder or archive holding only it")
     return matrices[0]
+
+
+def _first_few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: str | None) -> str | None:
@@ -438,7 +447,7 @@ def pack_10x_folder(folder: str | Path, destination: str | Path, sample: str | N
         raise InputError(f"{folder}: {error}") from None
     matrix_folder = folder / matrix.folder
     beside = {path.name: path for path in files if path.parent == matrix_folder}
-    names = {matrix.prefix + name for name in _plain_or_gzipped(matrix.stem)}
+    names = set(matrix.matrix_names)
     for role in LIST_ROLES:
         found = _list_file(matrix, role, beside, f"{matrix_folder}:")
         if found is not None:
@@ -498,8 +507,7 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
                     raise InputError(f"{path}: the {role[1]} list in {matrix.folder}/ could not be read as a table "
                                      f"({error})") from error
 
-            matrix_name = next(matrix.prefix + name for name in _plain_or_gzipped(matrix.stem)
-                               if matrix.folder / (matrix.prefix + name) in members)
+            matrix_name = next(name for name in matrix.matrix_names if name in in_folder)
             counts = _read_matrix_market(open_member(matrix_name), path, round_counts, matrix_name)
             barcodes, genes, symbols = (read_list(role) for role in LIST_ROLES)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
@@ -639,9 +647,10 @@ def _is_number(field: str) -> bool:
     return _is_float(field) or field.strip() in ("", "NA")
 
 
-def table_layout(path: str | Path) -> tuple[str, list[str], int, str]:
-    """(separator, names of the value columns, number of name columns, the first encoding that decodes them) of
-    a delimited count table, from its first two lines; InputError where they do not make one.
+def table_layout(path: str | Path) -> tuple[str, list[str], int, list[str]]:
+    """(separator, names of the value columns, number of name columns, the encodings to try on the rest: the first
+    that decodes these lines, then those after it) of a delimited count table, from its first two lines;
+    InputError where they do not make one.
 
     The first column holds the row names, or the first two gene ids and names; the header names the
     value columns, with or without a field above the name column (R's write.table leaves it out)."""
@@ -654,8 +663,10 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int, str]:
         with _open_table_text(path, encoding) as handle:
             return _header_line(handle)[0].rstrip("\r\n"), handle.readline().rstrip("\r\n")
 
+    with (gzip.open if _is_gzipped(path) else open)(path, "rb") as handle:
+        encodings = text_encodings(handle.read(2))
     try:
-        (header, first), encoding = decoded(path, _table_encodings(path), first_two_lines)
+        (header, first), encoding = decoded(path, encodings, first_two_lines)
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"{path}: not a text count table ({error})") from error
     separator = next((candidate for candidate in TABLE_SEPARATORS if candidate in header), None)
@@ -678,7 +689,7 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int, str]:
         columns = header_fields[n_names - 1:]
     else:
         raise InputError(f"{path}: its header has {len(header_fields)} fields but its second line {len(row)}")
-    return separator, columns, n_names, encoding
+    return separator, columns, n_names, encodings[encodings.index(encoding):]
 
 
 def _header_line(handle) -> tuple[str, int]:
@@ -690,11 +701,6 @@ def _header_line(handle) -> tuple[str, int]:
     return line, number
 
 
-def _table_encodings(path: Path) -> list[str]:
-    with (gzip.open if _is_gzipped(path) else open)(path, "rb") as handle:
-        return text_encodings(handle.read(2))
-
-
 def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: bool = False) -> ad.AnnData:
     """Read a delimited text count matrix (tab-, comma-, semicolon- or space-separated, gzipped or not) as
     cells x genes: genes x cells as GEO's tables and Drop-seq's DGE files are, unless more of ``barcodes`` (the
@@ -704,10 +710,9 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     (pandas' parser takes minutes over a table of 68,579 columns). ``round_counts``: see ``integer_counts``;
     see ``table_layout`` for the layouts read."""
     path = Path(path)
-    separator, columns, n_names, encoding = table_layout(path)
-    encodings = _table_encodings(path)
+    separator, columns, n_names, encodings = table_layout(path)
     try:
-        (row_names, counts), encoding = decoded(path, encodings[encodings.index(encoding):], lambda encoding: (
+        (row_names, counts), encoding = decoded(path, encodings, lambda encoding: (
             _table_rows(path, encoding, separator, columns, n_names)))
     except (EOFError, zlib.error, OSError) as error:
         raise InputError(f"{path}: could not be read as a count table ({error})") from error
@@ -723,13 +728,13 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     if not in_rows and not in_columns:
         # An annotation of several samples names the cells with a sample's tag ('ctrl_AAAC-1'): tried on the axis
         # whose names have fewer lengths (a barcode's) first, the other only where that joins none.
-        axes = sorted((rows, pd.Index(columns)), key=lambda names: names.str.len().nunique())
         tagged = pd.Series(np.zeros(len(barcodes)), index=barcodes)
-        joined = labels_across_sample_tags(axes[0], tagged) or labels_across_sample_tags(axes[1], tagged)
-        if joined is not None:
-            in_rows, in_columns = (len(joined[0]) if joined[0].index.isin(names).all() else 0
-                                   for names in (rows, pd.Index(columns)))
-            how = " with a sample's tag around them"
+        for names in sorted((rows, pd.Index(columns)), key=lambda names: names.str.len().nunique()):
+            joined = labels_across_sample_tags(names, tagged)
+            if joined is not None:
+                in_rows, in_columns = (len(joined[0]), 0) if names is rows else (0, len(joined[0]))
+                how = " with a sample's tag around them"
+                break
     cells_in_rows = in_rows > in_columns
     if not in_rows and not in_columns:
         log.warning("%s: none of the annotation's barcodes names a row or a column, as they are or with a sample's "
