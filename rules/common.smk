@@ -250,6 +250,8 @@ def all_outputs():
         ]
         if config["simulate"]["write_table"]:
             outputs.append(f"results/{name}/simulated/simulated_table.h5")
+        if config["simulate"]["write_10x"]:
+            outputs.append(f"results/{name}/simulated/simulated_10x")
     return outputs
 
 

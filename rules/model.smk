@@ -100,3 +100,20 @@ rule original_table:
         mem_mb=4000,
     script:
         "../scripts/original_table.py"
+
+
+rule simulated_10x:
+    input:
+        "results/{dataset}/simulated/simulated.h5ad",
+    output:
+        directory("results/{dataset}/simulated/simulated_10x"),
+    log:
+        "logs/{dataset}/simulated_10x.log",
+    benchmark:
+        "benchmarks/{dataset}/simulated_10x.tsv"
+    conda:
+        "../envs/scanpy.yaml"
+    resources:
+        mem_mb=4000,
+    script:
+        "../scripts/simulated_10x.py"

@@ -91,6 +91,26 @@ def test_10x_folder_reads_back_with_scanpy(trained, tmp_path):
     assert np.array_equal(read.X.toarray(), ad.read_h5ad(h5ad).X.toarray())
 
 
+def test_the_workflows_10x_folder_holds_the_simulated_h5ad_cell_for_cell(tmp_path):
+    # Types in runs that recur (A A A B A) and runs longer than a batch: the order and labels must survive.
+    cells = random_counts(5, 30, ["A"])
+    cells.obs["cell_type"] = pd.Categorical(["A", "A", "A", "B", "A"])
+    cells.obs_names = [f"simulated_{i}" for i in range(5)]
+    cells.var["gene_ids"] = [f"ENSG{i:05d}" for i in range(30)]
+    assert [(batch.shape[0], label) for batch, label in writers.cell_type_batches(cells, size=2)] == [
+        (2, "A"), (1, "A"), (1, "B"), (1, "A")]
+    cells.write_h5ad(tmp_path / "simulated.h5ad")
+    steps.simulated_10x(str(tmp_path / "simulated.h5ad"), str(tmp_path / "simulated_10x"))
+    read = sc.read_10x_mtx(tmp_path / "simulated_10x", var_names="gene_symbols")
+    assert np.array_equal(read.X.toarray(), cells.X.toarray())
+    assert list(read.obs_names) == list(cells.obs_names) and list(read.var_names) == list(cells.var_names)
+    assert list(read.var["gene_ids"]) == list(cells.var["gene_ids"])
+    labels = pd.read_csv(tmp_path / "simulated_10x" / "cell_types.tsv", sep="\t")
+    assert list(labels["barcode"]) == list(cells.obs_names)
+    assert list(labels["cell_type"]) == ["A", "A", "A", "B", "A"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["simulated.h5ad", "simulated_10x"]
+
+
 def test_an_output_is_replaced_only_where_it_is_an_output_of_the_same_kind(trained, tmp_path, capsys):
     tenx = tmp_path / "tenx"
     matrices = []

@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 import yaml
 
 from conftest import (AWKWARD_TYPES, CELLS_PER_TYPE, EPOCHS, QUICK_RUN, copy_repository, planned_jobs, random_counts,
@@ -45,6 +46,10 @@ def test_embedded_run_outputs_are_checked(workdir):
     table = pd.read_hdf(results / "simulated" / "simulated_table.h5", "simulated")
     assert list(table.columns) == [*real.var_names, "cell_type"]
     assert np.array_equal(table.iloc[:, :-1].to_numpy(), counts.toarray())
+    tenx = sc.read_10x_mtx(results / "simulated" / "simulated_10x", var_names="gene_ids")
+    assert np.array_equal(tenx.X.toarray(), counts.toarray()) and list(tenx.obs_names) == list(simulated.obs_names)
+    labels = pd.read_csv(results / "simulated" / "simulated_10x" / "cell_types.tsv", sep="\t")
+    assert list(labels["cell_type"]) == list(simulated.obs["cell_type"])
 
     history = pd.read_csv(results / "model" / "history.tsv", sep="\t")
     assert list(history["epoch"]) == list(range(1, EPOCHS + 1))

@@ -20,6 +20,7 @@ from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
 from .counts import COUNT_SAMPLING, draw_counts
 from .images import from_images, to_images, unscale, unscale_counts
 from .model import COUNT_LOSSES, ConditionalConvVAE
+from .writers import cell_names
 
 log = logging.getLogger(__name__)
 
@@ -533,10 +534,6 @@ def proportional_plan(cell_types: list[str], real_counts: dict[str, int], total:
     for name in by_remainder[: total - sum(plan.values())]:
         plan[name] += 1
     return {name: n for name, n in plan.items() if n}
-
-
-def cell_names(n_cells: int, start: int = 0) -> list[str]:
-    return [f"simulated_{i}" for i in range(start, start + n_cells)]
 
 
 def simulate(

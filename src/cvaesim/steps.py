@@ -162,6 +162,16 @@ def original_table(simulated: str, output: str) -> None:
     write_table(ad.read_h5ad(simulated), output)
 
 
+def simulated_10x(simulated: str, output: str) -> None:
+    """The simulated cells as a 10x v3 folder with their cell types, for tools that read Cell Ranger's
+    output (Seurat's ``Read10X``, ``scanpy.read_10x_mtx``, DropletUtils)."""
+    from .writers import cell_type_batches, write_10x
+
+    cells = ad.read_h5ad(simulated)
+    write_10x(cell_type_batches(cells), cells.var, output)
+    log.info("wrote %d cells x %d genes to %s", cells.n_obs, cells.n_vars, output)
+
+
 def qc(real: str, simulated: str, outputs: dict, seed: int, max_real_cells: int, n_markers: int) -> None:
     """QC metrics, violins, joint PCA/UMAP and markers of real versus simulated cells."""
     from . import qc as scqc

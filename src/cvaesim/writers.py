@@ -18,7 +18,6 @@ import scipy.sparse as sp
 
 from . import InputError
 from .io import atomic_output
-from .simulation import cell_names
 
 Batches = Iterable[tuple[sp.csr_matrix, str]]
 # The original's table is dense: refuse what would not fit in about 1 GB.
@@ -26,6 +25,10 @@ MAX_TABLE_ENTRIES = 250_000_000
 # Batches are appended to an .h5ad this many cells at a time: each append re-reads and
 # re-compresses a chunk, so fewer, larger appends write faster (measured 0.47 -> 0.31 ms per cell).
 APPEND_CELLS = 2048
+
+
+def cell_names(n_cells: int) -> list[str]:
+    return [f"simulated_{i}" for i in range(n_cells)]
 
 
 def write_h5ad(batches: Batches, var: pd.DataFrame, cell_types: list[str], uns: dict, path) -> int:
@@ -82,6 +85,16 @@ def write_10x(batches: Batches, var: pd.DataFrame, path) -> int:
         pd.DataFrame({"barcode": barcodes, "cell_type": labels}).to_csv(folder / "cell_types.tsv", sep="\t",
                                                                         index=False)
     return n_cells
+
+
+def cell_type_batches(cells: ad.AnnData, size: int = APPEND_CELLS) -> Batches:
+    """An AnnData's cells, in their order, as writer batches: runs of one cell type, at most ``size`` cells."""
+    counts = sp.csr_matrix(cells.X)
+    labels = cells.obs["cell_type"].astype(str).to_numpy()
+    run_starts = np.flatnonzero(labels[1:] != labels[:-1]) + 1
+    for start, stop in zip(np.r_[0, run_starts], np.r_[run_starts, len(labels)]):
+        for begin in range(start, stop, size):
+            yield counts[begin:min(begin + size, stop)], labels[start]
 
 
 def original_table(simulated: ad.AnnData) -> pd.DataFrame:

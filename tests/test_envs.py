@@ -1,0 +1,63 @@
+"""Each rule's conda environment holds what its script imports: the scanpy one has no TensorFlow."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TENSORFLOW_FREE_ENV = "../envs/scanpy.yaml"
+# Import these in a fresh interpreter with TensorFlow, Keras and JAX made unimportable.
+BLOCKED_IMPORT = """
+import importlib, importlib.abc, sys
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras", "jax"):
+            raise ModuleNotFoundError(f"No module named {name!r} (not in envs/scanpy.yaml)")
+sys.meta_path.insert(0, Blocked())
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+"""
+
+
+def rules_by_environment():
+    """(rule, conda environment, script) of every rule, read from rules/*.smk."""
+    found = []
+    for path in sorted((ROOT / "rules").glob("*.smk")):
+        for block in re.split(r"\n(?=rule )", path.read_text()):
+            name = re.match(r"rule (\w+):", block)
+            env = re.search(r'conda:\s*"([^"]+)"', block)
+            script = re.search(r'script:\s*"([^"]+)"', block)
+            if name and env and script:
+                found.append((name[1], env[1], script[1]))
+    return found
+
+
+def modules_of_step(script: Path) -> list[str]:
+    """The package modules a script's step imports, at the top of steps.py and inside the step itself."""
+    step = re.search(r"from cvaesim\.steps import (\w+)", script.read_text())[1]
+    steps_source = (ROOT / "src" / "cvaesim" / "steps.py").read_text()
+    body = re.search(rf"\ndef {step}\(.*?(?=\ndef |\Z)", steps_source, re.S)[0]
+    return ["cvaesim.steps", *(f"cvaesim.{module}" for module in re.findall(r"from \.(\w+) import", body))]
+
+
+def test_every_rule_names_an_environment_that_exists():
+    rules = rules_by_environment()
+    assert {name for name, _, _ in rules} >= {"filter", "train", "simulate", "original_table", "simulated_10x"}
+    for name, env, _ in rules:
+        assert "dependencies" in yaml.safe_load((ROOT / "rules" / env).read_text()), name
+
+
+def test_steps_run_in_the_tensorflow_free_environment_never_import_tensorflow():
+    checked = []
+    for name, env, script in rules_by_environment():
+        if env != TENSORFLOW_FREE_ENV:
+            continue
+        modules = modules_of_step((ROOT / "rules" / script).resolve())
+        result = subprocess.run([sys.executable, "-c", BLOCKED_IMPORT, *modules], capture_output=True, text=True,
+                                cwd=ROOT)
+        assert result.returncode == 0, f"rule {name} ({', '.join(modules)}): {result.stderr.strip().splitlines()[-1]}"
+        checked.append(name)
+    assert {"download", "filter", "original_table", "simulated_10x", "qc", "evaluate"} <= set(checked)
