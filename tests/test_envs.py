@@ -1,14 +1,20 @@
 """Each rule's conda environment holds what its script imports: the scanpy one has no TensorFlow."""
 
+import ast
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TENSORFLOW_FREE_ENV = "../envs/scanpy.yaml"
+# Import names whose package is named otherwise (conda-forge, PyPI); Keras comes with TensorFlow.
+PACKAGE_OF_IMPORT = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "keras": "tensorflow"}
+# Not needed to run the workflow: the tests check the model on Keras's JAX backend.
+OPTIONAL_IMPORTS = {"jax"}
 # Import these in a fresh interpreter with TensorFlow, Keras and JAX made unimportable.
 BLOCKED_IMPORT = """
 import importlib, importlib.abc, sys
@@ -61,3 +67,36 @@ def test_steps_run_in_the_tensorflow_free_environment_never_import_tensorflow():
         assert result.returncode == 0, f"rule {name} ({', '.join(modules)}): {result.stderr.strip().splitlines()[-1]}"
         checked.append(name)
     assert {"download", "filter", "original_table", "simulated_10x", "qc", "evaluate"} <= set(checked)
+
+
+def imported_packages() -> set[str]:
+    """The third-party packages the package imports anywhere (module level or inside functions)."""
+    names = set()
+    for path in (ROOT / "src" / "cvaesim").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+    third_party = names - set(sys.stdlib_module_names) - {"cvaesim", "__future__"} - OPTIONAL_IMPORTS
+    return {PACKAGE_OF_IMPORT.get(name, name) for name in third_party}
+
+
+def listed_packages(requirements: list[str]) -> set[str]:
+    """Package names of requirement lines ('scanpy >=1.10', 'matplotlib-base', 'tensorflow-cpu==2.21.0')."""
+    names = {re.match(r"[A-Za-z0-9_.-]+", line.strip())[0].lower() for line in requirements}
+    return {re.sub(r"-(base|cpu)$", "", name) for name in names}
+
+
+def test_every_package_the_code_imports_is_a_declared_dependency():
+    needed = imported_packages()
+    assert {"numpy", "anndata", "scanpy", "scikit-learn", "tensorflow"} <= needed
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = listed_packages(project["dependencies"] + project["optional-dependencies"]["cpu"])
+    assert needed <= declared, f"pyproject.toml lacks {sorted(needed - declared)}"
+    for env, tensorflow_free in (("scanpy", True), ("tensorflow", False)):
+        dependencies = yaml.safe_load((ROOT / "envs" / f"{env}.yaml").read_text())["dependencies"]
+        lines = [entry for entry in dependencies if isinstance(entry, str)]
+        lines += [line for entry in dependencies if isinstance(entry, dict) for line in entry.get("pip", [])]
+        missing = needed - listed_packages(lines) - ({"tensorflow"} if tensorflow_free else set())
+        assert not missing, f"envs/{env}.yaml lacks {sorted(missing)}"
