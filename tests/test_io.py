@@ -347,7 +347,7 @@ def test_parse_biosciences_folders_are_read(tmp_path, small_cells):
 def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, small_cells, caplog):
     """A matrix written cells x genes (as scipy.io.mmwrite of an AnnData's X, or Parse's DGE.mtx) is read
     transposed where only that fits its lists; lists written with a header line (R's write.table by default) are
-    refused saying so."""
+    read without it, and another extra line is refused saying it may be a header."""
     cells = small_cells[:10, :7].copy()
     members = tarball_members(write_tarball(tmp_path / "m.tar.gz", cells))
     transposed = tarball_members(write_tarball(tmp_path / "t.tar.gz", ad.AnnData(X=sp.csr_matrix(cells.X).T)))
@@ -357,13 +357,23 @@ def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, 
     assert (read.X != cells.X).nnz == 0 and list(read.obs_names) == list(cells.obs_names)
     assert "matrix.mtx has a row per cell (Cell Ranger's has a row per gene): read transposed" in caplog.text
     genes, barcodes = "filtered_matrices_mex/hg19/genes.tsv", "filtered_matrices_mex/hg19/barcodes.tsv"
-    headed = {**members, genes: b"gene_id\tgene_name\tfeature_type\n" + members[genes],
-              barcodes: b"x\n" + members[barcodes]}
+    caplog.clear()
+    for gene_header, barcode_header in ((b"gene_id\tgene_name\tfeature_type\n", b"x\n"),  # write.table's defaults
+                                        (b'"gene_ids"\t"gene_symbols"\n', b'"Barcode"\n')):  # quoted, shorter
+        headed = {**members, genes: gene_header + members[genes], barcodes: barcode_header + members[barcodes]}
+        with caplog.at_level(logging.WARNING):
+            read = read_10x_tarball(tarball_of(tmp_path / "headed.tar.gz", headed))
+        assert (read.X != cells.X).nnz == 0 and list(read.obs_names) == list(cells.obs_names)
+        assert list(read.var_names) == list(cells.var_names)
+    assert caplog.text.count("read as a header line and skipped") == 4 and "barcodes.tsv: its first line ('x')" in caplog.text
     with pytest.raises(InputError, match=r"the gene and barcode lists have one line too many: a header line\?"):
-        read_10x_tarball(tarball_of(tmp_path / "headed.tar.gz", headed))
+        headed = {**members, genes: b"Accession\tSymbol\tType\n" + members[genes], barcodes: b"cell barcode\n" + members[barcodes]}
+        read_10x_tarball(tarball_of(tmp_path / "headed.tar.gz", headed))  # header words not recognised: refused
     with pytest.raises(InputError, match=r"lists 7 genes and 12 barcodes$"):  # no guess for other differences
         read_10x_tarball(tarball_of(tmp_path / "other.tar.gz", {**members, barcodes: members[barcodes] + b"A\nB\n"}))
-    ragged = {**members, genes: b"gene_id\tgene_name\n" + members[genes]}  # a header shorter than its rows
+    gene_lines = members[genes].split(b"\n")
+    gene_lines[3] += b"\tGene Expression"  # a row longer than those above it
+    ragged = {**members, genes: b"\n".join(gene_lines)}
     with pytest.raises(InputError, match=r"ragged.tar.gz: the gene list in filtered_matrices_mex/hg19/ could not"):
         read_10x_tarball(tarball_of(tmp_path / "ragged.tar.gz", ragged))
     with pytest.raises(InputError, match=r"empty.tar.gz: the barcode list in filtered_matrices_mex/hg19/ is empty"):

@@ -498,9 +498,11 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
                 name = _list_file(matrix, role, in_folder, f"{path}: {matrix.folder}/ has")
                 if name is None:
                     return None
+                listed = open_member(name).read()
+                skipped = 0 if layout.tables else _header_lines(listed, f"{path}: {matrix.folder}/{name}")
                 try:
-                    return pd.read_csv(open_member(name), sep="," if layout.tables else "\t",
-                                       header=0 if layout.tables else None, dtype=str)
+                    return pd.read_csv(io.BytesIO(listed), sep="," if layout.tables else "\t",
+                                       header=0 if layout.tables else None, skiprows=skipped, dtype=str)
                 except pd.errors.EmptyDataError as error:
                     raise InputError(f"{path}: the {role[1]} list in {matrix.folder}/ is empty") from error
                 except pd.errors.ParserError as error:  # rows of different lengths, as hand-made lists can have
@@ -538,6 +540,25 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
     genomes = genes["genome"].to_numpy() if "genome" in genes.columns else None
     return _cells_by_genes(counts, barcodes.to_numpy(), genes.iloc[:, 0].to_numpy(), symbols.to_numpy(), path,
                            feature_types, genomes)
+
+
+# First fields of a header line that a bare gene or barcode list was written with (R's write.table of a vector
+# writes "x"; of a data frame, its column names); 10x's lists have none.
+LIST_HEADER_WORDS = {"x", "v1", "barcode", "barcodes", "cell", "cells", "cell_id", "cellid", "cell_barcode", "gene",
+                     "genes", "gene_id", "gene_ids", "geneid", "gene_name", "gene_names", "gene_symbol",
+                     "gene_symbols", "feature", "features", "feature_id", "id", "ids", "name", "names", "symbol",
+                     "symbols", "ensembl", "ensembl_id"}
+
+
+def _header_lines(listed: bytes, where: str) -> int:
+    """1 where a bare list opens with a header line (its first field a column name, not a barcode or gene), else 0."""
+    first = listed.split(b"\n", 1)[0].decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r")
+    field = first.split("\t")[0].strip().strip('"').lower()
+    if field not in LIST_HEADER_WORDS:
+        return 0
+    log.warning("%s: its first line (%r) names columns, which 10x's lists do not: read as a header line and "
+                "skipped", where, first)
+    return 1
 
 
 def listing_hint(shape: tuple[int, int], n_genes: int, n_barcodes: int) -> str:
