@@ -250,7 +250,7 @@ class Space:
     Scoring exactly the cells it was fitted on keeps the two sides alike: the minor components
     carry more of the variance of the cells they were fitted on than of other cells, so scoring
     every real test cell of a small type (all in the fit) against its 100 simulated cells (a dozen
-    in the fit) let the forests tell fitted from unfitted cells (README, thirteenth session).
+    in the fit) let the forests tell fitted from unfitted cells (docs/record.md, thirteenth session).
     """
 
     def __init__(self, real: sp.csr_matrix, real_labels: np.ndarray, compared: sp.csr_matrix,

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Decoded cells per type whose mean expression is compared with the training cells' (4 batches of 256).
 CALIBRATION_CELLS = 1024
-# type_quantiles ranks each gene's counts among a batch's cells: with fewer, the ranks say little (README).
+# type_quantiles ranks each gene's counts among a batch's cells: with fewer, the ranks say little (docs/record.md).
 FEW_RANKED_CELLS = 10
 # The calibrations that rescale each gene to its type's training mean (from decoded share moments).
 MOMENT_CALIBRATIONS = ("type_means", "type_moments")
@@ -164,7 +164,7 @@ class Simulator:
         self.check(cells_per_type)
         if self.latent == "posterior":
             # Beyond one cell per training cell, posteriors repeat: cells drawn from one posterior
-            # cluster together, and the type varies less than its real cells (README, ninth session).
+            # cluster together, and the type varies less than its real cells (docs/record.md, ninth session).
             repeated = [f"{name}: {n} from {len(self.training_rows[name])}" for name, n in cells_per_type.items()
                         if n > len(self.training_rows[name])]
             if repeated:
