@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import scanpy as sc
 
-from cvaesim.cli import main, plan_cells
+from cvaesim.cli import main
+from cvaesim.plans import cell_plan
 from cvaesim.io import TENX_OUTPUT_FILES
 from cvaesim.images import build_image_store
 from cvaesim.model import ConditionalConvVAE
@@ -183,10 +184,32 @@ def test_table_and_proportional_totals(trained, tmp_path):
     table = pd.read_hdf(output, "simulated")
     assert len(table) == 50 and table.columns[-1] == "cell_type"
     real = ad.read_h5ad(trained / "images.h5ad").obs["cell_type"].value_counts()
-    expected = plan_cells(list(real.index), real.to_dict(), None, 50, [])
+    expected = cell_plan(list(real.index), real.to_dict(), 100, 50, asked_by="--cells")
     assert table["cell_type"].value_counts().to_dict() == {k: v for k, v in expected.items() if v}
     for name, n in expected.items():
         assert abs(n - 50 * real[name] / real.sum()) < 1
+
+
+def test_the_simulate_rule_takes_a_number_per_named_cell_type(trained, tmp_path):
+    store, model = str(trained / "images.h5ad"), str(trained / "cvae.keras")
+    settings = dict(seed=0, batch_size=8, count_sampling="poisson", library_sizes="resampled")
+    steps.simulate(model, store, str(tmp_path / "mix.h5ad"), {AWKWARD_TYPES[1]: 7, AWKWARD_TYPES[2]: 0}, **settings)
+    assert ad.read_h5ad(tmp_path / "mix.h5ad").obs["cell_type"].value_counts()[lambda n: n > 0].to_dict() == {
+        AWKWARD_TYPES[1]: 7}
+    misspelt = AWKWARD_TYPES[1].upper()
+    with pytest.raises(InputError, match=re.escape(f"simulate.cells_per_type: unknown cell types [{misspelt!r}] "
+                                                   f"(did you mean {AWKWARD_TYPES[1]!r}?); the model knows")):
+        steps.simulate(model, store, str(tmp_path / "typo.h5ad"), {misspelt: 7}, **settings)
+    with pytest.raises(InputError, match="simulate.cells_per_type: no cells asked for: every number is 0"):
+        steps.simulate(model, store, str(tmp_path / "none.h5ad"), {AWKWARD_TYPES[1]: 0}, **settings)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mix.h5ad"]
+
+
+def test_a_plan_names_cell_types_as_the_labels_are_written():
+    # YAML reads Louvain clusters' names (0, 1, ...) as numbers; the labels are strings.
+    assert cell_plan(["0", "1", "10"], {}, {0: 5, 10: 2}, None, asked_by="x") == {"0": 5, "10": 2}
+    assert cell_plan(["A", "B"], {"A": 30, "B": 10}, 100, None, asked_by="x") == {"A": 100, "B": 100}
+    assert cell_plan(["A", "B"], {"A": 30, "B": 10}, 100, 8, asked_by="x") == {"A": 6, "B": 2}
 
 
 def test_posteriors_beside_the_model_are_used(trained, tmp_path, capsys):

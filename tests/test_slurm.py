@@ -22,7 +22,7 @@ pytestmark = pytest.mark.workflow
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 CONFIG_DIR = Path("/etc/slurm")
-CLUSTER_RULES = {"filter", "reshape", "train", "simulate", "original_table", "qc", "evaluate"}
+CLUSTER_RULES = {"filter", "reshape", "train", "simulate", "original_table", "simulated_10x", "qc", "evaluate"}
 
 
 def why_slurm_cannot_run() -> str | None:

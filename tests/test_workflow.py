@@ -93,17 +93,22 @@ def test_only_what_changed_reruns(workdir):
     assert planned_jobs(workdir, *base) == {}
     more_cells = write_config(workdir / "more_cells.yaml", {"simulate": {"cells_per_type": CELLS_PER_TYPE + 1}})
     assert planned_jobs(workdir, *base, more_cells) == {
-        "simulate": 1, "original_table": 1, "qc": 1, "evaluate": 1, "all": 1}
+        "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1, "all": 1}
+    mix = write_config(workdir / "mix.yaml", {"simulate": {"cells_per_type": {"CD14+ Monocyte": 50, "CD19+ B": 0}}})
+    assert planned_jobs(workdir, *base, mix) == {
+        "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1, "all": 1}
     stricter = write_config(workdir / "stricter.yaml", {"filter": {"min_cells_per_gene": 5}})
     assert planned_jobs(workdir, *base, stricter) == {
-        "filter": 1, "reshape": 1, "train": 1, "simulate": 1, "original_table": 1, "qc": 1, "evaluate": 1, "all": 1}
+        "filter": 1, "reshape": 1, "train": 1, "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1,
+        "evaluate": 1, "all": 1}
     # A local source edited in place is copied again, and what follows reruns; put back, nothing does.
     annotation = workdir / "resources/embedded/pbmc68k_reduced_barcodes_annotation.tsv"
     original, times = annotation.read_bytes(), annotation.stat()
     annotation.write_bytes(original + b"\n")
     try:
         assert planned_jobs(workdir, *base) == {"download": 1, "filter": 1, "reshape": 1, "train": 1, "simulate": 1,
-                                                "original_table": 1, "qc": 1, "evaluate": 1, "all": 1}
+                                                "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1,
+                                                "all": 1}
     finally:
         annotation.write_bytes(original)
         os.utime(annotation, ns=(times.st_atime_ns, times.st_mtime_ns))

@@ -17,6 +17,7 @@ from . import InputError
 from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
 from .counts import COUNT_SAMPLING
 from .io import TENX_OUTPUT_FILES, model_file_problem
+from .plans import cell_plan
 
 log = logging.getLogger("cvaesim")
 
@@ -24,25 +25,15 @@ log = logging.getLogger("cvaesim")
 FORMAT_OF_SUFFIX = {".h5ad": "h5ad", ".h5": "table", "": "10x"}
 
 
-def plan_cells(cell_types: list[str], real_counts: dict[str, int], per_type: int | None, total: int | None,
-               chosen: list[str]) -> dict[str, int]:
-    """How many cells of each type: explicit ``NAME=N``, N per type, or a total split as in the real data."""
-    if chosen:
-        plan = {}
-        for item in chosen:
-            name, _, number = item.rpartition("=")
-            if not name or not number.isdigit():
-                raise InputError(f"--cell-type {item!r}: expected NAME=NUMBER, e.g. 'CD14+ Monocyte=500'")
-            plan[name] = plan.get(name, 0) + int(number)
-        unknown = sorted(set(plan) - set(cell_types))
-        if unknown:
-            raise InputError(f"unknown cell types {unknown}; the model knows {cell_types}")
-        return plan
-    if total is not None:
-        from .simulation import proportional_plan
-
-        return proportional_plan(cell_types, real_counts, total)
-    return dict.fromkeys(cell_types, per_type)
+def chosen_cell_types(items: list[str]) -> dict[str, int]:
+    """``--cell-type NAME=N`` arguments as a plan; a type named twice gets both numbers."""
+    plan = {}
+    for item in items:
+        name, _, number = item.rpartition("=")
+        if not name or not number.isdigit():
+            raise InputError(f"--cell-type {item!r}: expected NAME=NUMBER, e.g. 'CD14+ Monocyte=500'")
+        plan[name] = plan.get(name, 0) + int(number)
+    return plan
 
 
 def output_format_of(output: Path) -> str:
@@ -80,6 +71,7 @@ def at_least_one(text: str) -> int:
 def simulate_command(arguments: argparse.Namespace) -> None:
     output_format = arguments.format or output_format_of(arguments.output)
     check_output(arguments.output, output_format)
+    requested = chosen_cell_types(arguments.cell_type) or arguments.cells_per_type
     for path in (arguments.model, arguments.store):
         if not path.exists():
             raise InputError(f"{path}: no such file")
@@ -106,12 +98,8 @@ def simulate_command(arguments: argparse.Namespace) -> None:
                           library_sizes, arguments.latent, posteriors, arguments.calibration, arguments.origins)
     real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
-    plan = plan_cells(simulator.cell_types, real_counts, arguments.cells_per_type, arguments.cells,
-                      arguments.cell_type)
-    simulator.check(plan)
+    plan = cell_plan(simulator.cell_types, real_counts, requested, arguments.cells, asked_by="--cell-type")
     n_cells = sum(plan.values())
-    if n_cells == 0:
-        raise InputError("no cells asked for: every --cell-type number is 0")
     if output_format == "table" and (problem := table_problem(n_cells, len(simulator.var))):
         raise InputError(f"{arguments.output}: {problem}; write .h5ad or 10x")
     log.info("simulating %d cells (%s) to %s as %s", n_cells,

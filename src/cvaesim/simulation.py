@@ -524,18 +524,6 @@ class Posteriors:
                              ) from error
 
 
-def proportional_plan(cell_types: list[str], real_counts: dict[str, int], total: int) -> dict[str, int]:
-    """``total`` cells split across the types as the real cells are, by largest remainders so that the
-    parts add up to the total; types whose share rounds to no cell are left out."""
-    real_total = sum(real_counts.get(name, 0) for name in cell_types)
-    quotas = {name: total * real_counts.get(name, 0) / real_total for name in cell_types}
-    plan = {name: math.floor(quota) for name, quota in quotas.items()}
-    by_remainder = sorted(cell_types, key=lambda name: plan[name] - quotas[name])
-    for name in by_remainder[: total - sum(plan.values())]:
-        plan[name] += 1
-    return {name: n for name, n in plan.items() if n}
-
-
 def simulate(
     model: ConditionalConvVAE,
     store_meta: ad.AnnData,

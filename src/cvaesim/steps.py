@@ -122,17 +122,19 @@ def load_model(path: str):
     return keras.models.load_model(path, compile=False)
 
 
-def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed: int,
+def simulate(model_path: str, store: str, output: str, cells_per_type: int | dict[str, int], seed: int,
              batch_size: int, count_sampling: str, library_sizes: str, latent: str = "prior",
              posteriors: str | None = None, calibration: str = "none", write_table: bool = False,
              cells: int | None = None, origins: str = "balanced") -> None:
-    """``cells_per_type`` cells of every cell type the model knows, or ``cells`` in all split across
-    the types as the real cells are, as a sparse ``.h5ad``.
+    """``cells_per_type`` cells of every cell type the model knows (or, where it maps type names to numbers,
+    of the types it names), or ``cells`` in all split across the types as the real cells are, as a sparse
+    ``.h5ad``.
 
     ``write_table``: the original_table rule will turn these cells into a dense table, so refuse
     now, before simulating, a number of cells that table cannot hold.
     """
-    from .simulation import Simulator, proportional_plan
+    from .plans import cell_plan
+    from .simulation import Simulator
     from .writers import table_problem, write_h5ad as write_stream
 
     meta = ad.read_h5ad(store, backed="r")
@@ -140,10 +142,8 @@ def simulate(model_path: str, store: str, output: str, cells_per_type: int, seed
                           calibration, origins)
     real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
-    if cells is None:
-        plan = dict.fromkeys(simulator.cell_types, cells_per_type)
-    else:
-        plan = proportional_plan(simulator.cell_types, real_counts, cells)
+    plan = cell_plan(simulator.cell_types, real_counts, cells_per_type, cells, asked_by="simulate.cells_per_type")
+    if cells is not None:
         left_out = [name for name in simulator.cell_types if name not in plan]
         if left_out:
             log.warning("simulate.cells = %d leaves out %d cell types too rare for one cell in that many: %s",
