@@ -64,9 +64,11 @@ DOWNLOAD_NAMES = {
     # A text table keeps its bytes, gzipped or not; the filter reads either.
     "counts_table": {"matrix": "matrix.txt", "annotation": "annotation.tsv"},
     "h5ad": {"matrix": "matrix.h5ad", "annotation": "annotation.tsv"},
+    "loom": {"matrix": "matrix.loom", "annotation": "annotation.tsv"},
 }
-# An h5ad's labels are an obs column, unless an annotation table is given to label its cells.
-OPTIONAL_ROLES = {"h5ad": {"annotation"}}
+# An h5ad's labels are an obs column (a loom's a column attribute), unless an annotation table is given to
+# label its cells.
+OPTIONAL_ROLES = {"h5ad": {"annotation"}, "loom": {"annotation"}}
 
 
 def selected_datasets():

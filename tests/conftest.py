@@ -12,6 +12,7 @@ from pathlib import Path
 import cvaesim  # noqa: F401  (first: it sets TensorFlow's CPU options before TensorFlow loads)
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -117,6 +118,38 @@ def write_annotation(path: Path, adata: ad.AnnData) -> Path:
     table = pd.DataFrame({"TSNE.1": 0.0, "TSNE.2": 0.0, "barcodes": adata.obs_names,
                           "celltype": adata.obs["cell_type"].astype(str).to_numpy()})
     table.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def write_loom(path: Path, cells: ad.AnnData, label_attribute: str | None = "ClusterName", layers: dict | None = None,
+               strings: str = "fixed") -> Path:
+    """A loom file as loompy writes one: genes x cells float32 in /matrix (chunked, gzipped), gene symbols and
+    ids in row_attrs (Gene, Accession), cell names and labels in col_attrs (CellID, ``label_attribute``), and
+    ``layers`` (cells x genes arrays) beside the main matrix; ``strings`` 'fixed' (loompy's bytes) or
+    'variable' (h5py's variable-length strings)."""
+    def text(values):
+        values = [str(value) for value in values]
+        if strings == "fixed":  # loompy writes ASCII, other characters as XML references ('ß' as '&#223;')
+            return np.array([value.encode("ascii", "xmlcharrefreplace") for value in values], dtype="S")
+        return np.array(values, dtype=h5py.string_dtype())
+
+    with h5py.File(path, "w") as loom:
+        options = dict(chunks=(min(64, cells.n_vars), min(64, cells.n_obs)), compression="gzip")
+        loom.create_dataset("matrix", data=cells.X.toarray().T.astype(np.float32), **options)
+        loom.create_group("layers")
+        for name, values in (layers or {}).items():
+            loom["layers"].create_dataset(name, data=np.asarray(values).T.astype(np.float32), **options)
+        loom.create_group("row_attrs")
+        loom["row_attrs"]["Gene"] = text(cells.var_names)
+        loom["row_attrs"]["Accession"] = text(f"ENSG{j:011d}" for j in range(cells.n_vars))
+        loom.create_group("col_attrs")
+        loom["col_attrs"]["CellID"] = text(cells.obs_names)
+        loom["col_attrs"]["nUMI"] = np.asarray(cells.X.sum(axis=1)).ravel().astype(np.float32)
+        if label_attribute is not None:
+            loom["col_attrs"][label_attribute] = text(cells.obs["cell_type"])
+        loom.create_group("col_graphs")
+        loom.create_group("row_graphs")
+        loom.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
     return path
 
 

@@ -14,11 +14,14 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
+import cvaesim.io
 from cvaesim import InputError
 from cvaesim.io import (atomic_output, container_problem, counts_problem, pack_10x_folder, read_10x_h5,
-                        read_10x_tarball, read_annotation, read_counts_table, read_h5ad_counts)
+                        read_10x_tarball, read_annotation, read_counts_table, read_h5ad_counts,
+                        read_loom_counts)
 
-from conftest import EMBEDDED_ANNOTATION, EMBEDDED_H5AD, EMBEDDED_TARBALL, add_member, write_10x_h5, write_tarball
+from conftest import (EMBEDDED_ANNOTATION, EMBEDDED_H5AD, EMBEDDED_TARBALL, add_member, write_10x_h5, write_loom,
+                      write_tarball)
 
 
 def test_embedded_tarball_holds_the_bundled_pbmc_counts():
@@ -127,7 +130,7 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
         h5.attrs["encoding-type"], h5.attrs["encoding-version"] = "MuData", "0.1.0"
         rna.copy(rna["/"], h5, "mod/rna")
         rna.copy(rna["obs"], h5, "obs")
-    for path, advice in [(loom, r"it is a loom file: convert it to an .h5ad \(scanpy: sc.read_loom\(path\)"),
+    for path, advice in [(loom, r"it is a loom file, so the dataset's format may be loom$"),
                          (h5seurat, r"it is a Seurat .h5Seurat file: convert it to an .h5ad \(SeuratDisk"),
                          (h5mu, r"it is a MuData .h5mu file: write its RNA modality as an .h5ad \(mudata: "
                                 r"mudata.read_h5mu\(path\)\[\"rna\"\].write_h5ad")]:
@@ -468,6 +471,58 @@ def test_annotation_errors_name_the_file_and_columns(tmp_path):
     zipped.write_bytes(gzip.compress(csv.read_bytes())[:20])
     with pytest.raises(InputError, match="zipped.tsv: could not be read as a table"):
         read_annotation(zipped, "barcodes", "celltype")
+
+
+@pytest.mark.parametrize("strings", ["fixed", "variable"])
+def test_loom_files_are_read_as_their_cells_genes_and_labels(tmp_path, small_cells, strings):
+    loom = write_loom(tmp_path / "cells.loom", small_cells, strings=strings)
+    read = read_loom_counts(loom, "ClusterName", None)
+    assert (read.X != small_cells.X).nnz == 0 and read.X.dtype == np.int32
+    assert list(read.obs_names) == list(small_cells.obs_names) and list(read.var_names) == list(small_cells.var_names)
+    assert list(read.var["gene_ids"]) == [f"ENSG{j:011d}" for j in range(small_cells.n_vars)]
+    assert list(read.obs["cell_type"]) == list(small_cells.obs["cell_type"])
+    unlabelled = read_loom_counts(loom, None, None)  # labelled by an annotation table instead
+    assert list(unlabelled.obs.columns) == [] and (unlabelled.X != small_cells.X).nnz == 0
+
+
+def test_loom_layers_labels_and_names_are_checked(tmp_path, small_cells, caplog, monkeypatch):
+    counts = small_cells.X.toarray()
+    normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) * 1e4
+    # A matrix read in several blocks of genes, as a large loom file is.
+    velocyto = write_loom(tmp_path / "velocyto.loom", small_cells, layers={"spliced": counts, "unspliced": counts * 2})
+    monkeypatch.setattr(cvaesim.io, "LOOM_BLOCK_ENTRIES", 7 * small_cells.n_obs)
+    with caplog.at_level(logging.WARNING):
+        read = read_loom_counts(velocyto, "ClusterName", "unspliced")
+        assert (read.X != small_cells.X * 2).nnz == 0
+        assert "velocyto" not in caplog.text  # a layer was named
+        read_loom_counts(velocyto, "ClusterName", None)
+    assert "a velocyto loom, whose main matrix holds the spliced counts only" in caplog.text
+    with pytest.raises(InputError, match=r"velocyto.loom: no layer 'unspliced_counts'; its layers are 'spliced', "
+                                         r"'unspliced'"):
+        read_loom_counts(velocyto, "ClusterName", "unspliced_counts")
+    with pytest.raises(InputError, match=r"velocyto.loom: col_attrs has no label column 'clustername'; its columns "
+                                         r"are 'ClusterName', 'nUMI' \(did you mean 'ClusterName'\?\)"):
+        read_loom_counts(velocyto, "clustername", None)
+    normalised_loom = write_loom(tmp_path / "normalised.loom", ad.AnnData(sp.csr_matrix(normalised),
+                                                                          obs=small_cells.obs, var=small_cells.var),
+                                 layers={"counts": counts})
+    with pytest.raises(InputError, match=r"normalised.loom: X holds .*; raw counts are needed; 'counts' of this file "
+                                         r"holds integer counts: name it as counts_layer"):
+        read_loom_counts(normalised_loom, "ClusterName", None)
+    assert (read_loom_counts(normalised_loom, "ClusterName", "counts").X != small_cells.X).nnz == 0
+    nameless = write_loom(tmp_path / "nameless.loom", small_cells)
+    with h5py.File(nameless, "r+") as loom:
+        del loom["col_attrs"]["CellID"]
+    with pytest.raises(InputError, match=r"nameless.loom: no column attribute names the cells \(looked for CellID, "
+                                         r".*; its column attributes are 'ClusterName', 'nUMI'\)"):
+        read_loom_counts(nameless, "ClusterName", None)
+    # Given as another HDF5 format, the error says it is a loom file.
+    with pytest.raises(InputError, match=r"cells.loom: not a readable .h5ad file .*; it is a loom file, so the "
+                                         r"dataset's format may be loom"):
+        read_h5ad_counts(write_loom(tmp_path / "cells.loom", small_cells), "cell_type", None)
+    assert container_problem(tmp_path / "cells.loom", "matrix.loom") is None
+    (tmp_path / "cut.loom").write_bytes((tmp_path / "cells.loom").read_bytes()[:2000])
+    assert "not a readable HDF5 file, as matrix.loom must be" in container_problem(tmp_path / "cut.loom", "matrix.loom")
 
 
 def test_h5ad_must_hold_counts(tmp_path, small_cells):

@@ -17,7 +17,7 @@ import scanpy as sc
 import yaml
 
 from conftest import (AWKWARD_TYPES, CELLS_PER_TYPE, EPOCHS, QUICK_RUN, copy_repository, planned_jobs, random_counts,
-                      snakemake, write_10x_h5, write_annotation, write_config, write_tarball)
+                      snakemake, write_10x_h5, write_annotation, write_config, write_loom, write_tarball)
 
 pytestmark = pytest.mark.workflow
 
@@ -325,6 +325,7 @@ def test_a_text_count_table_or_an_unlabelled_h5ad_is_labelled_by_its_annotation(
     table = pd.DataFrame(cells.X.toarray().T, index=cells.var_names, columns=cells.obs_names)
     table.to_csv(workdir / "GSE1_counts.csv.gz")
     ad.AnnData(cells.X, obs=pd.DataFrame(index=cells.obs_names), var=cells.var).write_h5ad(workdir / "plain.h5ad")
+    write_loom(workdir / "cells.loom", cells, label_attribute="Clusters")
     write_annotation(workdir / "cells.tsv", cells)
     entry = {"format": "counts_table", "matrix": {"source": "GSE1_counts.csv.gz"}, "annotation": {"source": "cells.tsv"},
              "label_column": "celltype"}
@@ -337,10 +338,14 @@ def test_a_text_count_table_or_an_unlabelled_h5ad_is_labelled_by_its_annotation(
                                message)
     overlay = write_config(workdir / "table.yaml", {"datasets": {
         "table": entry, "plain": {**entry, "format": "h5ad", "matrix": {"source": "plain.h5ad"}},
-        "pure": {**entry, "exclude_types": [AWKWARD_TYPES[0]]}}})
-    snakemake(workdir, "results/table/filtered.h5ad", "results/plain/filtered.h5ad", "results/pure/filtered.h5ad",
+        "pure": {**entry, "exclude_types": [AWKWARD_TYPES[0]]},
+        # A loom file labelled by its own column attribute, and by the annotation table.
+        "loomed": {"format": "loom", "matrix": {"source": "cells.loom"}, "label_column": "Clusters"},
+        "loom_annotated": {**entry, "format": "loom", "matrix": {"source": "cells.loom"}}}})
+    snakemake(workdir, *(f"results/{name}/filtered.h5ad" for name in ("table", "plain", "pure", "loomed",
+                                                                       "loom_annotated")),
               "--configfile", "config/config.yaml", overlay)
-    for name in ("table", "plain"):
+    for name in ("table", "plain", "loomed", "loom_annotated"):
         filtered = ad.read_h5ad(workdir / "results" / name / "filtered.h5ad")
         assert list(filtered.obs_names) == list(cells.obs_names)
         assert list(filtered.var_names) == list(cells.var_names)

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import csv
 import gzip
+import html
 import io
 import logging
 import os
@@ -287,6 +288,10 @@ R_DATA_ADVICE = ("an R data file (.rds or .RData, as Seurat objects are saved): 
                  "its annotation")
 
 
+# The dataset format each HDF5 download's name stands for.
+HDF5_FORMAT_OF_SUFFIX = {".h5": "10x_h5", ".h5ad": "h5ad", ".loom": "loom"}
+
+
 def detected_format(path: str | Path) -> tuple[str | None, str] | None:
     """(format, description) of a matrix file by its first bytes and HDF5 groups, or None when unknown;
     the format is None for a file that no format takes as it is (a gzip-compressed HDF5 file)."""
@@ -331,8 +336,7 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
                     return "h5ad", "an AnnData .h5ad file"
                 # HDF5 formats that no dataset format reads; each has a one-line conversion to .h5ad.
                 if "matrix" in h5 and "row_attrs" in h5 and "col_attrs" in h5:
-                    return None, ("a loom file: convert it to an .h5ad (scanpy: sc.read_loom(path).write_h5ad("
-                                  "new_path), the counts in X) and give that file as the source")
+                    return "loom", "a loom file"
                 if h5.attrs.get("encoding-type") == "MuData" or isinstance(h5.get("mod"), h5py.Group):
                     return None, ("a MuData .h5mu file: write its RNA modality as an .h5ad (mudata: "
                                   "mudata.read_h5mu(path)[\"rna\"].write_h5ad(new_path)) and give that file as the "
@@ -398,13 +402,13 @@ def container_problem(path: str | Path, name: str, sample: str | None = None) ->
     the source the user gave. A whole archive holding no one matrix that ``sample`` picks raises
     MatrixChoiceError (see ``chosen_matrix``).
     """
-    if name.endswith((".h5", ".h5ad")):
+    if name.endswith((".h5", ".h5ad", ".loom")):
         try:
             with h5py.File(path, "r"):
                 return None
         except OSError as error:
             return (f"not a readable HDF5 file, as {name} must be ({error})"
-                    f"{format_hint(path, '10x_h5' if name.endswith('.h5') else 'h5ad')}")
+                    f"{format_hint(path, HDF5_FORMAT_OF_SUFFIX[Path(name).suffix])}")
     if name.endswith(".tsv"):
         return annotation_problem(path)
     if name.endswith(".txt"):
@@ -1102,36 +1106,125 @@ def read_h5ad_counts(path: str | Path, label_column: str | None, counts_layer: s
         source = ad.read_h5ad(path)
     except Exception as error:  # anndata raises many types for a broken file
         raise InputError(f"{path}: not a readable .h5ad file ({error}){format_hint(path, 'h5ad')}") from error
-    if label_column is not None and label_column not in source.obs.columns:
-        raise InputError(
-            f"{path}: obs has no label column {label_column!r}; its columns are "
-            f"{', '.join(map(repr, source.obs.columns)) or 'none'}{did_you_mean([label_column], source.obs.columns)}"
-        )
-    candidates = {None: (source.X, source.var), **{name: (layer, source.var) for name, layer in source.layers.items()}}
+    check_label_column(path, label_column, source.obs.columns, "obs")
+    if counts_layer == "raw" and source.raw is None:
+        raise InputError(f"{path}: counts_layer is 'raw' but the file has no .raw")
+    matrices = {None: lambda: source.X, **{name: (lambda layer=layer: layer) for name, layer in source.layers.items()}}
     if source.raw is not None:
-        candidates["raw"] = (source.raw.X, source.raw.var)
-    if counts_layer not in candidates:
-        if counts_layer == "raw":
-            raise InputError(f"{path}: counts_layer is 'raw' but the file has no .raw")
-        raise InputError(
-            f"{path}: no layer {counts_layer!r}; its layers are {', '.join(map(repr, source.layers)) or 'none'}"
-            f"{did_you_mean([counts_layer], source.layers)}"
-        )
-    counts, var = candidates[counts_layer]
+        matrices["raw"] = lambda: source.raw.X
+    counts = _counts_of(path, matrices, counts_layer, round_counts)
+    var = source.raw.var if counts_layer == "raw" else source.var
+    return _labelled_counts(path, counts, source.obs, var, label_column)
+
+
+def check_label_column(path: Path, label_column: str | None, columns, where: str) -> None:
+    if label_column is not None and label_column not in columns:
+        raise InputError(f"{path}: {where} has no label column {label_column!r}; its columns are "
+                         f"{', '.join(map(repr, columns)) or 'none'}{did_you_mean([label_column], columns)}")
+
+
+def _counts_of(path: Path, matrices: dict, counts_layer: str | None, round_counts: bool) -> sp.csr_matrix:
+    """The int32 counts of ``matrices[counts_layer]`` (None: X), each matrix given as a function that reads it;
+    refused, naming the layers that do hold counts, where it holds none."""
+    if counts_layer not in matrices:
+        layers = [name for name in matrices if name not in (None, "raw")]
+        raise InputError(f"{path}: no layer {counts_layer!r}; its layers are {', '.join(map(repr, layers)) or 'none'}"
+                         f"{did_you_mean([counts_layer], layers)}")
+    counts = matrices[counts_layer]()
     problem = counts_problem(counts, round_counts)
     if problem is not None:
         where = "X" if counts_layer is None else f"counts_layer {counts_layer!r}"
-        holding_counts = [repr(name) for name, (matrix, _) in candidates.items()
-                          if name not in (None, counts_layer) and counts_problem(matrix) is None]
+        holding_counts = [repr(name) for name, read in matrices.items()
+                          if name not in (None, counts_layer) and counts_problem(read()) is None]
         hint = (f"; {' and '.join(holding_counts)} of this file hold{'s' if len(holding_counts) == 1 else ''} "
                 f"integer counts: name {'it' if len(holding_counts) == 1 else 'one'} as counts_layer in the dataset's "
                 "config entry" if holding_counts else " (counts_layer names the layer or 'raw' that holds them)")
         raise InputError(f"{path}: {where} holds {problem}; raw counts are needed{hint}")
+    return as_int32_counts(counts, path, round_counts)  # checked above
+
+
+# Where loom files keep cell names, gene names and gene ids, by convention (loompy's, velocyto's, HCA's, scanpy's).
+LOOM_CELL_NAMES = ("CellID", "cell_names", "obs_names", "CellId", "barcode", "barcodes", "Barcode")
+LOOM_GENE_NAMES = ("Gene", "gene_names", "var_names", "gene_symbols", "Symbol", "GeneName")
+LOOM_GENE_IDS = ("Accession", "gene_ids", "ensembl_ids", "GeneID", "gene_id")
+# Genes x cells, read this many entries at a time into sparse rows: a dense block of about 128 MB.
+LOOM_BLOCK_ENTRIES = 1 << 25
+
+
+def read_loom_counts(path: str | Path, label_column: str | None, counts_layer: str | None,
+                     round_counts: bool = False) -> ad.AnnData:
+    """Read counts and labels from a loom file (genes x cells, dense, in ``/matrix`` and ``/layers``), as
+    ``read_h5ad_counts`` does from an .h5ad: ``label_column`` names a column attribute (None: no labels),
+    ``counts_layer`` a layer (None: the main matrix). Cells are named by the column attribute ``CellID`` (or
+    ``cell_names``, ...), genes by ``Gene`` with ``Accession`` ids beside them."""
+    path = Path(path)
+    try:
+        loom = h5py.File(path, "r")
+    except OSError as error:
+        raise InputError(f"{path}: not a readable loom (HDF5) file ({error}){format_hint(path, 'loom')}") from error
+    with loom:
+        if not (isinstance(loom.get("matrix"), h5py.Dataset) and "row_attrs" in loom and "col_attrs" in loom):
+            raise InputError(f"{path}: not a loom file (no matrix, row_attrs and col_attrs){format_hint(path, 'loom')}")
+        n_genes, n_cells = loom["matrix"].shape
+        obs = _loom_attributes(loom["col_attrs"], n_cells)
+        genes = _loom_attributes(loom["row_attrs"], n_genes)
+        cell_names = next((obs.pop(name) for name in LOOM_CELL_NAMES if name in obs), None)
+        if cell_names is None:
+            raise InputError(f"{path}: no column attribute names the cells (looked for {', '.join(LOOM_CELL_NAMES)}; "
+                             f"its column attributes are {', '.join(map(repr, obs)) or 'none'})")
+        gene_names = next((genes[name] for name in LOOM_GENE_NAMES if name in genes), None)
+        gene_ids = next((genes[name] for name in LOOM_GENE_IDS if name in genes), None)
+        if gene_names is None and gene_ids is None:
+            raise InputError(f"{path}: no row attribute names the genes (looked for "
+                             f"{', '.join(LOOM_GENE_NAMES + LOOM_GENE_IDS)}; its row attributes are "
+                             f"{', '.join(map(repr, genes)) or 'none'})")
+        check_label_column(path, label_column, list(obs), "col_attrs")
+        layers = [name for name in loom.get("layers", {}) if name]  # loompy stores the main matrix as layer ''
+        if counts_layer is None and {"spliced", "unspliced"} <= set(layers):
+            log.warning("%s: a velocyto loom, whose main matrix holds the spliced counts only; the Cell Ranger "
+                        "matrix of the same cells holds all of their counts", path)
+        matrices = {None: lambda: _loom_matrix(loom["matrix"]),
+                    **{name: (lambda name=name: _loom_matrix(loom["layers"][name])) for name in layers}}
+        counts = _counts_of(path, matrices, counts_layer, round_counts)
+    var = pd.DataFrame(index=pd.Index(gene_names if gene_names is not None else gene_ids, dtype=str))
+    if gene_names is not None and gene_ids is not None:
+        var["gene_ids"] = np.asarray(gene_ids, dtype=str)
+    return _labelled_counts(path, counts, pd.DataFrame(obs, index=pd.Index(cell_names, dtype=str)), var,
+                            label_column)
+
+
+def _loom_attributes(group: h5py.Group, length: int) -> dict[str, np.ndarray]:
+    """A loom attribute group's one-dimensional attributes of the matrix's length, strings decoded."""
+    attributes = {}
+    for name, dataset in group.items():
+        if isinstance(dataset, h5py.Dataset) and dataset.shape == (length,):
+            values = dataset[()]
+            if values.dtype.kind == "S":  # loompy's strings: ASCII, other characters as XML references
+                values = np.array([html.unescape(value.decode("utf-8", "replace")) for value in values], dtype=object)
+            elif values.dtype.kind == "O":  # variable-length strings, as h5py reads them
+                values = np.array([value.decode() if isinstance(value, bytes) else value for value in values],
+                                  dtype=object)
+            attributes[name] = values
+    return attributes
+
+
+def _loom_matrix(dataset: h5py.Dataset) -> sp.csr_matrix:
+    """A loom matrix (genes x cells, dense on disk) as sparse cells x genes, read a block of genes at a time."""
+    n_genes, n_cells = dataset.shape
+    rows = max(1, LOOM_BLOCK_ENTRIES // max(n_cells, 1))
+    blocks = [sp.csr_matrix(dataset[start:start + rows]) for start in range(0, n_genes, rows)]
+    genes_by_cells = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, n_cells))
+    return genes_by_cells.T.tocsr()
+
+
+def _labelled_counts(path: Path, counts: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFrame,
+                     label_column: str | None) -> ad.AnnData:
+    """Counts with their gene annotation and, from ``label_column`` of ``obs``, ``obs['cell_type']``; repeated
+    cell names suffixed, repeated gene names made unique."""
     adata = ad.AnnData(
-        X=as_int32_counts(counts, path, round_counts),  # checked above
+        X=counts,
         # As stored (categorical, numbers, text): the filter names the types and keeps a categorical's order.
-        obs=pd.DataFrame({} if label_column is None else {"cell_type": source.obs[label_column]},
-                         index=source.obs_names),
+        obs=pd.DataFrame({} if label_column is None else {"cell_type": obs[label_column]}, index=obs.index),
         # The gene annotation goes along (Ensembl ids, symbols beside ids as in CELLxGENE files) into every output.
         var=var.set_axis(var.index.astype(str)),
     )

@@ -20,11 +20,11 @@ from .download import fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from .images import build_image_store, layout_table
 from .io import (atomic_output, container_problem, model_file_problem, read_10x_h5, read_10x_tarball, read_annotation,
-                 read_counts_table, read_h5ad_counts, write_h5ad)
+                 read_counts_table, read_h5ad_counts, read_loom_counts, write_h5ad)
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("10x_tarball", "10x_h5", "counts_table", "h5ad")
+FORMATS = ("10x_tarball", "10x_h5", "counts_table", "h5ad", "loom")
 
 
 def download(source: str, output: str, sha256: str | None = None, sample: str | None = None) -> None:
@@ -51,8 +51,10 @@ def filter_dataset(
     several (see ``io.chosen_matrix``); cells labelled one of ``exclude_types`` are left out."""
     if format not in FORMATS:
         raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
-    if format == "h5ad" and annotation is None:
-        adata = read_h5ad_counts(matrix, label_column, counts_layer, round_counts)
+    # An .h5ad's or loom file's cells carry their labels, unless an annotation table labels them.
+    read_labelled = {"h5ad": read_h5ad_counts, "loom": read_loom_counts}.get(format)
+    if read_labelled is not None and annotation is None:
+        adata = read_labelled(matrix, label_column, counts_layer, round_counts)
     else:
         if annotation is None:
             raise InputError(f"{matrix}: a {format} matrix needs an annotation file with the cell types")
@@ -63,8 +65,8 @@ def filter_dataset(
             counts = read_10x_h5(matrix, round_counts)
         elif format == "counts_table":
             counts = read_counts_table(matrix, labels.index, round_counts)
-        else:  # an .h5ad whose cells an annotation table labels
-            counts = read_h5ad_counts(matrix, None, counts_layer, round_counts)
+        else:  # an .h5ad or loom file whose cells an annotation table labels
+            counts = read_labelled(matrix, None, counts_layer, round_counts)
         adata = attach_labels(counts, labels, matrix, annotation)
     filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix,
                                       exclude_types)
