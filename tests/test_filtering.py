@@ -252,6 +252,24 @@ def test_an_annotation_of_several_samples_is_joined_through_the_sample_s_tag(sma
         attach_labels(small_cells, twice, "m.tar.gz", "a.tsv")
 
 
+def test_a_loom_of_velocyto_is_joined_to_cell_rangers_barcodes(small_cells, caplog):
+    rng = np.random.default_rng(0)
+    cores = ["".join(rng.choice(list("ACGT"), 16)) for _ in range(small_cells.n_obs)]
+    loom = small_cells.copy()
+    loom.obs_names = [f"possorted_genome_bam_7YT2K:{core}x" for core in cores]  # velocyto's cell names
+    labels = pd.Series(small_cells.obs["cell_type"].to_numpy()[10:], index=[f"{core}-1" for core in cores[10:]])
+    with caplog.at_level(logging.WARNING):
+        labelled = attach_labels(loom, labels, "cells.loom", "a.tsv")
+    assert list(labelled.obs_names) == list(loom.obs_names[10:])
+    assert list(labelled.obs["cell_type"]) == list(small_cells.obs["cell_type"][10:])
+    assert ("a.tsv: its barcodes are those of cells.loom as velocyto names them ('sample:BARCODEx'); 110 of its 110 "
+            "labelled barcodes joined that way" in caplog.text)
+    # An annotation of two samples' cells sharing these barcodes: which is this loom's, the names do not say.
+    two_samples = pd.concat([labels, labels.set_axis([name.replace("-1", "-2") for name in labels.index])])
+    with pytest.raises(InputError, match="none of its 220 labelled barcodes is in cells.loom"):
+        attach_labels(loom, two_samples, "cells.loom", "a.tsv")
+
+
 def test_a_tag_needs_a_separator(small_cells):
     # 'CELL00001-11' is GEM well 11's cell, not well 1's with a tag; 'XCELL00001-1' no tag either.
     for names in ([f"{name}1" for name in small_cells.obs_names], [f"X{name}" for name in small_cells.obs_names]):

@@ -18,6 +18,8 @@ from . import InputError, did_you_mean
 log = logging.getLogger(__name__)
 
 GEM_SUFFIX = r"-\d+$"  # Cell Ranger's barcode suffix: the GEM well (library) the cell came from
+# velocyto names a loom's cells '<sample>:<barcode>x' ('possorted_genome_bam_7YT2K:AAACCTGAGAAGGCCTx').
+VELOCYTO_CELL_NAME = r"^[^:]+:([ACGTN]+)x$"
 # What R's write.table, pandas' astype(str) and spreadsheets leave where a label is missing.
 MISSING_LABELS = frozenset({"na", "n/a", "nan", "none", "null"})
 
@@ -43,7 +45,7 @@ def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, anno
     labels = labels.dropna()
     shared = adata.obs_names.intersection(labels.index)
     # Tools name the same cells differently: joined where the names say unambiguously which cell is which.
-    for rejoin in (labels_across_gem_suffix, labels_across_sample_tags):
+    for rejoin in (labels_across_gem_suffix, labels_across_velocyto_names, labels_across_sample_tags):
         if len(shared) == 0 and (rejoined := rejoin(adata.obs_names, labels)) is not None:
             log.warning("%s: its barcodes are those of %s %s; %d of its %d labelled barcodes joined that way",
                         annotation, matrix, rejoined[1], len(rejoined[0]), len(labels))
@@ -85,6 +87,20 @@ def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.
     joined = pd.Series(by_key.reindex(matrix_keys).to_numpy(), index=barcodes, name=labels.name).dropna()
     return (joined, f"but for the GEM-well suffix ('-1') that {'the matrix' if matrix_suffixed.all() else 'it'} "
                     "carries") if len(joined) else None
+
+
+def labels_across_velocyto_names(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.Series, str] | None:
+    """The labels under the matrix's barcodes where the matrix names its cells as velocyto does
+    ('sample:AAACCTGAGAAGGCCTx') and the annotation as Cell Ranger does ('AAACCTGAGAAGGCCT-1' or without the
+    suffix); None where it does not, or where the annotation's barcodes repeat once their suffix is dropped
+    (several samples': which sample's cell is which, the names do not say)."""
+    bare = pd.Index(barcodes.astype(str)).str.extract(VELOCYTO_CELL_NAME)[0]
+    label_keys = without_gem_suffix(pd.Index(labels.index.astype(str)))
+    if bare.isna().any() or not (pd.Index(bare).is_unique and label_keys.is_unique):
+        return None
+    by_key = pd.Series(labels.to_numpy(), index=label_keys)
+    joined = pd.Series(by_key.reindex(bare).to_numpy(), index=barcodes, name=labels.name).dropna()
+    return (joined, "as velocyto names them ('sample:BARCODEx')") if len(joined) else None
 
 
 def without_gem_suffix(barcodes: pd.Index) -> pd.Index:
