@@ -334,9 +334,9 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
                     return "10x_h5", "a 10x HDF5 matrix"
                 if "X" in h5 and "obs" in h5:
                     return "h5ad", "an AnnData .h5ad file"
-                # HDF5 formats that no dataset format reads; each has a one-line conversion to .h5ad.
                 if "matrix" in h5 and "row_attrs" in h5 and "col_attrs" in h5:
                     return "loom", "a loom file"
+                # HDF5 formats that no dataset format reads; each has a one-line conversion to .h5ad.
                 if h5.attrs.get("encoding-type") == "MuData" or isinstance(h5.get("mod"), h5py.Group):
                     return None, ("a MuData .h5mu file: write its RNA modality as an .h5ad (mudata: "
                                   "mudata.read_h5mu(path)[\"rna\"].write_h5ad(new_path)) and give that file as the "

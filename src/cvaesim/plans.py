@@ -1,5 +1,5 @@
 """How many cells of each type to simulate, for the command line and the simulate rule alike (free of
-TensorFlow, which the command line loads only once a request has been checked)."""
+TensorFlow, so that the command line imports it without loading TensorFlow)."""
 
 from __future__ import annotations
 
