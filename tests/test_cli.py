@@ -1,5 +1,6 @@
 """On-demand simulation from the command line, in every output format."""
 
+import gzip
 import re
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def test_10x_folder_reads_back_with_scanpy(trained, tmp_path):
     assert np.array_equal(read.X.toarray(), ad.read_h5ad(h5ad).X.toarray())
 
 
-def test_the_workflows_10x_folder_holds_the_simulated_h5ad_cell_for_cell(tmp_path):
+def test_the_workflows_10x_folder_holds_the_simulated_h5ad_cell_for_cell(tmp_path, monkeypatch):
     # Types in runs that recur (A A A B A) and runs longer than a batch: the order and labels must survive.
     cells = random_counts(5, 30, ["A"])
     cells.obs["cell_type"] = pd.Categorical(["A", "A", "A", "B", "A"])
@@ -110,6 +111,11 @@ def test_the_workflows_10x_folder_holds_the_simulated_h5ad_cell_for_cell(tmp_pat
     assert list(labels["barcode"]) == list(cells.obs_names)
     assert list(labels["cell_type"]) == ["A", "A", "A", "B", "A"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["simulated.h5ad", "simulated_10x"]
+    # Written again at another time, the same bytes: gzip's header records no time of writing.
+    monkeypatch.setattr(gzip.time, "time", lambda: 2_000_000_000.0)
+    steps.simulated_10x(str(tmp_path / "simulated.h5ad"), str(tmp_path / "again"))
+    for name in ("matrix.mtx.gz", "features.tsv.gz", "barcodes.tsv.gz", "cell_types.tsv"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "simulated_10x" / name).read_bytes(), name
 
 
 def test_an_output_is_replaced_only_where_it_is_an_output_of_the_same_kind(trained, tmp_path, capsys):
