@@ -76,8 +76,7 @@ def write_10x(batches: Batches, var: pd.DataFrame, path) -> int:
                 entries += coo.nnz
                 n_cells += counts.shape[0]
                 labels.extend([cell_type] * counts.shape[0])
-        with (open(folder / "matrix.mtx.gz", "wb") as raw,
-              gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=4, mtime=0) as compressed,
+        with (gzip.GzipFile(folder / "matrix.mtx.gz", "wb", compresslevel=4, mtime=0) as compressed,
               io.TextIOWrapper(compressed) as out, open(body) as source):
             out.write("%%MatrixMarket matrix coordinate integer general\n")
             out.write(f"{len(var)} {n_cells} {entries}\n")
