@@ -2,61 +2,110 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 validate(config, schema="../config/schemas/config.schema.yaml")
 
 
-def check_setting_combinations():
+# The sections a dataset's entry may override, key by key, for its own results.
+PER_DATASET_SECTIONS = ("filter", "image", "train", "simulate", "qc", "evaluate")
+
+
+def dataset_settings(name):
+    """The settings a dataset runs with: the top-level seed and sections, with the keys its
+    entry overrides (a key replaces the top-level one whole, a cells_per_type mapping too).
+    """
+    entry = config["datasets"][name]
+    settings = {"seed": entry.get("seed", config["seed"])}
+    for section in PER_DATASET_SECTIONS:
+        settings[section] = {**config[section], **entry.get(section, {})}
+    return settings
+
+
+def setting(section, key=None):
+    """A params function: the wildcards' dataset's section of its settings, or one key of it."""
+
+    def of_dataset(wildcards):
+        values = dataset_settings(wildcards.dataset)[section]
+        return values if key is None else values[key]
+
+    return of_dataset
+
+
+def dataset_seed(wildcards):
+    return dataset_settings(wildcards.dataset)["seed"]
+
+
+def check_setting_combinations(settings, where):
     """Combinations the train or simulate job would refuse, refused before any job starts."""
-    loss = config["train"]["reconstruction_loss"]
-    if config["train"]["count_split"] and loss == "mse":
+    train, image, simulate = settings["train"], settings["image"], settings["simulate"]
+    loss = train["reconstruction_loss"]
+    if train["count_split"] and loss == "mse":
         raise ValueError(
-            "config: train.count_split splits each cell's counts between the encoder and the loss; "
+            f"{where}: train.count_split splits each cell's counts between the encoder and the loss; "
             "it needs a count loss (train.reconstruction_loss 'multinomial' or 'negative_binomial')"
         )
-    if config["simulate"]["library_sizes"] == "decoded" and loss != "mse":
+    if simulate["library_sizes"] == "decoded" and loss != "mse":
         raise ValueError(
-            f"config: simulate.library_sizes 'decoded' needs train.reconstruction_loss 'mse'; "
+            f"{where}: simulate.library_sizes 'decoded' needs train.reconstruction_loss 'mse'; "
             f"a {loss} model decodes proportions, not totals"
         )
     if (
-        config["simulate"]["library_sizes"] == "decoded"
-        and config["image"]["scaling"] == "log1p_cp10k_gene_max"
+        simulate["library_sizes"] == "decoded"
+        and image["scaling"] == "log1p_cp10k_gene_max"
     ):
         raise ValueError(
-            "config: simulate.library_sizes 'decoded' cannot be used with image.scaling "
+            f"{where}: simulate.library_sizes 'decoded' cannot be used with image.scaling "
             "'log1p_cp10k_gene_max': its images, and so the decoder, carry no library size"
         )
-    if (
-        config["simulate"]["library_sizes"] == "paired"
-        and config["simulate"]["latent"] != "posterior"
-    ):
+    if simulate["library_sizes"] == "paired" and simulate["latent"] != "posterior":
         raise ValueError(
-            "config: simulate.library_sizes 'paired' takes the library size of the training cell whose "
-            "posterior gives the latent; it needs simulate.latent 'posterior'"
+            f"{where}: simulate.library_sizes 'paired' takes the library size of the training cell "
+            "whose posterior gives the latent; it needs simulate.latent 'posterior'"
         )
     if (
-        config["simulate"]["count_sampling"] == "negative_binomial"
+        simulate["count_sampling"] == "negative_binomial"
         and loss != "negative_binomial"
     ):
         raise ValueError(
-            f"config: simulate.count_sampling 'negative_binomial' needs the dispersions learned with "
+            f"{where}: simulate.count_sampling 'negative_binomial' needs the dispersions learned with "
             f"train.reconstruction_loss 'negative_binomial' (it is {loss!r})"
         )
-
     if (
-        config["simulate"]["calibration"] == "type_moments"
-        and config["simulate"]["count_sampling"] != "poisson"
+        simulate["calibration"] == "type_moments"
+        and simulate["count_sampling"] != "poisson"
     ):
         raise ValueError(
-            f"config: simulate.calibration 'type_moments' draws its own negative binomial in place of "
-            f"simulate.count_sampling 'poisson' (it is {config['simulate']['count_sampling']!r}); "
+            f"{where}: simulate.calibration 'type_moments' draws its own negative binomial in place of "
+            f"simulate.count_sampling 'poisson' (it is {simulate['count_sampling']!r}); "
             f"set simulate.calibration: type_means or type_quantiles to keep that count sampling"
         )
 
 
-check_setting_combinations()
+def check_dataset_settings():
+    """Each dataset's own settings, merged into the top-level ones, against the same schema and
+    combination checks (a dataset's section is validated whole, so a misspelt key is named).
+    """
+    check_setting_combinations(config, "config")
+    for name, entry in config["datasets"].items():
+        if not any(key in entry for key in ("seed", *PER_DATASET_SECTIONS)):
+            continue
+        settings = dataset_settings(name)
+        try:
+            validate(
+                {**config, **settings},
+                schema="../config/schemas/config.schema.yaml",
+                set_default=False,
+            )
+        except WorkflowError as error:
+            raise ValueError(
+                f"config: dataset {name}'s own settings: {error}"
+            ) from None
+        check_setting_combinations(settings, f"config: dataset {name}")
+
+
+check_dataset_settings()
 
 DOWNLOAD_NAMES = {
     "10x_tarball": {"matrix": "matrix.tar.gz", "annotation": "annotation.tsv"},
@@ -250,9 +299,10 @@ def all_outputs():
             f"results/{name}/evaluation/overall.tsv",
             f"results/{name}/model/history.png",
         ]
-        if config["simulate"]["write_table"]:
+        simulate = dataset_settings(name)["simulate"]
+        if simulate["write_table"]:
             outputs.append(f"results/{name}/simulated/simulated_table.h5")
-        if config["simulate"]["write_10x"]:
+        if simulate["write_10x"]:
             outputs.append(f"results/{name}/simulated/simulated_10x")
     return outputs
 

@@ -48,6 +48,6 @@ rule filter:
         exclude_types=lambda wildcards: dataset(wildcards.dataset).get(
             "exclude_types", []
         ),
-        thresholds=config["filter"],
+        thresholds=setting("filter"),
     script:
         "../scripts/filter.py"

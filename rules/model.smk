@@ -13,12 +13,12 @@ rule reshape:
     resources:
         mem_mb=4000,
     params:
-        side=config["image"]["side"],
-        side_multiple=config["train"]["strides"] ** 2,
-        scaling=config["image"]["scaling"],
-        gene_order=config["image"]["gene_order"],
-        test_fraction=config["image"]["test_fraction"],
-        seed=config["seed"],
+        side=setting("image", "side"),
+        side_multiple=lambda wildcards: setting("train", "strides")(wildcards) ** 2,
+        scaling=setting("image", "scaling"),
+        gene_order=setting("image", "gene_order"),
+        test_fraction=setting("image", "test_fraction"),
+        seed=dataset_seed,
     script:
         "../scripts/reshape.py"
 
@@ -48,8 +48,8 @@ rule train:
         mem_mb=8000,
         runtime=240,
     params:
-        settings=config["train"],
-        seed=config["seed"],
+        settings=setting("train"),
+        seed=dataset_seed,
     script:
         "../scripts/train.py"
 
@@ -71,16 +71,16 @@ rule simulate:
     resources:
         mem_mb=4000,
     params:
-        cells_per_type=config["simulate"]["cells_per_type"],
-        cells=config["simulate"]["cells"],
-        batch_size=config["simulate"]["batch_size"],
-        count_sampling=config["simulate"]["count_sampling"],
-        library_sizes=config["simulate"]["library_sizes"],
-        latent=config["simulate"]["latent"],
-        calibration=config["simulate"]["calibration"],
-        origins=config["simulate"]["origins"],
-        write_table=config["simulate"]["write_table"],
-        seed=config["seed"],
+        cells_per_type=setting("simulate", "cells_per_type"),
+        cells=setting("simulate", "cells"),
+        batch_size=setting("simulate", "batch_size"),
+        count_sampling=setting("simulate", "count_sampling"),
+        library_sizes=setting("simulate", "library_sizes"),
+        latent=setting("simulate", "latent"),
+        calibration=setting("simulate", "calibration"),
+        origins=setting("simulate", "origins"),
+        write_table=setting("simulate", "write_table"),
+        seed=dataset_seed,
     script:
         "../scripts/simulate.py"
 

@@ -50,9 +50,9 @@ rule qc:
     resources:
         mem_mb=8000,
     params:
-        seed=config["seed"],
-        max_real_cells=config["qc"]["max_real_cells"],
-        n_markers=config["qc"]["n_markers"],
+        seed=dataset_seed,
+        max_real_cells=setting("qc", "max_real_cells"),
+        n_markers=setting("qc", "n_markers"),
     script:
         "../scripts/qc.py"
 
@@ -94,7 +94,7 @@ rule evaluate:
     resources:
         mem_mb=8000,
     params:
-        settings=config["evaluate"],
-        seed=config["seed"],
+        settings=setting("evaluate"),
+        seed=dataset_seed,
     script:
         "../scripts/evaluate.py"

@@ -147,6 +147,48 @@ def test_other_datasets_from_config_alone_in_their_own_folders(workdir):
         "awkward", "pbmc68k_reduced", "pbmc68k_reduced_louvain"]
 
 
+
+def test_a_dataset_entry_overrides_settings_for_its_own_results(workdir):
+    """A dataset's own seed and sections, merged key by key into the top-level ones, for its jobs only."""
+    assert planned_jobs(workdir, *QUICK_RUN, write_config(workdir / "same.yaml", {
+        "datasets": {"pbmc68k_reduced": {"train": {"epochs": EPOCHS}}}})) == {}  # the quick run's own value
+    assert planned_jobs(workdir, *QUICK_RUN, write_config(workdir / "own_cells.yaml", {
+        "datasets": {"pbmc68k_reduced": {"simulate": {"cells_per_type": CELLS_PER_TYPE + 1}}}})) == {
+        "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1, "all": 1}
+
+    embedded = yaml.safe_load((workdir / "config" / "config.yaml").read_text())["datasets"]["pbmc68k_reduced"]
+    overlay = write_config(workdir / "strict.yaml", {
+        "dataset": ["pbmc68k_reduced", "strict"],
+        "datasets": {"strict": {**embedded, "seed": 2, "filter": {"min_cells_per_gene": 50},
+                                "image": {"side": 32, "test_fraction": 0.5}, "simulate": {"write_10x": False}}},
+    })
+    snakemake(workdir, "results/strict/images/images.h5ad", *QUICK_RUN, overlay)
+    real = ad.read_h5ad(workdir / "results" / "pbmc68k_reduced" / "filtered.h5ad")
+    strict = ad.read_h5ad(workdir / "results" / "strict" / "filtered.h5ad")
+    detected_in = np.asarray((real.X > 0).sum(axis=0)).ravel()
+    assert list(strict.var_names) == list(real.var_names[detected_in >= 50]) and strict.n_obs == real.n_obs
+    store = ad.read_h5ad(workdir / "results" / "strict" / "images" / "images.h5ad", backed="r")
+    assert dict(store.uns["image"]) == {"gene_order": "correlation", "scaling": "log1p_gene_max", "seed": 2,
+                                        "side": 32, "test_fraction": 0.5}
+    # Nothing of the first dataset reruns; the new one trains with the top-level settings and writes no 10x folder.
+    assert planned_jobs(workdir, *QUICK_RUN, overlay) == {
+        "train": 1, "simulate": 1, "original_table": 1, "qc": 1, "evaluate": 1, "all": 1}
+    for folder in ("results", "logs", "benchmarks", "resources/datasets"):
+        shutil.rmtree(workdir / folder / "strict")
+
+
+@pytest.mark.parametrize("own, message", [
+    ({"train": {"epoch": 5}}, "config: dataset pbmc68k_reduced's own settings: Error validating config file."
+                              "\nValidationError: Additional properties are not allowed ('epoch' was unexpected)"),
+    ({"simulate": {"cells_per_type": {}}}, "config: dataset pbmc68k_reduced's own settings"),
+    ({"simulate": {"latent": "prior"}}, "config: dataset pbmc68k_reduced: simulate.library_sizes 'paired' takes"),
+])
+def test_a_dataset_entrys_own_settings_are_checked_before_any_job(workdir, own, message):
+    overlay = write_config(workdir / "own.yaml", {"datasets": {"pbmc68k_reduced": own}})
+    result = snakemake(workdir, "--dry-run", *QUICK_RUN, overlay, check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+
+
 def test_missing_local_source_fails_before_any_job(workdir):
     overlay = write_config(workdir / "missing.yaml", {
         "dataset": "absent",
