@@ -408,6 +408,7 @@ def test_lint_format_and_report(workdir):
     snakemake(workdir, *QUICK_RUN, "--report", "report.html")
     html = (workdir / "report.html").read_text(errors="replace")
     assert "umap.png" in html and "history.png" in html
+    assert f"<li>pbmc68k_reduced: {CELLS_PER_TYPE} cells per cell type.</li>" in html
 
 
 def test_original_preset_runs_the_original_design_end_to_end(tmp_path):
