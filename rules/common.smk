@@ -304,7 +304,7 @@ def all_outputs():
             outputs.append(f"results/{name}/simulated/simulated_table.h5")
         if simulate["write_10x"]:
             outputs.append(f"results/{name}/simulated/simulated_10x")
-    return outputs
+    return outputs + ["results/overall_by_dataset.tsv"]
 
 
 wildcard_constraints:

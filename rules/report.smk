@@ -1,3 +1,7 @@
+localrules:
+    compare_datasets,
+
+
 rule qc:
     input:
         real="results/{dataset}/filtered.h5ad",
@@ -98,3 +102,25 @@ rule evaluate:
         seed=dataset_seed,
     script:
         "../scripts/evaluate.py"
+
+
+rule compare_datasets:
+    input:
+        expand("results/{dataset}/evaluation/overall.tsv", dataset=selected_datasets()),
+    output:
+        report(
+            "results/overall_by_dataset.tsv",
+            caption="../report/overall_by_dataset.rst",
+            category="1. Realism",
+            subcategory="all datasets",
+        ),
+    log:
+        "logs/compare_datasets.log",
+    benchmark:
+        "benchmarks/compare_datasets.tsv"
+    conda:
+        "../envs/scanpy.yaml"
+    params:
+        datasets=selected_datasets(),
+    script:
+        "../scripts/compare_datasets.py"

@@ -111,6 +111,34 @@ def scored():
     return real, is_test, copies, settings, evaluate(real, is_test, copies, settings)
 
 
+def test_datasets_overall_tables_are_compared_metric_by_metric(scored, tmp_path):
+    from cvaesim import InputError
+    from cvaesim.steps import compare_datasets
+
+    metrics = scored[-1].metrics
+    with_floor = overall_table(metrics).reset_index()
+    without_floor = overall_table(metrics[metrics["source"] != TRAINING]).reset_index()
+    without_floor[["cvae", "nb"]] += 1  # another dataset's scores
+    paths = []
+    for name, table in (("a.tsv", without_floor), ("b.tsv", with_floor)):
+        table.to_csv(tmp_path / name, sep="\t", index=False, float_format="%.6g")
+        paths.append(str(tmp_path / name))
+    compare_datasets(paths, ["zeta", "alpha"], str(tmp_path / "compared.tsv"))
+    compared = pd.read_csv(tmp_path / "compared.tsv", sep="\t")
+    assert list(compared.columns) == ["metric", "dataset", "cvae", "nb", "poisson", TRAINING, CONTROL]
+    assert list(compared["metric"]) == [metric for metric in sorted(METRICS) for _ in range(2)]
+    assert list(compared["dataset"]) == ["zeta", "alpha"] * len(METRICS)  # in the order given, not sorted
+    for name, table in (("zeta", without_floor), ("alpha", with_floor)):
+        rows = compared[compared["dataset"] == name].set_index("metric")
+        assert np.allclose(rows["cvae"], table.set_index("metric")["cvae"], rtol=1e-5, equal_nan=True), name
+    assert compared.loc[compared["dataset"] == "zeta", TRAINING].isna().all()
+    assert compared.loc[compared["dataset"] == "alpha", TRAINING].notna().any()
+
+    metrics.to_csv(tmp_path / "metrics.tsv", sep="\t", index=False)  # the per-type table, not the overall one
+    with pytest.raises(InputError, match=r"metrics.tsv: not an overall realism table \(columns source, cell_type"):
+        compare_datasets([paths[0], str(tmp_path / "metrics.tsv")], ["zeta", "alpha"], str(tmp_path / "bad.tsv"))
+    assert not (tmp_path / "bad.tsv").exists()
+
 def test_evaluation_scores_every_source_type_and_metric(scored):
     real, is_test, copies, settings, result = scored
     metrics = result.metrics

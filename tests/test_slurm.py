@@ -148,7 +148,7 @@ def test_workflow_runs_on_slurm_like_locally(slurm_cluster, workdir, tmp_path):
     result = snakemake(cluster_copy, "--profile", str(cluster_copy / "tests" / "slurm"), *QUICK_RUN)
     records = jobs_by_rule()
     assert CLUSTER_RULES <= set(records), (set(records), result.stdout[-3000:])
-    assert "download" not in records  # a local rule: it runs on the submit host
+    assert "download" not in records and "compare_datasets" not in records  # local rules: on the submit host
     assert "gpu:1" in records["train"] or "gpu=1" in records["train"], records["train"]
     assert all("JobState=COMPLETED" in records[rule] for rule in CLUSTER_RULES)
 

@@ -93,14 +93,14 @@ def test_only_what_changed_reruns(workdir):
     assert planned_jobs(workdir, *base) == {}
     more_cells = write_config(workdir / "more_cells.yaml", {"simulate": {"cells_per_type": CELLS_PER_TYPE + 1}})
     assert planned_jobs(workdir, *base, more_cells) == {
-        "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1, "all": 1}
+        "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1, "compare_datasets": 1, "all": 1}
     mix = write_config(workdir / "mix.yaml", {"simulate": {"cells_per_type": {"CD14+ Monocyte": 50, "CD19+ B": 0}}})
     assert planned_jobs(workdir, *base, mix) == {
-        "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1, "all": 1}
+        "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1, "compare_datasets": 1, "all": 1}
     stricter = write_config(workdir / "stricter.yaml", {"filter": {"min_cells_per_gene": 5}})
     assert planned_jobs(workdir, *base, stricter) == {
         "filter": 1, "reshape": 1, "train": 1, "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1,
-        "evaluate": 1, "all": 1}
+        "evaluate": 1, "compare_datasets": 1, "all": 1}
     # A local source edited in place is copied again, and what follows reruns; put back, nothing does.
     annotation = workdir / "resources/embedded/pbmc68k_reduced_barcodes_annotation.tsv"
     original, times = annotation.read_bytes(), annotation.stat()
@@ -108,7 +108,7 @@ def test_only_what_changed_reruns(workdir):
     try:
         assert planned_jobs(workdir, *base) == {"download": 1, "filter": 1, "reshape": 1, "train": 1, "simulate": 1,
                                                 "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1,
-                                                "all": 1}
+                                                "compare_datasets": 1, "all": 1}
     finally:
         annotation.write_bytes(original)
         os.utime(annotation, ns=(times.st_atime_ns, times.st_mtime_ns))
@@ -143,18 +143,25 @@ def test_other_datasets_from_config_alone_in_their_own_folders(workdir):
     assert set(summary["cell_type"]) == set(AWKWARD_TYPES)
     # The first dataset's results were neither rerun nor touched.
     assert {path: path.stat().st_mtime for path in first_run} == first_run
-    assert sorted(p.name for p in (workdir / "results").iterdir()) == [
+    assert sorted(p.name for p in (workdir / "results").iterdir() if p.is_dir()) == [
         "awkward", "pbmc68k_reduced", "pbmc68k_reduced_louvain"]
+    # The run's datasets' overall tables in one, by metric.
+    compared = pd.read_csv(workdir / "results" / "overall_by_dataset.tsv", sep="\t")
+    assert list(compared["dataset"][:2]) == ["pbmc68k_reduced_louvain", "awkward"]
+    for name, rows in compared.groupby("dataset"):
+        own = pd.read_csv(workdir / "results" / name / "evaluation" / "overall.tsv", sep="\t")
+        assert rows.drop(columns="dataset").reset_index(drop=True).equals(own[rows.columns.drop("dataset")]), name
 
 
 
 def test_a_dataset_entry_overrides_settings_for_its_own_results(workdir):
     """A dataset's own seed and sections, merged key by key into the top-level ones, for its jobs only."""
+    snakemake(workdir, *QUICK_RUN)  # the comparison table back to this run's one dataset, after other tests'
     assert planned_jobs(workdir, *QUICK_RUN, write_config(workdir / "same.yaml", {
         "datasets": {"pbmc68k_reduced": {"train": {"epochs": EPOCHS}}}})) == {}  # the quick run's own value
     assert planned_jobs(workdir, *QUICK_RUN, write_config(workdir / "own_cells.yaml", {
         "datasets": {"pbmc68k_reduced": {"simulate": {"cells_per_type": CELLS_PER_TYPE + 1}}}})) == {
-        "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1, "all": 1}
+        "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1, "compare_datasets": 1, "all": 1}
 
     embedded = yaml.safe_load((workdir / "config" / "config.yaml").read_text())["datasets"]["pbmc68k_reduced"]
     overlay = write_config(workdir / "strict.yaml", {
@@ -172,7 +179,7 @@ def test_a_dataset_entry_overrides_settings_for_its_own_results(workdir):
                                         "side": 32, "test_fraction": 0.5}
     # Nothing of the first dataset reruns; the new one trains with the top-level settings and writes no 10x folder.
     assert planned_jobs(workdir, *QUICK_RUN, overlay) == {
-        "train": 1, "simulate": 1, "original_table": 1, "qc": 1, "evaluate": 1, "all": 1}
+        "train": 1, "simulate": 1, "original_table": 1, "qc": 1, "evaluate": 1, "compare_datasets": 1, "all": 1}
     for folder in ("results", "logs", "benchmarks", "resources/datasets"):
         shutil.rmtree(workdir / folder / "strict")
 

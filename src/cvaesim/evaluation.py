@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CONTROL = "real_vs_real"
 TRAINING = "training_cells"
+SOURCES = ("cvae", "nb", "poisson", TRAINING, CONTROL)  # the overall tables' column order
 MAX_PCA_GENES = 2_000
 BASELINE_BLOCK = 256  # cells drawn at a time by the baselines
 PROPERTIES = ["library_size", "detected_genes", "cell_fraction_zeros", "gene_mean_log2cpm", "gene_variance_log2cpm",
@@ -443,5 +444,19 @@ def overall_table(metrics: pd.DataFrame) -> pd.DataFrame:
     overall = metrics[metrics["cell_type"] == "overall"].pivot(index="metric", columns="source", values="value")
     # Every metric and simulator has its row and column, NaN where no cell type could be scored.
     scored = set(metrics["source"])
-    sources = [name for name in ("cvae", "nb", "poisson", TRAINING, CONTROL) if name != TRAINING or name in scored]
+    sources = [name for name in SOURCES if name != TRAINING or name in scored]
     return overall.reindex(index=pd.Index(sorted(METRICS), name="metric"), columns=pd.Index(sources, name="source"))
+
+
+def datasets_table(overall_tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Several datasets' overall tables in one, a row per metric and dataset (the datasets of a metric
+    together, in the order given), for comparing datasets, settings or seeds side by side."""
+    if not overall_tables:
+        raise ValueError("no dataset's overall table to compare")
+    stacked = pd.concat({name: table.set_index("metric") for name, table in overall_tables.items()},
+                        names=["dataset", "metric"]).reset_index()
+    order = {name: position for position, name in enumerate(overall_tables)}
+    stacked = stacked.sort_values(["metric", "dataset"], key=lambda column: column.map(order)
+                                  if column.name == "dataset" else column, kind="stable")
+    sources = [name for name in SOURCES if name in stacked.columns]
+    return stacked[["metric", "dataset", *sources]].reset_index(drop=True)

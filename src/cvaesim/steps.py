@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
+import pandas as pd
 
 from . import InputError
 from .download import fetch, sha256_of
@@ -227,3 +228,21 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
         plot_per_type(result.metrics, temporary, result.cells)
     with atomic_output(outputs["mean_variance"]) as temporary:
         plot_mean_variance(result.gene_statistics, temporary)
+
+
+def compare_datasets(overall_tables: Sequence[str], datasets: Sequence[str], output: str) -> None:
+    """The selected datasets' overall realism tables in one, by metric (columns the sources scored in any)."""
+    from .evaluation import datasets_table
+
+    if len(overall_tables) != len(datasets):
+        raise ValueError(f"{len(overall_tables)} overall tables for {len(datasets)} datasets")
+    tables = {}
+    for name, path in zip(datasets, overall_tables):
+        table = pd.read_csv(path, sep="\t")
+        if not {"metric", "cvae"} <= set(table.columns) or "cell_type" in table.columns:
+            raise InputError(f"{path}: not an overall realism table (columns {', '.join(table.columns)}); "
+                             f"rerun the evaluate rule")
+        tables[name] = table
+    log.info("the overall tables of %d datasets in one: %s", len(tables), ", ".join(tables))
+    with atomic_output(output) as temporary:
+        datasets_table(tables).to_csv(temporary, sep="\t", index=False, float_format="%.6g")
