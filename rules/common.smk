@@ -72,6 +72,12 @@ def check_setting_combinations(settings, where):
             f"{where}: simulate.count_sampling 'negative_binomial' needs the dispersions learned with "
             f"train.reconstruction_loss 'negative_binomial' (it is {loss!r})"
         )
+    if simulate["cells"] is not None and isinstance(simulate["cells_per_type"], dict):
+        raise ValueError(
+            f"{where}: simulate.cells ({simulate['cells']} cells split as the real cells are) and a "
+            "simulate.cells_per_type mapping each say how many cells of which type; set simulate.cells: "
+            "null to simulate the mapping's cells"
+        )
     if (
         simulate["calibration"] == "type_moments"
         and simulate["count_sampling"] != "poisson"

@@ -184,14 +184,17 @@ def test_a_dataset_entry_overrides_settings_for_its_own_results(workdir):
         shutil.rmtree(workdir / folder / "strict")
 
 
-@pytest.mark.parametrize("own, message", [
-    ({"train": {"epoch": 5}}, "config: dataset pbmc68k_reduced's own settings: Error validating config file."
-                              "\nValidationError: Additional properties are not allowed ('epoch' was unexpected)"),
-    ({"simulate": {"cells_per_type": {}}}, "config: dataset pbmc68k_reduced's own settings"),
-    ({"simulate": {"latent": "prior"}}, "config: dataset pbmc68k_reduced: simulate.library_sizes 'paired' takes"),
+@pytest.mark.parametrize("top, own, message", [
+    ({}, {"train": {"epoch": 5}}, "config: dataset pbmc68k_reduced's own settings: Error validating config file."
+                                  "\nValidationError: Additional properties are not allowed ('epoch' was unexpected)"),
+    ({}, {"simulate": {"cells_per_type": {}}}, "config: dataset pbmc68k_reduced's own settings"),
+    ({}, {"simulate": {"latent": "prior"}}, "config: dataset pbmc68k_reduced: simulate.library_sizes 'paired' takes"),
+    # The top-level total and the dataset's own mix: refused, not the mix silently ignored.
+    ({"simulate": {"cells": 500}}, {"simulate": {"cells_per_type": {"CD19+ B": 5}}},
+     "config: dataset pbmc68k_reduced: simulate.cells (500 cells"),
 ])
-def test_a_dataset_entrys_own_settings_are_checked_before_any_job(workdir, own, message):
-    overlay = write_config(workdir / "own.yaml", {"datasets": {"pbmc68k_reduced": own}})
+def test_a_dataset_entrys_own_settings_are_checked_before_any_job(workdir, top, own, message):
+    overlay = write_config(workdir / "own.yaml", {**top, "datasets": {"pbmc68k_reduced": own}})
     result = snakemake(workdir, "--dry-run", *QUICK_RUN, overlay, check=False)
     assert result.returncode != 0 and message in result.stdout + result.stderr
 
@@ -327,6 +330,8 @@ def test_invalid_config_is_refused_with_the_key(workdir):
     ({"simulate": {"library_sizes": "paired", "latent": "prior"}},
      "simulate.library_sizes 'paired' takes the library size of the training cell whose posterior"),
     ({"train": {"reconstruction_loss": "mse", "count_split": 0.5}}, "train.count_split splits each cell's counts"),
+    ({"simulate": {"cells": 500, "cells_per_type": {"CD19+ B": 5}}},
+     "simulate.cells (500 cells split as the real cells are) and a simulate.cells_per_type mapping each say"),
 ])
 def test_settings_a_job_would_refuse_are_refused_before_training(workdir, settings, message):
     overlay = write_config(workdir / "mismatch.yaml", {"train": {"reconstruction_loss": "multinomial"}, **settings})
