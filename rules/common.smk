@@ -90,17 +90,18 @@ def check_setting_combinations(settings, where):
 
 
 def check_dataset_settings():
-    """Each dataset's own settings, merged into the top-level ones, against the same schema and
-    combination checks (a dataset's section is validated whole, so a misspelt key is named).
+    """Each selected dataset's own settings, merged into the top-level ones, against the same schema
+    and combination checks (a dataset's section is validated whole, so a misspelt key is named).
     """
     check_setting_combinations(config, "config")
-    for name, entry in config["datasets"].items():
+    for name in selected_datasets():
+        entry = config["datasets"][name]
         if not any(key in entry for key in ("seed", *PER_DATASET_SECTIONS)):
             continue
         settings = dataset_settings(name)
         try:
-            validate(
-                {**config, **settings},
+            validate(  # with this dataset's entry alone: validating all of them for each would be quadratic
+                {**config, "datasets": {name: entry}, **settings},
                 schema="../config/schemas/config.schema.yaml",
                 set_default=False,
             )
@@ -110,8 +111,6 @@ def check_dataset_settings():
             ) from None
         check_setting_combinations(settings, f"config: dataset {name}")
 
-
-check_dataset_settings()
 
 DOWNLOAD_NAMES = {
     "10x_tarball": {"matrix": "matrix.tar.gz", "annotation": "annotation.tsv"},
@@ -136,6 +135,9 @@ def selected_datasets():
             f"({', '.join(config['datasets'])})"
         )
     return names
+
+
+check_dataset_settings()
 
 
 def dataset(name):
