@@ -219,6 +219,32 @@ def test_runs_from_another_directory_with_the_example_data_it_ships(workdir, tmp
     assert (tmp_path / "resources" / "datasets" / "pbmc68k_reduced" / "matrix.tar.gz").is_file()
 
 
+
+def test_runs_as_a_module_of_another_workflow_with_its_own_settings(workdir, tmp_path):
+    """Snakemake's module system, as a catalog workflow is deployed: the user's Snakefile and config only."""
+    shutil.copytree(workdir / "config", tmp_path / "config")
+    (tmp_path / "Snakefile").write_text(f"""configfile: "config/config.yaml"
+
+
+module cvaesim:
+    snakefile:
+        "{workdir / 'Snakefile'}"
+    config:
+        config
+
+
+use rule * from cvaesim
+""")
+    own = write_config(tmp_path / "own.yaml", {"datasets": {"pbmc68k_reduced": {"filter": {"min_cells_per_gene": 50}}}})
+    snakemake(tmp_path, "results/pbmc68k_reduced/filtered.h5ad", "--configfile", "config/config.yaml", own)
+    filtered = ad.read_h5ad(tmp_path / "results" / "pbmc68k_reduced" / "filtered.h5ad")
+    shipped = ad.read_h5ad(workdir / "results" / "pbmc68k_reduced" / "filtered.h5ad")
+    detected_in = np.asarray((shipped.X > 0).sum(axis=0)).ravel()
+    assert list(filtered.var_names) == list(shipped.var_names[detected_in >= 50])
+    assert planned_jobs(tmp_path, "--configfile", "config/config.yaml", own) == {
+        "reshape": 1, "train": 1, "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1,
+        "compare_datasets": 1, "all": 1}
+
 def test_a_source_under_the_home_directory_may_be_written_with_a_tilde(workdir, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     cells = random_counts(60, 40, AWKWARD_TYPES, seed=6)
