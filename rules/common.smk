@@ -134,6 +134,12 @@ def selected_datasets():
             f"config: dataset {', '.join(unknown)} is not among the datasets "
             f"({', '.join(config['datasets'])})"
         )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"config: dataset lists {', '.join(repeated)} more than once; each dataset's "
+            f"results are made once (for a replicate, add an entry with its own seed)"
+        )
     return names
 
 

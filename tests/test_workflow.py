@@ -342,6 +342,10 @@ def test_invalid_config_is_refused_with_the_key(workdir):
     result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay, check=False)
     assert result.returncode != 0
     assert "gaussian" in result.stdout + result.stderr
+    twice = write_config(workdir / "twice.yaml", {"dataset": ["pbmc68k_reduced", "pbmc68k_reduced"]})
+    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", twice, check=False)
+    assert result.returncode != 0
+    assert "config: dataset lists pbmc68k_reduced more than once" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("settings, message", [
