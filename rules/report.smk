@@ -108,8 +108,14 @@ rule compare_datasets:
     input:
         expand("results/{dataset}/evaluation/overall.tsv", dataset=selected_datasets()),
     output:
-        report(
+        table=report(
             "results/overall_by_dataset.tsv",
+            caption="../report/overall_by_dataset.rst",
+            category="1. Realism",
+            subcategory="all datasets",
+        ),
+        figure=report(
+            "results/overall_by_dataset.png",
             caption="../report/overall_by_dataset.rst",
             category="1. Realism",
             subcategory="all datasets",

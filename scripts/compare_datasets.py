@@ -6,5 +6,5 @@ log_to_file(snakemake.log[0])
 compare_datasets(
     overall_tables=list(snakemake.input),
     datasets=snakemake.params.datasets,
-    output=snakemake.output[0],
+    outputs=dict(snakemake.output.items()),
 )

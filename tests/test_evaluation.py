@@ -111,7 +111,7 @@ def scored():
     return real, is_test, copies, settings, evaluate(real, is_test, copies, settings)
 
 
-def test_datasets_overall_tables_are_compared_metric_by_metric(scored, tmp_path):
+def test_datasets_overall_tables_are_compared_metric_by_metric(scored, tmp_path, monkeypatch):
     from cvaesim import InputError
     from cvaesim.steps import compare_datasets
 
@@ -123,7 +123,15 @@ def test_datasets_overall_tables_are_compared_metric_by_metric(scored, tmp_path)
     for name, table in (("a.tsv", without_floor), ("b.tsv", with_floor)):
         table.to_csv(tmp_path / name, sep="\t", index=False, float_format="%.6g")
         paths.append(str(tmp_path / name))
-    compare_datasets(paths, ["zeta", "alpha"], str(tmp_path / "compared.tsv"))
+    monkeypatch.setattr("cvaesim.plots.plt.close", lambda figure: None)  # keep the figure to read its axes
+    compare_datasets(paths, ["zeta", "alpha"], {"table": str(tmp_path / "compared.tsv"),
+                                                "figure": str(tmp_path / "compared.png")})
+    axes = plt.gcf().axes
+    shown = [tick.get_text() for tick in axes[-1].get_xticklabels()]
+    sources = axes[0].get_legend_handles_labels()[1]
+    plt.close("all")
+    assert shown == ["zeta", "alpha"] and sources == ["cvae", "nb", "poisson", CONTROL, TRAINING]
+    assert (tmp_path / "compared.png").stat().st_size > 10_000
     compared = pd.read_csv(tmp_path / "compared.tsv", sep="\t")
     assert list(compared.columns) == ["metric", "dataset", "cvae", "nb", "poisson", TRAINING, CONTROL]
     assert list(compared["metric"]) == [metric for metric in sorted(METRICS) for _ in range(2)]
@@ -136,8 +144,9 @@ def test_datasets_overall_tables_are_compared_metric_by_metric(scored, tmp_path)
 
     metrics.to_csv(tmp_path / "metrics.tsv", sep="\t", index=False)  # the per-type table, not the overall one
     with pytest.raises(InputError, match=r"metrics.tsv: not an overall realism table \(columns source, cell_type"):
-        compare_datasets([paths[0], str(tmp_path / "metrics.tsv")], ["zeta", "alpha"], str(tmp_path / "bad.tsv"))
-    assert not (tmp_path / "bad.tsv").exists()
+        compare_datasets([paths[0], str(tmp_path / "metrics.tsv")], ["zeta", "alpha"],
+                         {"table": str(tmp_path / "bad.tsv"), "figure": str(tmp_path / "bad.png")})
+    assert not (tmp_path / "bad.tsv").exists() and not (tmp_path / "bad.png").exists()
 
 def test_evaluation_scores_every_source_type_and_metric(scored):
     real, is_test, copies, settings, result = scored

@@ -147,6 +147,7 @@ def test_other_datasets_from_config_alone_in_their_own_folders(workdir):
         "awkward", "pbmc68k_reduced", "pbmc68k_reduced_louvain"]
     # The run's datasets' overall tables in one, by metric.
     compared = pd.read_csv(workdir / "results" / "overall_by_dataset.tsv", sep="\t")
+    assert (workdir / "results" / "overall_by_dataset.png").stat().st_size > 10_000
     assert list(compared["dataset"][:2]) == ["pbmc68k_reduced_louvain", "awkward"]
     for name, rows in compared.groupby("dataset"):
         own = pd.read_csv(workdir / "results" / name / "evaluation" / "overall.tsv", sep="\t")

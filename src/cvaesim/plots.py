@@ -30,30 +30,49 @@ def plot_history(history: pd.DataFrame, path, warning: str | None = None) -> Non
     plt.close(figure)
 
 
+PANEL_METRICS = ("rf_auc", "mmd", "fidelity_accuracy", "ks_library_size", "marker_correlation", "memorisation_ratio")
+
+
 def plot_per_type(metrics: pd.DataFrame, path, cells: pd.DataFrame | None = None,
-                  names: tuple[str, ...] = ("rf_auc", "mmd", "fidelity_accuracy", "ks_library_size",
-                                            "marker_correlation", "memorisation_ratio")) -> None:
+                  names: tuple[str, ...] = PANEL_METRICS) -> None:
     """One panel per metric: each cell type's value for the model, the baselines and the control;
     ``cells`` (training and test cells per type) goes under each type's name."""
-    per_type = metrics[metrics["cell_type"] != "overall"]
-    cell_types = list(dict.fromkeys(per_type["cell_type"]))  # in the evaluation's order, which is the data's
-    figure, axes = plt.subplots(len(names), 1, figsize=(max(8, 0.9 * len(cell_types)), 2.6 * len(names)),
-                                sharex=True)
-    for axis, name in zip(axes, names):
-        table = (per_type[per_type["metric"] == name].pivot(index="cell_type", columns="source", values="value")
-                 .reindex(cell_types))
-        if not table.empty:
-            table.plot.bar(ax=axis, width=0.8, legend=False)
-        axis.set_ylabel(name.replace("_", " "))
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:  # beside the panels, where it hides no bar
-        axes[0].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), title="source")
+    figure, axes = metric_panels(metrics[metrics["cell_type"] != "overall"], "cell_type", names)
     if cells is not None:
         names_shown = [tick.get_text() for tick in axes[-1].get_xticklabels()]
         axes[-1].set_xticks(axes[-1].get_xticks(), [
             f"{name}\n{cells.loc[name, 'training']} training, {cells.loc[name, 'test']} test" if name in cells.index
             else name for name in names_shown])
         axes[-1].set_xlabel("cell type")
+    save_panels(figure, axes, path)
+
+
+def plot_by_dataset(table: pd.DataFrame, path, names: tuple[str, ...] = PANEL_METRICS) -> None:
+    """The compared datasets' overall table (a row per metric and dataset, a column per source) as
+    panels: each dataset's value for the model, the baselines and the control."""
+    scores = table.melt(id_vars=["metric", "dataset"], var_name="source", value_name="value")
+    figure, axes = metric_panels(scores, "dataset", names)
+    axes[-1].set_xlabel("dataset")
+    save_panels(figure, axes, path)
+
+
+def metric_panels(scores: pd.DataFrame, group: str, names: tuple[str, ...]):
+    """A bar panel per metric of ``scores`` (columns ``group``, source, metric, value), the groups in the
+    order they come (the data's cell types, the run's datasets), the sources side by side."""
+    groups = list(dict.fromkeys(scores[group]))
+    figure, axes = plt.subplots(len(names), 1, figsize=(max(8, 0.9 * len(groups)), 2.6 * len(names)), sharex=True)
+    for axis, name in zip(axes, names):
+        table = scores[scores["metric"] == name].pivot(index=group, columns="source", values="value").reindex(groups)
+        if not table.empty:
+            table.plot.bar(ax=axis, width=0.8, legend=False)
+        axis.set_ylabel(name.replace("_", " "))
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # beside the panels, where it hides no bar
+        axes[0].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), title="source")
+    return figure, axes
+
+
+def save_panels(figure, axes, path) -> None:
     axes[-1].tick_params(axis="x", labelrotation=60)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

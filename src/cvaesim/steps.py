@@ -230,9 +230,11 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
         plot_mean_variance(result.gene_statistics, temporary)
 
 
-def compare_datasets(overall_tables: Sequence[str], datasets: Sequence[str], output: str) -> None:
-    """The selected datasets' overall realism tables in one, by metric (columns the sources scored in any)."""
+def compare_datasets(overall_tables: Sequence[str], datasets: Sequence[str], outputs: dict) -> None:
+    """The selected datasets' overall realism tables in one, by metric (columns the sources scored in any),
+    and as a figure."""
     from .evaluation import datasets_table
+    from .plots import plot_by_dataset
 
     if len(overall_tables) != len(datasets):
         raise ValueError(f"{len(overall_tables)} overall tables for {len(datasets)} datasets")
@@ -244,5 +246,8 @@ def compare_datasets(overall_tables: Sequence[str], datasets: Sequence[str], out
                              f"rerun the evaluate rule")
         tables[name] = table
     log.info("the overall tables of %d datasets in one: %s", len(tables), ", ".join(tables))
-    with atomic_output(output) as temporary:
-        datasets_table(tables).to_csv(temporary, sep="\t", index=False, float_format="%.6g")
+    compared = datasets_table(tables)
+    with atomic_output(outputs["table"]) as temporary:
+        compared.to_csv(temporary, sep="\t", index=False, float_format="%.6g")
+    with atomic_output(outputs["figure"]) as temporary:
+        plot_by_dataset(compared, temporary)
