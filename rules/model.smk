@@ -14,7 +14,7 @@ rule reshape:
         mem_mb=4000,
     params:
         side=setting("image", "side"),
-        side_multiple=lambda wildcards: setting("train", "strides")(wildcards) ** 2,
+        side_multiple=lambda w: dataset_settings(w.dataset)["train"]["strides"] ** 2,
         scaling=setting("image", "scaling"),
         gene_order=setting("image", "gene_order"),
         test_fraction=setting("image", "test_fraction"),
