@@ -41,6 +41,11 @@ def check_setting_combinations(settings, where):
     """Combinations the train or simulate job would refuse, refused before any job starts."""
     train, image, simulate = settings["train"], settings["image"], settings["simulate"]
     loss = train["reconstruction_loss"]
+    if image["side"] is not None and image["side"] % train["strides"] ** 2:
+        raise ValueError(
+            f"{where}: image.side {image['side']} must be a multiple of train.strides squared "
+            f"({train['strides'] ** 2}): the encoder's two strided convolutions each divide the side by the stride"
+        )
     if train["count_split"] and loss == "mse":
         raise ValueError(
             f"{where}: train.count_split splits each cell's counts between the encoder and the loss; "

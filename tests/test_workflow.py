@@ -361,6 +361,7 @@ def test_invalid_config_is_refused_with_the_key(workdir):
     ({"simulate": {"library_sizes": "paired", "latent": "prior"}},
      "simulate.library_sizes 'paired' takes the library size of the training cell whose posterior"),
     ({"train": {"reconstruction_loss": "mse", "count_split": 0.5}}, "train.count_split splits each cell's counts"),
+    ({"image": {"side": 30}}, "image.side 30 must be a multiple of train.strides squared (4)"),
     ({"simulate": {"cells": 500, "cells_per_type": {"CD19+ B": 5}}},
      "simulate.cells (500 cells split as the real cells are) and a simulate.cells_per_type mapping each say"),
 ])
