@@ -449,10 +449,13 @@ def test_lint_format_and_report(workdir):
     snakefmt = shutil.which("snakefmt", path=str(Path(sys.executable).parent))
     formatting = subprocess.run([snakefmt, "--check", "."], cwd=workdir, capture_output=True, text=True)
     assert formatting.returncode == 0, formatting.stderr
-    snakemake(workdir, *QUICK_RUN, "--report", "report.html")
+    # A dataset's own settings (here the quick run's values again, so nothing reruns) are listed with its cells.
+    own = write_config(workdir / "own_report.yaml", {"datasets": {"pbmc68k_reduced": {"qc": {"max_real_cells": 400}}}})
+    snakemake(workdir, *QUICK_RUN, own, "--report", "report.html")
     html = (workdir / "report.html").read_text(errors="replace")
     assert "umap.png" in html and "history.png" in html
-    assert f"<li>pbmc68k_reduced: {CELLS_PER_TYPE} cells per cell type.</li>" in html
+    assert (f"<li>pbmc68k_reduced: {CELLS_PER_TYPE} cells per cell type; "
+            '<tt class=\\"docutils literal\\">qc.max_real_cells</tt>: 400.</li>') in html
 
 
 def test_original_preset_runs_the_original_design_end_to_end(tmp_path):
