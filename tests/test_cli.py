@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -32,6 +33,7 @@ def trained(tmp_path_factory):
     cells.obs["cell_type"] = pd.Categorical(cells.obs["cell_type"])
     store = build_image_store(cells, None, "log1p_gene_max", 0.4, seed=0)
     store.write_h5ad(folder / "images.h5ad")
+    cells.write_h5ad(folder / "filtered.h5ad")  # the real cells, for scoring
     ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, seed=0).save(folder / "cvae.keras")
     return folder
 
@@ -323,6 +325,40 @@ def test_a_file_that_is_no_whole_model_or_store_is_refused_naming_it(trained, tm
     assert not (tmp_path / "x.h5ad").exists()
 
 
+
+def test_evaluate_scores_cells_from_the_command_line_as_the_rule_does(trained, tmp_path, capsys):
+    cells = tmp_path / "cells.h5ad"
+    assert run(trained, "--output", str(cells), "--cells-per-type", "15") == 0
+    real, store = str(trained / "filtered.h5ad"), str(trained / "images.h5ad")
+    scores = tmp_path / "scores"
+    assert main(["evaluate", "--real", real, "--store", store, "--simulated", str(cells), "--output", str(scores),
+                 "--seed", "2", "--repeats", "2", "--training-cells", "--max-cells-per-type", "40"]) == 0
+    assert sorted(path.name for path in scores.iterdir()) == sorted(steps.EVALUATION_FILES.values())
+    # The evaluate rule's step with the same settings writes the same tables.
+    rule = {name: str(tmp_path / "rule" / file) for name, file in steps.EVALUATION_FILES.items()}
+    steps.evaluate(real, store, str(cells), rule, {"repeats": 2, "training_cells": True, "max_cells_per_type": 40},
+                   seed=2)
+    for name in ("overall", "metrics", "json", "confusion"):
+        assert (scores / steps.EVALUATION_FILES[name]).read_bytes() == Path(rule[name]).read_bytes(), name
+    overall = pd.read_csv(scores / "overall.tsv", sep="\t", index_col="metric")
+    assert list(overall.columns) == ["cvae", "nb", "poisson", "training_cells", "real_vs_real"]
+
+    # Cells of another gene set or of unknown types are refused, naming the file; a 10x folder too.
+    fewer_genes = ad.read_h5ad(cells)[:, :40].copy()
+    fewer_genes.write_h5ad(tmp_path / "fewer_genes.h5ad")
+    renamed = ad.read_h5ad(cells)
+    renamed.obs["cell_type"] = "Platelet"
+    renamed.write_h5ad(tmp_path / "renamed.h5ad")
+    assert run(trained, "--output", str(tmp_path / "tenx"), "--cells-per-type", "5") == 0
+    capsys.readouterr()
+    for simulated, message in [("fewer_genes.h5ad", "fewer_genes.h5ad: its genes are not those of"),
+                               ("renamed.h5ad", "renamed.h5ad: cell types ['Platelet'] are not among those of"),
+                               ("tenx", "tenx: a folder; --simulated is an .h5ad file (a 10x folder cannot be scored")]:
+        assert main(["evaluate", "--real", real, "--store", store, "--simulated", str(tmp_path / simulated),
+                     "--output", str(tmp_path / f"{simulated}_scores")]) == 2
+        assert message in capsys.readouterr().err, simulated
+        assert not (tmp_path / f"{simulated}_scores" / "overall.tsv").exists()
+
 def test_help_and_refused_requests_come_without_loading_tensorflow(tmp_path):
     # TensorFlow takes seconds to load; the command line loads it only to simulate.
     def run(arguments: list[str]) -> subprocess.CompletedProcess:
@@ -336,6 +372,8 @@ def test_help_and_refused_requests_come_without_loading_tensorflow(tmp_path):
     paths = ["--model", "m.keras", "--store", "s.h5ad"]
     result = run(["simulate", "--help"])
     assert result.stdout.split()[-2:] == ["0", "False"] and "--cells-per-type" in result.stdout
+    result = run(["evaluate", "--help"])
+    assert result.stdout.split()[-2:] == ["0", "False"] and "--training-cells" in result.stdout
     result = run(["simulate", *paths, "--output", "o.h5ad", "--cells", "0"])
     assert result.stdout.split() == ["2", "False"] and "--cells: must be at least 1, not 0" in result.stderr
     result = run(["simulate", *paths, "--output", "cells.csv"])

@@ -1,7 +1,9 @@
-"""Command line: simulate cells on demand from a trained model.
+"""Command line: simulate cells on demand from a trained model, and score them as the evaluate rule does.
 
     cvaesim simulate --model results/pbmc68k/model/cvae.keras \\
         --store results/pbmc68k/images/images.h5ad --cells 1000000 --output cells.h5ad
+    cvaesim evaluate --real results/pbmc68k/filtered.h5ad --store results/pbmc68k/images/images.h5ad \\
+        --simulated cells.h5ad --output cells_scores/
 """
 
 from __future__ import annotations
@@ -113,6 +115,25 @@ def simulate_command(arguments: argparse.Namespace) -> None:
         write_table(simulator.to_anndata(plan, arguments.seed), arguments.output)
 
 
+def evaluate_command(arguments: argparse.Namespace) -> None:
+    from .steps import EVALUATION_FILES, evaluate
+
+    for role, path in (("--real", arguments.real), ("--store", arguments.store), ("--simulated", arguments.simulated)):
+        if not path.is_file():
+            raise InputError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}; {role} is an .h5ad file"
+                             + (" (a 10x folder cannot be scored: simulate with --output cells.h5ad)"
+                                if role == "--simulated" and path.is_dir() else ""))
+    if arguments.output.is_file():
+        raise InputError(f"{arguments.output}: is a file; the scores go into a folder")
+    settings = {"repeats": arguments.repeats, "training_cells": arguments.training_cells,
+                "max_cells_per_type": arguments.max_cells_per_type}
+    evaluate(str(arguments.real), str(arguments.store), str(arguments.simulated),
+             {name: str(arguments.output / file) for name, file in EVALUATION_FILES.items()}, settings,
+             arguments.seed, arguments.threads)
+    log.info("scores in %s (overall.tsv: the model beside the baselines and the real-vs-real control)",
+             arguments.output)
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="cvaesim", description="Simulate single-cell counts with a conv-CVAE.")
     commands = main.add_subparsers(dest="command", required=True)
@@ -152,6 +173,23 @@ def parser() -> argparse.ArgumentParser:
                          help="the training cells' posteriors from the train rule (default: posteriors.npz beside "
                               "the model, when there; without them, drawn training cells are encoded here)")
     command.set_defaults(run=simulate_command)
+
+    command = commands.add_parser("evaluate", help="score simulated cells against a dataset's held-out real cells")
+    command.add_argument("--real", type=Path, required=True, help="the dataset's filtered cells (filtered.h5ad)")
+    command.add_argument("--store", type=Path, required=True,
+                         help="its image store (images.h5ad), which says which cells were held out")
+    command.add_argument("--simulated", type=Path, required=True, help="the simulated cells (.h5ad)")
+    command.add_argument("--output", type=Path, required=True,
+                         help="a folder for overall.tsv, metrics.tsv, metrics.json, confusion.tsv and the figures")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--repeats", type=at_least_one, default=1,
+                         help="matched samples the forest AUC, MMD and memorisation are averaged over")
+    command.add_argument("--training-cells", action="store_true",
+                         help="also score a sample of the real training cells (the floor a simulator can reach)")
+    command.add_argument("--max-cells-per-type", type=at_least_one, default=250,
+                         help="real and simulated cells per type for the forest, MMD and memorisation")
+    command.add_argument("--threads", type=at_least_one, default=1, help="cores for the random forests")
+    command.set_defaults(run=evaluate_command)
     return main
 
 

@@ -202,6 +202,11 @@ def qc(real: str, simulated: str, outputs: dict, seed: int, max_real_cells: int,
             draw(temporary)
 
 
+# The evaluate rule's outputs, by the names steps.evaluate writes them under (the command line's file names).
+EVALUATION_FILES = {"overall": "overall.tsv", "metrics": "metrics.tsv", "json": "metrics.json",
+                    "confusion": "confusion.tsv", "per_type": "per_type.png", "mean_variance": "mean_variance.png"}
+
+
 def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dict, seed: int, threads: int = 1) -> None:
     """Realism metrics of the simulated cells against the held-out test cells, with baselines and control."""
     from .evaluation import EvaluationSettings, evaluate as score, overall_table
@@ -211,7 +216,14 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
     counts = ad.read_h5ad(real)
     if not split.index.equals(counts.obs_names):
         raise InputError(f"{store}: its cells are not those of {real}; rerun the reshape rule")
-    result = score(counts, (split == "test").to_numpy(), ad.read_h5ad(simulated),
+    cells = ad.read_h5ad(simulated)
+    if not cells.var_names.equals(counts.var_names):
+        raise InputError(f"{simulated}: its genes are not those of {real} ({cells.n_vars} against {counts.n_vars}, "
+                         "or in another order); simulate from the model trained on these cells")
+    unknown = sorted(set(cells.obs["cell_type"].astype(str)) - set(counts.obs["cell_type"].astype(str)))
+    if unknown:
+        raise InputError(f"{simulated}: cell types {unknown} are not among those of {real}")
+    result = score(counts, (split == "test").to_numpy(), cells,
                    EvaluationSettings(**settings, seed=seed, n_jobs=threads))
     tables = {"metrics": result.metrics, "confusion": result.confusion,
               "overall": overall_table(result.metrics).reset_index()}
