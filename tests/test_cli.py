@@ -350,10 +350,16 @@ def test_evaluate_scores_cells_from_the_command_line_as_the_rule_does(trained, t
     renamed.obs["cell_type"] = "Platelet"
     renamed.write_h5ad(tmp_path / "renamed.h5ad")
     assert run(trained, "--output", str(tmp_path / "tenx"), "--cells-per-type", "5") == 0
+    assert run(trained, "--output", str(tmp_path / "table.h5"), "--cells-per-type", "5") == 0
+    (tmp_path / "images.h5ad").write_bytes((trained / "images.h5ad").read_bytes())  # scaled values, not counts
     capsys.readouterr()
     for simulated, message in [("fewer_genes.h5ad", "fewer_genes.h5ad: its genes are not those of"),
                                ("renamed.h5ad", "renamed.h5ad: cell types ['Platelet'] are not among those of"),
-                               ("tenx", "tenx: a folder; --simulated is an .h5ad file (a 10x folder cannot be scored")]:
+                               ("tenx", "tenx: a folder, not simulated cells as .h5ad; give an .h5ad of simulated "
+                                        "cells (a 10x folder or the original's .h5 table cannot be scored"),
+                               ("table.h5", "table.h5: not readable as an AnnData .h5ad file, as simulated cells as "
+                                            ".h5ad is"),
+                               ("images.h5ad", "images.h5ad: holds no counts (its values are float32")]:
         assert main(["evaluate", "--real", real, "--store", store, "--simulated", str(tmp_path / simulated),
                      "--output", str(tmp_path / f"{simulated}_scores")]) == 2
         assert message in capsys.readouterr().err, simulated

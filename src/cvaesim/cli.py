@@ -63,6 +63,22 @@ def check_output(output: Path, output_format: str) -> None:
                              f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
 
 
+IMAGE_STORE = ("an image store", "the images.h5ad the reshape rule wrote")
+
+
+def open_h5ad(path: Path, kind: str, wanted: str) -> ad.AnnData:
+    """``path`` opened (backed) as an AnnData file, or an error saying it is not ``kind`` and to give ``wanted``."""
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not {kind}; give {wanted}")
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    try:
+        return ad.read_h5ad(path, backed="r")
+    except (OSError, KeyError, TypeError) as error:  # h5py's (not HDF5, cut off) or anndata's (HDF5 of another kind)
+        raise InputError(f"{path}: not readable as an AnnData .h5ad file, as {kind} is "
+                         f"({error.args[0] if error.args else error}); give {wanted}") from error
+
+
 def at_least_one(text: str) -> int:
     number = int(text)
     if number < 1:
@@ -79,14 +95,7 @@ def simulate_command(arguments: argparse.Namespace) -> None:
             raise InputError(f"{path}: no such file")
     if problem := model_file_problem(arguments.model):
         raise InputError(f"{arguments.model}: {problem}")
-    if arguments.store.is_dir():
-        raise InputError(f"{arguments.store}: a folder, not an image store; give the images.h5ad the reshape rule wrote")
-    try:
-        meta = ad.read_h5ad(arguments.store, backed="r")
-    except (OSError, KeyError) as error:  # h5py's, which name no file: not HDF5, cut off, or HDF5 of another kind
-        raise InputError(f"{arguments.store}: not readable as an AnnData .h5ad file, as an image store is "
-                         f"({error.args[0] if error.args else error}); give the images.h5ad the reshape rule "
-                         "wrote") from error
+    meta = open_h5ad(arguments.store, *IMAGE_STORE)
     # Only now, with the request checked: these load TensorFlow, which takes seconds.
     from .simulation import Simulator
     from .steps import load_model
@@ -118,11 +127,12 @@ def simulate_command(arguments: argparse.Namespace) -> None:
 def evaluate_command(arguments: argparse.Namespace) -> None:
     from .steps import EVALUATION_FILES, evaluate
 
-    for role, path in (("--real", arguments.real), ("--store", arguments.store), ("--simulated", arguments.simulated)):
-        if not path.is_file():
-            raise InputError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}; {role} is an .h5ad file"
-                             + (" (a 10x folder cannot be scored: simulate with --output cells.h5ad)"
-                                if role == "--simulated" and path.is_dir() else ""))
+    for path, kind, wanted in (
+            (arguments.real, "a dataset's filtered cells", "the filtered.h5ad the filter rule wrote"),
+            (arguments.store, *IMAGE_STORE),
+            (arguments.simulated, "simulated cells as .h5ad", "an .h5ad of simulated cells (a 10x folder or the "
+             "original's .h5 table cannot be scored: simulate with --output cells.h5ad)")):
+        open_h5ad(path, kind, wanted).file.close()
     if arguments.output.is_file():
         raise InputError(f"{arguments.output}: is a file; the scores go into a folder")
     settings = {"repeats": arguments.repeats, "training_cells": arguments.training_cells,

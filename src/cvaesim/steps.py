@@ -212,11 +212,19 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
     from .evaluation import EvaluationSettings, evaluate as score, overall_table
     from .plots import plot_mean_variance, plot_per_type
 
-    split = ad.read_h5ad(store, backed="r").obs["split"]
+    cell_split = ad.read_h5ad(store, backed="r").obs
+    if "split" not in cell_split:
+        raise InputError(f"{store}: not an image store (no split of the cells into training and test cells); "
+                         f"give the images.h5ad the reshape rule wrote")
+    split = cell_split["split"]
     counts = ad.read_h5ad(real)
     if not split.index.equals(counts.obs_names):
         raise InputError(f"{store}: its cells are not those of {real}; rerun the reshape rule")
     cells = ad.read_h5ad(simulated)
+    for path, data in ((real, counts), (simulated, cells)):
+        if data.X.dtype.kind not in "iu":  # the filter and the simulation both write integer counts
+            raise InputError(f"{path}: holds no counts (its values are {data.X.dtype}, as an image store's scaled "
+                             f"values are); give the filter rule's filtered.h5ad and the simulated .h5ad")
     if not cells.var_names.equals(counts.var_names):
         raise InputError(f"{simulated}: its genes are not those of {real} ({cells.n_vars} against {counts.n_vars}, "
                          "or in another order); simulate from the model trained on these cells")
