@@ -13,12 +13,10 @@ import logging
 import sys
 from pathlib import Path
 
-import anndata as ad
-
 from . import InputError
 from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
 from .counts import COUNT_SAMPLING
-from .io import TENX_OUTPUT_FILES, model_file_problem
+from .io import IMAGE_STORE, TENX_OUTPUT_FILES, model_file_problem, open_h5ad
 from .plans import cell_plan
 
 log = logging.getLogger("cvaesim")
@@ -61,22 +59,6 @@ def check_output(output: Path, output_format: str) -> None:
         if others:
             raise InputError(f"{output}: a folder holding other files than a 10x output's ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
-
-
-IMAGE_STORE = ("an image store", "the images.h5ad the reshape rule wrote")
-
-
-def open_h5ad(path: Path, kind: str, wanted: str) -> ad.AnnData:
-    """``path`` opened (backed) as an AnnData file, or an error saying it is not ``kind`` and to give ``wanted``."""
-    if path.is_dir():
-        raise InputError(f"{path}: a folder, not {kind}; give {wanted}")
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    try:
-        return ad.read_h5ad(path, backed="r")
-    except (OSError, KeyError, TypeError) as error:  # h5py's (not HDF5, cut off) or anndata's (HDF5 of another kind)
-        raise InputError(f"{path}: not readable as an AnnData .h5ad file, as {kind} is "
-                         f"({error.args[0] if error.args else error}); give {wanted}") from error
 
 
 def at_least_one(text: str) -> int:
@@ -127,12 +109,6 @@ def simulate_command(arguments: argparse.Namespace) -> None:
 def evaluate_command(arguments: argparse.Namespace) -> None:
     from .steps import EVALUATION_FILES, evaluate
 
-    for path, kind, wanted in (
-            (arguments.real, "a dataset's filtered cells", "the filtered.h5ad the filter rule wrote"),
-            (arguments.store, *IMAGE_STORE),
-            (arguments.simulated, "simulated cells as .h5ad", "an .h5ad of simulated cells (a 10x folder or the "
-             "original's .h5 table cannot be scored: simulate with --output cells.h5ad)")):
-        open_h5ad(path, kind, wanted).file.close()
     if arguments.output.is_file():
         raise InputError(f"{arguments.output}: is a file; the scores go into a folder")
     settings = {"repeats": arguments.repeats, "training_cells": arguments.training_cells,

@@ -455,8 +455,6 @@ def datasets_table(overall_tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         raise ValueError("no dataset's overall table to compare")
     stacked = pd.concat({name: table.set_index("metric") for name, table in overall_tables.items()},
                         names=["dataset", "metric"]).reset_index()
-    order = {name: position for position, name in enumerate(overall_tables)}
-    stacked = stacked.sort_values(["metric", "dataset"], key=lambda column: column.map(order)
-                                  if column.name == "dataset" else column, kind="stable")
+    stacked = stacked.sort_values("metric", kind="stable")  # stable: a metric's datasets stay in the order given
     sources = [name for name in SOURCES if name in stacked.columns]
     return stacked[["metric", "dataset", *sources]].reset_index(drop=True)

@@ -1097,6 +1097,24 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     return pd.Series(table[label_column].to_numpy(), index=table[barcode_column].to_numpy(), name="cell_type")
 
 
+IMAGE_STORE = ("an image store", "the images.h5ad the reshape rule wrote")  # open_h5ad's kind and wanted
+
+
+def open_h5ad(path: str | Path, kind: str, wanted: str, backed: str | None = "r") -> ad.AnnData:
+    """``path`` read as an AnnData file (backed by default), or an error saying it is not ``kind`` and to give
+    ``wanted``."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not {kind}; give {wanted}")
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    try:
+        return ad.read_h5ad(path, backed=backed)
+    except (OSError, KeyError, TypeError) as error:  # h5py's (not HDF5, cut off) or anndata's (HDF5 of another kind)
+        raise InputError(f"{path}: not readable as an AnnData .h5ad file, as {kind} is "
+                         f"({error.args[0] if error.args else error}); give {wanted}") from error
+
+
 def read_h5ad_counts(path: str | Path, label_column: str | None, counts_layer: str | None,
                      round_counts: bool = False) -> ad.AnnData:
     """Read counts and labels (the obs column ``label_column`` as ``obs['cell_type']``; None: no labels) from an

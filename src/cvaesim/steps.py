@@ -20,8 +20,8 @@ from . import InputError
 from .download import fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from .images import build_image_store, layout_table
-from .io import (atomic_output, container_problem, model_file_problem, read_10x_h5, read_10x_tarball, read_annotation,
-                 read_counts_table, read_h5ad_counts, read_loom_counts, write_h5ad)
+from .io import (IMAGE_STORE, atomic_output, container_problem, model_file_problem, open_h5ad, read_10x_h5,
+                 read_10x_tarball, read_annotation, read_counts_table, read_h5ad_counts, read_loom_counts, write_h5ad)
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +212,16 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
     from .evaluation import EvaluationSettings, evaluate as score, overall_table
     from .plots import plot_mean_variance, plot_per_type
 
-    cell_split = ad.read_h5ad(store, backed="r").obs
+    cell_split = open_h5ad(store, *IMAGE_STORE).obs
     if "split" not in cell_split:
         raise InputError(f"{store}: not an image store (no split of the cells into training and test cells); "
                          f"give the images.h5ad the reshape rule wrote")
     split = cell_split["split"]
-    counts = ad.read_h5ad(real)
+    counts = open_h5ad(real, "a dataset's filtered cells", "the filtered.h5ad the filter rule wrote", backed=None)
     if not split.index.equals(counts.obs_names):
         raise InputError(f"{store}: its cells are not those of {real}; rerun the reshape rule")
-    cells = ad.read_h5ad(simulated)
+    cells = open_h5ad(simulated, "simulated cells as .h5ad", "an .h5ad of simulated cells (a 10x folder or the "
+                      "original's .h5 table cannot be scored: simulate with --output cells.h5ad)", backed=None)
     for path, data in ((real, counts), (simulated, cells)):
         if data.X.dtype.kind not in "iu":  # the filter and the simulation both write integer counts
             raise InputError(f"{path}: holds no counts (its values are {data.X.dtype}, as an image store's scaled "
