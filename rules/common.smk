@@ -314,6 +314,7 @@ def all_outputs():
     for name in names:
         outputs += [
             f"results/{name}/simulated/simulated.h5ad",
+            f"results/{name}/simulated/expected.tsv",
             f"results/{name}/qc/summary.tsv",
             f"results/{name}/evaluation/overall.tsv",
             f"results/{name}/model/history.png",

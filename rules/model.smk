@@ -60,7 +60,8 @@ rule simulate:
         posteriors="results/{dataset}/model/posteriors.npz",
         store="results/{dataset}/images/images.h5ad",
     output:
-        "results/{dataset}/simulated/simulated.h5ad",
+        simulated="results/{dataset}/simulated/simulated.h5ad",
+        expected="results/{dataset}/simulated/expected.tsv",
     log:
         "logs/{dataset}/simulate.log",
     benchmark:

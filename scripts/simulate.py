@@ -6,7 +6,8 @@ log_to_file(snakemake.log[0])
 simulate(
     model_path=snakemake.input.model,
     store=snakemake.input.store,
-    output=snakemake.output[0],
+    output=snakemake.output.simulated,
+    expected=snakemake.output.expected,
     cells_per_type=snakemake.params.cells_per_type,
     cells=snakemake.params.cells,
     seed=snakemake.params.seed,

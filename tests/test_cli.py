@@ -213,6 +213,30 @@ def test_the_simulate_rule_takes_a_number_per_named_cell_type(trained, tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["mix.h5ad"]
 
 
+@pytest.mark.parametrize("suffix", [".h5ad", ""])
+def test_the_known_truth_is_written_beside_the_cells_as_the_rule_writes_it(trained, tmp_path, suffix):
+    output = tmp_path / f"cells{suffix}"
+    assert run(trained, "--output", str(output), "--cells-per-type", "30", "--seed", "2", "--batch-size", "8",
+               "--expected", str(tmp_path / "truth.tsv")) == 0
+    truth = pd.read_csv(tmp_path / "truth.tsv", sep="\t")
+    steps.simulate(str(trained / "cvae.keras"), str(trained / "images.h5ad"), str(tmp_path / "rule.h5ad"), 30,
+                   seed=2, batch_size=8, count_sampling="poisson", library_sizes="paired", latent="posterior",
+                   calibration="type_moments", expected=str(tmp_path / "rule.tsv"))
+    assert truth.equals(pd.read_csv(tmp_path / "rule.tsv", sep="\t"))
+    assert list(truth["cell_type"].unique()) == sorted(AWKWARD_TYPES)  # the store's order, names read back whole
+    assert truth.groupby("cell_type")["gene"].count().eq(50).all()
+    assert np.allclose(truth.groupby("cell_type")["mean_per_10k"].sum(), 1e4)
+
+
+def test_a_truth_file_that_would_replace_a_folder_or_the_cells_is_refused_before_simulating(trained, tmp_path,
+                                                                                          capsys):
+    (tmp_path / "folder").mkdir()
+    for expected, problem in ((tmp_path / "folder", "is a folder"), (tmp_path / "cells.h5ad", "is the --output")):
+        assert run(trained, "--output", str(tmp_path / "cells.h5ad"), "--expected", str(expected)) == 2
+        assert f"--expected {expected}: {problem}; give a new .tsv file" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["folder"]
+
+
 def test_a_plan_names_cell_types_as_the_labels_are_written():
     # YAML reads Louvain clusters' names (0, 1, ...) as numbers; the labels are strings.
     assert cell_plan(["0", "1", "10"], {}, {0: 5, 10: 2}, None, asked_by="x") == {"0": 5, "10": 2}

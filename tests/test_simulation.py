@@ -11,8 +11,8 @@ from cvaesim.model import ConditionalConvVAE
 from cvaesim.images import build_image_store, to_images
 from cvaesim.counts import draw_counts
 from cvaesim import InputError
-from cvaesim.simulation import (Posteriors, Simulator, SortedColumns, gene_moments_by_type, rank_matched, simulate,
-                                sorted_counts_by_type)
+from cvaesim.simulation import (ExpectedExpression, Posteriors, Simulator, SortedColumns, gene_moments_by_type,
+                                rank_matched, simulate, sorted_counts_by_type)
 from cvaesim.writers import original_table
 
 from conftest import AWKWARD_TYPES
@@ -465,6 +465,47 @@ def test_type_quantile_calibration_gives_each_gene_its_training_distribution(sto
         assert of_type.sum() == pytest.approx(real.obs["total_counts"].sum(), rel=1e-6)
     assert (simulated.X != simulate(model, store, wanted, seed=3, latent="posterior", calibration="type_quantiles",
                                     batch_size=512).X).nnz == 0
+
+
+@pytest.mark.parametrize("calibration", ["type_moments", "type_quantiles", "none"])
+def test_the_expected_expression_is_what_the_simulated_counts_scatter_around(store, calibration):
+    model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
+                               reconstruction_loss="multinomial", n_genes=store.n_vars)
+    simulator = Simulator(model, store, batch_size=500, latent="posterior", library_sizes="paired",
+                          calibration=calibration)
+    wanted = {AWKWARD_TYPES[2]: 3000, AWKWARD_TYPES[0]: 7}
+    truth = ExpectedExpression(simulator.var.index)
+    simulated = simulator.to_anndata(wanted, seed=4, truth=truth)
+    assert (simulated.X != simulator.to_anndata(wanted, seed=4).X).nnz == 0  # gathering it changes no count
+    table = truth.table()
+    assert list(table.columns) == ["cell_type", "gene", "mean_count", "mean_per_10k"]
+    assert list(table["cell_type"].unique()) == list(wanted)
+    for cell_type in wanted:
+        of_type = table[table["cell_type"] == cell_type]
+        assert list(of_type["gene"]) == list(store.var_names)
+        assert of_type["mean_per_10k"].sum() == pytest.approx(1e4)
+    cell_type, n_cells = AWKWARD_TYPES[2], wanted[AWKWARD_TYPES[2]]
+    of_type = table[table["cell_type"] == cell_type]
+    counts = simulated[simulated.obs["cell_type"] == cell_type].X.toarray().astype(float)
+    per_10k = counts / counts.sum(axis=1, keepdims=True) * 1e4
+    if calibration == "type_quantiles":
+        # A batch's counts of each gene are fixed training quantiles: their means are the expectation itself.
+        assert np.allclose(counts.mean(axis=0), of_type["mean_count"], rtol=1e-5)
+        assert np.allclose(per_10k.mean(axis=0), of_type["mean_per_10k"], rtol=1e-5)
+        return
+    # Each gene's mean over 3,000 cells within a few standard errors of the truth, and far from the training
+    # cells' mean where an uncalibrated decoder (untrained here) puts the cells elsewhere.
+    for observed, expected in ((counts, of_type["mean_count"].to_numpy()),
+                               (per_10k, of_type["mean_per_10k"].to_numpy())):
+        expressed = expected > 0.05 * expected.max()
+        standard_error = observed.std(axis=0)[expressed] / np.sqrt(n_cells)
+        assert np.abs(observed.mean(axis=0)[expressed] - expected[expressed]).max() < 5 * standard_error.max()
+        # About the half-normal's 0.67: an expectation, not the drawn counts' own means (0).
+        assert 0.3 < np.median(np.abs(observed.mean(axis=0)[expressed] - expected[expressed]) / standard_error) < 1.5
+    training_mean = gene_moments_by_type(store, np.flatnonzero((store.obs["split"] == "train").to_numpy()))[
+        cell_type][0]
+    off_by = np.abs(of_type["mean_count"].to_numpy() - training_mean).sum() / training_mean.sum()
+    assert off_by < 0.05 if calibration == "type_moments" else off_by > 0.2
 
 
 def test_type_quantiles_warn_of_types_asked_for_too_few_cells_to_rank(store, caplog):

@@ -43,6 +43,15 @@ def test_embedded_run_outputs_are_checked(workdir):
         median = np.median(simulated_libraries[(simulated.obs["cell_type"] == cell_type).to_numpy()])
         assert real_libraries.min() <= median <= real_libraries.max(), cell_type
 
+    # The known truth: per type and gene, what the counts were drawn around.
+    truth = pd.read_csv(results / "simulated" / "expected.tsv", sep="\t")
+    assert list(truth["cell_type"].unique()) == cell_types
+    for cell_type, of_type in truth.groupby("cell_type", sort=False):
+        assert list(of_type["gene"]) == list(real.var_names)
+        assert of_type["mean_per_10k"].sum() == pytest.approx(1e4, rel=1e-4)
+        pooled = np.asarray(counts[(simulated.obs["cell_type"] == cell_type).to_numpy()].mean(axis=0)).ravel()
+        assert np.corrcoef(pooled, of_type["mean_count"])[0, 1] > 0.9, cell_type
+
     table = pd.read_hdf(results / "simulated" / "simulated_table.h5", "simulated")
     assert list(table.columns) == [*real.var_names, "cell_type"]
     assert np.array_equal(table.iloc[:, :-1].to_numpy(), counts.toarray())

@@ -71,6 +71,9 @@ def at_least_one(text: str) -> int:
 def simulate_command(arguments: argparse.Namespace) -> None:
     output_format = arguments.format or output_format_of(arguments.output)
     check_output(arguments.output, output_format)
+    if arguments.expected is not None and (arguments.expected.is_dir() or arguments.expected == arguments.output):
+        raise InputError(f"--expected {arguments.expected}: "
+                         f"{'is a folder' if arguments.expected.is_dir() else 'is the --output'}; give a new .tsv file")
     requested = chosen_cell_types(arguments.cell_type) or arguments.cells_per_type
     for path in (arguments.model, arguments.store):
         if not path.exists():
@@ -79,9 +82,9 @@ def simulate_command(arguments: argparse.Namespace) -> None:
         raise InputError(f"{arguments.model}: {problem}")
     meta = open_h5ad(arguments.store, *IMAGE_STORE)
     # Only now, with the request checked: these load TensorFlow, which takes seconds.
-    from .simulation import Simulator
+    from .simulation import ExpectedExpression, Simulator
     from .steps import load_model
-    from .writers import table_problem, write_10x, write_h5ad, write_table
+    from .writers import table_problem, write_10x, write_expected, write_h5ad, write_table
 
     posteriors = arguments.posteriors
     if posteriors is None and (arguments.model.parent / "posteriors.npz").is_file():
@@ -97,13 +100,16 @@ def simulate_command(arguments: argparse.Namespace) -> None:
         raise InputError(f"{arguments.output}: {problem}; write .h5ad or 10x")
     log.info("simulating %d cells (%s) to %s as %s", n_cells,
              ", ".join(f"{name}: {n}" for name, n in plan.items()), arguments.output, output_format)
+    truth = ExpectedExpression(simulator.var.index) if arguments.expected else None
     if output_format == "h5ad":
-        write_h5ad(simulator.batches(plan, arguments.seed), simulator.var, simulator.cell_types,
+        write_h5ad(simulator.batches(plan, arguments.seed, truth), simulator.var, simulator.cell_types,
                    simulator.settings(arguments.seed), arguments.output)
     elif output_format == "10x":
-        write_10x(simulator.batches(plan, arguments.seed), simulator.var, arguments.output)
+        write_10x(simulator.batches(plan, arguments.seed, truth), simulator.var, arguments.output)
     else:
-        write_table(simulator.to_anndata(plan, arguments.seed), arguments.output)
+        write_table(simulator.to_anndata(plan, arguments.seed, truth), arguments.output)
+    if truth is not None:
+        write_expected(truth.table(), arguments.expected)
 
 
 def evaluate_command(arguments: argparse.Namespace) -> None:
@@ -155,6 +161,9 @@ def parser() -> argparse.ArgumentParser:
                               "would vary less than in its training cells; type_quantiles: each gene's counts in a "
                               "batch replaced by the type's training counts at the same rank (see the README); "
                               "default: type_moments with Poisson count sampling, else type_means")
+    command.add_argument("--expected", type=Path, metavar="FILE.tsv",
+                         help="also write the known truth: per cell type and gene, the mean count the cells' counts "
+                              "were drawn around (mean_count) and per 10,000 counts (mean_per_10k)")
     command.add_argument("--posteriors", type=Path,
                          help="the training cells' posteriors from the train rule (default: posteriors.npz beside "
                               "the model, when there; without them, drawn training cells are encoded here)")

@@ -52,13 +52,18 @@ def draw_counts(profiles: np.ndarray, totals: np.ndarray, method: str, rng: np.r
     return counts
 
 
+def expected_counts(profiles: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Each cell's expected count of each gene: its total spread over the genes in proportion to its profile."""
+    sums = profiles.sum(axis=1, dtype=np.float64)
+    scale = np.divide(np.asarray(totals, dtype=np.float64), sums, out=np.zeros(len(sums)), where=sums > 0)
+    return profiles * scale[:, np.newaxis]
+
+
 def _counts_around(profiles: np.ndarray, totals: np.ndarray, method: str, rng: np.random.Generator,
                    dispersion: np.ndarray | None) -> sp.csr_matrix:
     if method == "poisson":
         return poisson_counts(profiles, totals, rng)
-    sums = profiles.sum(axis=1, dtype=np.float64)
-    scale = np.divide(totals, sums, out=np.zeros(len(sums)), where=sums > 0)
-    expected = profiles * scale[:, np.newaxis]
+    expected = expected_counts(profiles, totals)
     if method == "round":
         return sp.csr_matrix(np.rint(expected).astype(np.int32))
     return negative_binomial_counts(expected, np.asarray(dispersion, dtype=np.float64), rng)

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from . import InputError
 from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
-from .counts import COUNT_SAMPLING, draw_counts
+from .counts import COUNT_SAMPLING, draw_counts, expected_counts
 from .images import from_images, to_images, unscale, unscale_counts
 from .model import COUNT_LOSSES, ConditionalConvVAE
 from .writers import cell_names
@@ -155,11 +155,13 @@ class Simulator:
         if unknown:
             raise ValueError(f"unknown cell types {unknown}; the model knows {self.cell_types}")
 
-    def batches(self, cells_per_type: dict[str, int], seed: int) -> Iterator[tuple[sp.csr_matrix, str]]:
+    def batches(self, cells_per_type: dict[str, int], seed: int, truth: ExpectedExpression | None = None
+                ) -> Iterator[tuple[sp.csr_matrix, str]]:
         """Yield (integer counts of up to ``batch_size`` cells, their cell type), seeded.
 
         Each batch draws from its own random stream (spawned from ``seed``), so the next batch
         is decoded (and calibrated) in a second thread while this one's counts are drawn and written.
+        ``truth``, where given, gathers what each yielded batch's counts were drawn around.
         """
         self.check(cells_per_type)
         if self.latent == "posterior":
@@ -203,7 +205,7 @@ class Simulator:
                 expected = decoding.submit(self.expected_profiles, cell_type, len(cells), rng, calibration, rows)
                 if pending is not None:
                     yield self.draw_cells(*pending)
-                pending = expected, cell_type, rng, calibration
+                pending = expected, cell_type, rng, calibration, truth
             if pending is not None:
                 yield self.draw_cells(*pending)
         log.info("simulated %s", ", ".join(f"{n} cells of {name}" for name, n in cells_per_type.items()))
@@ -238,7 +240,8 @@ class Simulator:
         return profiles, totals
 
     def draw_cells(self, expected: Future, cell_type: str, rng: np.random.Generator,
-                   calibration: Calibration | None = None) -> tuple[sp.csr_matrix, str]:
+                   calibration: Calibration | None = None, truth: ExpectedExpression | None = None
+                   ) -> tuple[sp.csr_matrix, str]:
         """Integer counts around the expected profiles of one batch."""
         profiles, totals = expected.result()
         if calibration is not None and calibration.dispersion is not None:  # type_moments
@@ -247,6 +250,12 @@ class Simulator:
             counts = draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion)
         if self.calibration == "type_quantiles":
             counts = rank_matched(counts, self.training_counts[cell_type], rng)
+            if truth is not None:
+                # Each gene's counts in the batch are the training quantiles at fixed ranks, whichever cell gets
+                # which: their mean is fixed, so the drawn counts are their own expectation for the type.
+                truth.add(cell_type, counts.toarray())
+        elif truth is not None:
+            truth.add(cell_type, expected_counts(profiles, totals))
         return counts, cell_type
 
     def share_moments(self, cell_types: list[str], rng: np.random.Generator
@@ -313,10 +322,11 @@ class Simulator:
             self.model.encoder, self.training_values, rows, labels, self.pixel, self.side, self.batch_size)
         self.is_encoded[rows] = True
 
-    def to_anndata(self, cells_per_type: dict[str, int], seed: int) -> ad.AnnData:
+    def to_anndata(self, cells_per_type: dict[str, int], seed: int, truth: ExpectedExpression | None = None
+                   ) -> ad.AnnData:
         """All requested cells in memory; for many cells, write :meth:`batches` as they come."""
         blocks, labels = [], []
-        for counts, cell_type in self.batches(cells_per_type, seed):
+        for counts, cell_type in self.batches(cells_per_type, seed, truth):
             blocks.append(counts)
             labels.extend([cell_type] * counts.shape[0])
         counts = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.pixel)), dtype=np.int32)
@@ -332,6 +342,34 @@ class Simulator:
         if self.latent == "posterior":
             settings["origins"] = self.origins
         return settings
+
+
+class ExpectedExpression:
+    """The known truth behind a set of simulated cells: per cell type, each gene's mean over the type's
+    cells of the mean its count was drawn from (``mean_count``), and of that mean per 10,000 of the cell's
+    expected counts (``mean_per_10k``: what library-normalised expression averages to). Differential
+    expression between simulated types is measured against these; the drawn counts scatter around them."""
+
+    def __init__(self, genes: pd.Index):
+        self.genes = genes
+        self.cells: dict[str, int] = {}
+        self.count_sums: dict[str, np.ndarray] = {}
+        self.per_10k_sums: dict[str, np.ndarray] = {}
+
+    def add(self, cell_type: str, expected: np.ndarray) -> None:
+        """One batch of cells of a type: their expected counts (cells x genes)."""
+        totals = expected.sum(axis=1, keepdims=True)
+        per_10k = np.divide(expected, totals, out=np.zeros(expected.shape), where=totals > 0) * 1e4
+        self.cells[cell_type] = self.cells.get(cell_type, 0) + len(expected)
+        self.count_sums[cell_type] = self.count_sums.get(cell_type, 0.0) + expected.sum(axis=0)
+        self.per_10k_sums[cell_type] = self.per_10k_sums.get(cell_type, 0.0) + per_10k.sum(axis=0)
+
+    def table(self) -> pd.DataFrame:
+        """One row per simulated type and gene, the types in the order they were simulated."""
+        return pd.concat([pd.DataFrame({"cell_type": cell_type, "gene": self.genes,
+                                        "mean_count": self.count_sums[cell_type] / n,
+                                        "mean_per_10k": self.per_10k_sums[cell_type] / n})
+                          for cell_type, n in self.cells.items()], ignore_index=True)
 
 
 @dataclass(frozen=True)

@@ -128,17 +128,18 @@ def load_model(path: str):
 def simulate(model_path: str, store: str, output: str, cells_per_type: int | dict[str, int], seed: int,
              batch_size: int, count_sampling: str, library_sizes: str, latent: str = "prior",
              posteriors: str | None = None, calibration: str = "none", write_table: bool = False,
-             cells: int | None = None, origins: str = "balanced") -> None:
+             cells: int | None = None, origins: str = "balanced", expected: str | None = None) -> None:
     """``cells_per_type`` cells of every cell type the model knows (or, where it maps type names to numbers,
     of the types it names), or ``cells`` in all split across the types as the real cells are, as a sparse
-    ``.h5ad``.
+    ``.h5ad``; with ``expected``, also what their counts were drawn around, per type and gene, as a TSV
+    (:class:`~cvaesim.simulation.ExpectedExpression`).
 
     ``write_table``: the original_table rule will turn these cells into a dense table, so refuse
     now, before simulating, a number of cells that table cannot hold.
     """
     from .plans import cell_plan
-    from .simulation import Simulator
-    from .writers import table_problem, write_h5ad as write_stream
+    from .simulation import ExpectedExpression, Simulator
+    from .writers import table_problem, write_expected, write_h5ad as write_stream
 
     meta = ad.read_h5ad(store, backed="r")
     simulator = Simulator(load_model(model_path), meta, batch_size, count_sampling, library_sizes, latent, posteriors,
@@ -155,7 +156,11 @@ def simulate(model_path: str, store: str, output: str, cells_per_type: int | dic
     if write_table and (problem := table_problem(sum(plan.values()), len(simulator.var))):
         raise InputError(f"{output}: simulate.write_table is true, but {problem}; set simulate.write_table: false "
                          f"(the .h5ad is written either way) or lower simulate.{'cells_per_type' if cells is None else 'cells'}")
-    write_stream(simulator.batches(plan, seed), simulator.var, simulator.cell_types, simulator.settings(seed), output)
+    truth = ExpectedExpression(simulator.var.index) if expected else None
+    write_stream(simulator.batches(plan, seed, truth), simulator.var, simulator.cell_types, simulator.settings(seed),
+                 output)
+    if truth is not None:
+        write_expected(truth.table(), expected)
 
 
 def original_table(simulated: str, output: str) -> None:

@@ -91,6 +91,12 @@ def write_10x(batches: Batches, var: pd.DataFrame, path) -> int:
     return n_cells
 
 
+def write_expected(table: pd.DataFrame, path) -> None:
+    """The simulated cells' known truth (:class:`~cvaesim.simulation.ExpectedExpression`) as a TSV."""
+    with atomic_output(path) as temporary:
+        table.to_csv(temporary, sep="\t", index=False, float_format="%.6g")
+
+
 def cell_type_batches(cells: ad.AnnData, size: int = APPEND_CELLS) -> Batches:
     """An AnnData's cells, in their order, as writer batches: runs of one cell type, at most ``size`` cells."""
     counts = sp.csr_matrix(cells.X)
