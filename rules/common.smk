@@ -101,6 +101,7 @@ def check_dataset_settings():
     check_setting_combinations(config, "config")
     for name in selected_datasets():
         entry = config["datasets"][name]
+        check_labels(name, entry)
         if not any(key in entry for key in ("seed", *PER_DATASET_SECTIONS)):
             continue
         settings = dataset_settings(name)
@@ -115,6 +116,21 @@ def check_dataset_settings():
                 f"config: dataset {name}'s own settings: {error}"
             ) from None
         check_setting_combinations(settings, f"config: dataset {name}")
+
+
+def check_labels(name, entry):
+    """A dataset's cell types come from its label column or from clustering its cells: one of the two."""
+    if ("label_column" in entry) == ("cluster" in entry):
+        raise ValueError(
+            f"config: dataset {name}: give label_column (where its cell types are) or cluster (Leiden "
+            f"clusters of its cells as the cell types), "
+            f"{'not both' if 'cluster' in entry else 'one of the two'}"
+        )
+    if "cluster" in entry and "annotation" in entry:
+        raise ValueError(
+            f"config: dataset {name}: cluster types its cells by their clusters, so its annotation "
+            f"would go unread; give label_column for the annotation's cell types, or drop the annotation"
+        )
 
 
 DOWNLOAD_NAMES = {
@@ -156,13 +172,26 @@ def dataset(name):
 
 
 def roles(name):
-    """The files of a dataset: its matrix and, but for an h5ad without one, its annotation."""
+    """The files of a dataset: its matrix and, but for an h5ad or loom file without one or cells to be
+    clustered, its annotation."""
     format = dataset(name)["format"]
     return [
         role
         for role in DOWNLOAD_NAMES[format]
-        if role in dataset(name) or role not in OPTIONAL_ROLES.get(format, ())
+        if role in dataset(name)
+        or not (role in OPTIONAL_ROLES.get(format, ()) or "cluster" in dataset(name))
     ]
+
+
+def label_column(name):
+    """Where the filter finds a dataset's cell types: its own column, or the cluster rule's."""
+    return "cluster" if "cluster" in dataset(name) else dataset(name)["label_column"]
+
+
+def barcode_column(name):
+    if "cluster" in dataset(name):
+        return "barcode"
+    return dataset(name).get("barcode_column", "barcodes")
 
 
 def downloaded(name, role):
@@ -302,9 +331,12 @@ def check_local_source(name, role, source, may_be_folder):
 
 
 def filter_inputs(wildcards):
-    return {
+    inputs = {
         role: downloaded(wildcards.dataset, role) for role in roles(wildcards.dataset)
     }
+    if "cluster" in dataset(wildcards.dataset):  # the clusters are its annotation
+        inputs["annotation"] = f"results/{wildcards.dataset}/clusters.tsv"
+    return inputs
 
 
 def all_outputs():

@@ -36,10 +36,8 @@ rule filter:
         mem_mb=4000,
     params:
         format=lambda wildcards: dataset(wildcards.dataset)["format"],
-        label_column=lambda wildcards: dataset(wildcards.dataset)["label_column"],
-        barcode_column=lambda wildcards: dataset(wildcards.dataset).get(
-            "barcode_column", "barcodes"
-        ),
+        label_column=lambda wildcards: label_column(wildcards.dataset),
+        barcode_column=lambda wildcards: barcode_column(wildcards.dataset),
         counts_layer=lambda wildcards: dataset(wildcards.dataset).get("counts_layer"),
         round_counts=lambda wildcards: dataset(wildcards.dataset).get(
             "round_counts", False
@@ -51,3 +49,30 @@ rule filter:
         thresholds=setting("filter"),
     script:
         "../scripts/filter.py"
+
+
+rule cluster:
+    input:
+        matrix=lambda wildcards: downloaded(wildcards.dataset, "matrix"),
+    output:
+        "results/{dataset}/clusters.tsv",
+    log:
+        "logs/{dataset}/cluster.log",
+    benchmark:
+        "benchmarks/{dataset}/cluster.tsv"
+    conda:
+        "../envs/scanpy.yaml"
+    resources:
+        mem_mb=4000,
+    params:
+        format=lambda wildcards: dataset(wildcards.dataset)["format"],
+        resolution=lambda wildcards: dataset(wildcards.dataset)["cluster"]["resolution"],
+        counts_layer=lambda wildcards: dataset(wildcards.dataset).get("counts_layer"),
+        round_counts=lambda wildcards: dataset(wildcards.dataset).get(
+            "round_counts", False
+        ),
+        sample=lambda wildcards: dataset(wildcards.dataset).get("sample"),
+        thresholds=setting("filter"),
+        seed=dataset_seed,
+    script:
+        "../scripts/cluster.py"

@@ -5,12 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score
 
 from cvaesim import InputError, steps
 from cvaesim.filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from cvaesim.io import read_10x_tarball, read_annotation
 
-from conftest import AWKWARD_TYPES, EMBEDDED_ANNOTATION, EMBEDDED_TARBALL, write_annotation
+from conftest import AWKWARD_TYPES, EMBEDDED_ANNOTATION, EMBEDDED_TARBALL, random_counts, write_annotation
 
 
 def test_defaults_keep_every_labelled_cell_and_drop_undetected_genes(small_cells):
@@ -284,3 +285,55 @@ def test_embedded_dataset_filters_like_the_original():
     filtered = filter_cells_and_genes(adata, FilterThresholds(), EMBEDDED_TARBALL)
     assert filtered.n_obs == 700
     assert filtered.obs["cell_type"].cat.categories.size == 10
+
+
+def barcode_names(n_cells: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(list("ACGT"), size=16)) + "-1" for _ in range(n_cells)]
+
+
+def test_cells_without_types_are_typed_by_their_leiden_clusters(tmp_path):
+    cells = random_counts(600, 300, ["a", "b", "c", "d"], seed=1)
+    truth = cells.obs["cell_type"].to_numpy()
+    counts = cells.X.toarray()
+    counts[:3] = 0
+    counts[:3, 0] = 1  # three cells under the filter's min_counts_per_cell: not clustered
+    unlabelled = ad.AnnData(sp.csr_matrix(counts), obs=pd.DataFrame(index=cells.obs_names), var=cells.var)
+    unlabelled.write_h5ad(tmp_path / "cells.h5ad")
+    thresholds = {"min_counts_per_cell": 10}
+    for name in ("clusters.tsv", "again.tsv"):
+        steps.cluster(str(tmp_path / "cells.h5ad"), str(tmp_path / name), "h5ad", resolution=1.0, seed=3,
+                      thresholds=thresholds)
+    assert (tmp_path / "clusters.tsv").read_bytes() == (tmp_path / "again.tsv").read_bytes()  # seeded
+    clusters = pd.read_csv(tmp_path / "clusters.tsv", sep="\t", dtype=str)
+    assert list(clusters.columns) == ["barcode", "cluster"]
+    assert list(clusters["barcode"]) == list(cells.obs_names[3:])
+    # Four well-separated types come back as four clusters, whatever their names.
+    assert adjusted_rand_score(truth[3:], clusters["cluster"]) > 0.95
+    # The filter reads them as the dataset's annotation.
+    steps.filter_dataset(str(tmp_path / "cells.h5ad"), str(tmp_path / "filtered.h5ad"), "h5ad", "cluster",
+                         annotation=str(tmp_path / "clusters.tsv"), barcode_column="barcode", thresholds=thresholds)
+    filtered = ad.read_h5ad(tmp_path / "filtered.h5ad")
+    assert list(filtered.obs_names) == list(clusters["barcode"])
+    assert list(filtered.obs["cell_type"].astype(str)) == list(clusters["cluster"])
+    assert list(filtered.obs["cell_type"].cat.categories) == sorted(set(clusters["cluster"]), key=int)
+
+
+def test_too_few_cells_to_cluster_are_refused_naming_the_file(tmp_path):
+    cells = random_counts(30, 50, ["a"], seed=1)
+    ad.AnnData(cells.X, obs=pd.DataFrame(index=cells.obs_names), var=cells.var).write_h5ad(tmp_path / "few.h5ad")
+    with pytest.raises(InputError, match=f"{tmp_path / 'few.h5ad'}: 30 cells pass the filter, too few to cluster "
+                                         r"\(at least 45\); give the cell types with label_column instead"):
+        steps.cluster(str(tmp_path / "few.h5ad"), str(tmp_path / "clusters.tsv"), "h5ad", resolution=1.0, seed=0)
+    assert not (tmp_path / "clusters.tsv").exists()
+
+
+@pytest.mark.parametrize("cells_in_rows", [False, True])
+def test_a_count_table_without_annotation_finds_its_cells_by_their_barcode_names(tmp_path, cells_in_rows):
+    cells = random_counts(60, 80, ["a"], seed=2)
+    cells.obs_names = barcode_names(60)
+    table = pd.DataFrame(cells.X.toarray(), index=cells.obs_names, columns=cells.var_names)
+    (table if cells_in_rows else table.T).to_csv(tmp_path / "counts.csv")
+    read = steps.read_counts(str(tmp_path / "counts.csv"), "counts_table", False, None, None)
+    assert list(read.obs_names) == list(cells.obs_names) and list(read.var_names) == list(cells.var_names)
+    assert (read.X != cells.X).nnz == 0

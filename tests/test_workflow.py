@@ -194,6 +194,46 @@ def test_a_dataset_entry_overrides_settings_for_its_own_results(workdir):
         shutil.rmtree(workdir / folder / "strict")
 
 
+def test_a_dataset_without_cell_types_is_typed_by_the_clusters_of_its_cells(workdir):
+    cells = random_counts(300, 120, ["T", "B", "NK"], seed=5)
+    write_tarball(workdir / "unlabelled.tar.gz", cells, v3=True)
+    overlay = write_config(workdir / "unlabelled.yaml", {
+        "dataset": "unlabelled",
+        "datasets": {"unlabelled": {"format": "10x_tarball", "matrix": {"source": "unlabelled.tar.gz"},
+                                    "cluster": {"resolution": 0.5}, "filter": {"min_cells_per_type": 20}}},
+    })
+    assert planned_jobs(workdir, *QUICK_RUN, overlay)["cluster"] == 1
+    snakemake(workdir, "results/unlabelled/filtered.h5ad", *QUICK_RUN, overlay)
+    clusters = pd.read_csv(workdir / "results" / "unlabelled" / "clusters.tsv", sep="\t", dtype=str)
+    filtered = ad.read_h5ad(workdir / "results" / "unlabelled" / "filtered.h5ad")
+    assert list(filtered.obs_names) == list(clusters["barcode"]) == list(cells.obs_names)
+    assert list(filtered.obs["cell_type"].astype(str)) == list(clusters["cluster"])
+    assert filtered.obs["cell_type"].cat.categories.size == 3
+    assert "clustering 300 cells (Leiden, resolution 0.5, seed 0)" in (
+        workdir / "logs" / "unlabelled" / "cluster.log").read_text()
+    # A changed resolution clusters again; the default seed's other datasets plan nothing new.
+    again = write_config(workdir / "unlabelled_again.yaml", {"datasets": {"unlabelled": {"cluster": {"resolution": 2}}}})
+    assert {"cluster", "filter"} <= set(planned_jobs(workdir, *QUICK_RUN, overlay, again))
+    for folder in ("results", "logs", "benchmarks", "resources/datasets"):
+        shutil.rmtree(workdir / folder / "unlabelled")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"label_column": "louvain", "cluster": {}}, "give label_column (where its cell types are) or cluster (Leiden "
+                                                 "clusters of its cells as the cell types), not both"),
+    ({}, "give label_column (where its cell types are) or cluster (Leiden clusters of its cells as the cell types), "
+         "one of the two"),
+    ({"cluster": {}, "annotation": {"source": "resources/embedded/pbmc68k_reduced_barcodes_annotation.tsv"}},
+     "cluster types its cells by their clusters, so its annotation would go unread"),
+    ({"cluster": {"resolution": 0}}, "0 is less than or equal to the minimum of 0"),
+])
+def test_a_dataset_is_typed_by_a_label_column_or_by_clusters(workdir, entry, message):
+    overlay = write_config(workdir / "typed.yaml", {"dataset": "typed", "datasets": {"typed": {
+        "format": "h5ad", "matrix": {"source": "resources/embedded/pbmc68k_reduced_counts.h5ad"}, **entry}}})
+    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay, check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("top, own, message", [
     ({}, {"train": {"epoch": 5}}, "config: dataset pbmc68k_reduced's own settings: Error validating config file."
                                   "\nValidationError: Additional properties are not allowed ('epoch' was unexpected)"),

@@ -729,7 +729,7 @@ def _header_line(handle) -> tuple[str, int]:
 def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: bool = False) -> ad.AnnData:
     """Read a delimited text count matrix (tab-, comma-, semicolon- or space-separated, gzipped or not) as
     cells x genes: genes x cells as GEO's tables and Drop-seq's DGE files are, unless more of ``barcodes`` (the
-    annotation's) name its rows than its columns.
+    annotation's; none where the cells are to be clustered) name its rows than its columns.
 
     Each line's values are parsed by numpy and kept sparse at once, so the dense table is never in memory whole
     (pandas' parser takes minutes over a table of 68,579 columns). ``round_counts``: see ``integer_counts``;
@@ -760,14 +760,20 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
                 in_rows, in_columns = (len(joined[0]), 0) if names is rows else (0, len(joined[0]))
                 how = " with a sample's tag around them"
                 break
+    if not len(barcodes):  # cells to be clustered: no annotation says which axis holds them, so their names do
+        in_rows, in_columns = (int(names.str.fullmatch(CELL_BARCODE.pattern).sum()) for names in (rows,
+                                                                                                    pd.Index(columns)))
+        chosen_by, unknown = ("names that look like cell barcodes (no annotation), ",
+                              "no row or column name looks like a cell barcode")
+    else:
+        chosen_by, unknown = (f"annotation's barcodes{how}, ",
+                              "none of the annotation's barcodes names a row or a column")
     cells_in_rows = in_rows > in_columns
     if not in_rows and not in_columns:
-        log.warning("%s: none of the annotation's barcodes names a row or a column, as they are or with a sample's "
-                    "tag around them; reading a cell in each column (genes x cells, the usual layout; e.g. columns "
-                    "%s, rows %s)", path, columns[:2], rows[:2].tolist())
-    log.info("%s: %d rows x %d columns; read with a cell in each %s (of the annotation's barcodes%s, %d name its "
-             "rows, %d its columns)", path, *counts.shape, "row" if cells_in_rows else "column", how, in_rows,
-             in_columns)
+        log.warning("%s: %s; reading a cell in each column (genes x cells, the usual layout; e.g. columns %s, rows %s)",
+                    path, unknown, columns[:2], rows[:2].tolist())
+    log.info("%s: %d rows x %d columns; read with a cell in each %s (of the %s%d name its rows, %d its columns)",
+             path, *counts.shape, "row" if cells_in_rows else "column", chosen_by, in_rows, in_columns)
     if cells_in_rows:
         return with_unique_gene_names(ad.AnnData(counts, obs=pd.DataFrame(index=rows), var=pd.DataFrame(
             index=pd.Index(columns))), path)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -18,6 +19,7 @@ import pandas as pd
 
 from . import InputError
 from .download import fetch, sha256_of
+from .clustering import leiden_clusters
 from .filtering import FilterThresholds, attach_labels, filter_cells_and_genes
 from .images import build_image_store, layout_table
 from .io import (IMAGE_STORE, atomic_output, container_problem, model_file_problem, open_h5ad, read_10x_h5,
@@ -52,26 +54,48 @@ def filter_dataset(
     several (see ``io.chosen_matrix``); cells labelled one of ``exclude_types`` are left out."""
     if format not in FORMATS:
         raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
-    # An .h5ad's or loom file's cells carry their labels, unless an annotation table labels them.
-    read_labelled = {"h5ad": read_h5ad_counts, "loom": read_loom_counts}.get(format)
-    if read_labelled is not None and annotation is None:
+    if format in ("h5ad", "loom") and annotation is None:  # its cells carry their labels
+        read_labelled = read_h5ad_counts if format == "h5ad" else read_loom_counts
         adata = read_labelled(matrix, label_column, counts_layer, round_counts)
     else:
         if annotation is None:
             raise InputError(f"{matrix}: a {format} matrix needs an annotation file with the cell types")
         labels = read_annotation(annotation, barcode_column, label_column)
-        if format == "10x_tarball":
-            counts = read_10x_tarball(matrix, round_counts, sample)
-        elif format == "10x_h5":
-            counts = read_10x_h5(matrix, round_counts)
-        elif format == "counts_table":
-            counts = read_counts_table(matrix, labels.index, round_counts)
-        else:  # an .h5ad or loom file whose cells an annotation table labels
-            counts = read_labelled(matrix, None, counts_layer, round_counts)
-        adata = attach_labels(counts, labels, matrix, annotation)
+        adata = attach_labels(read_counts(matrix, format, round_counts, sample, counts_layer, labels.index), labels,
+                              matrix, annotation)
     filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix,
                                       exclude_types)
     write_h5ad(filtered, output)
+
+
+def read_counts(matrix: str, format: str, round_counts: bool, sample: str | None, counts_layer: str | None,
+                barcodes: Sequence[str] = ()) -> ad.AnnData:
+    """A dataset's counts without labels; ``barcodes`` (an annotation's) tell a count table's cells from its genes."""
+    if format not in FORMATS:
+        raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
+    if format == "10x_tarball":
+        return read_10x_tarball(matrix, round_counts, sample)
+    if format == "10x_h5":
+        return read_10x_h5(matrix, round_counts)
+    if format == "counts_table":
+        return read_counts_table(matrix, barcodes, round_counts)
+    read_labelled = read_h5ad_counts if format == "h5ad" else read_loom_counts
+    return read_labelled(matrix, None, counts_layer, round_counts)
+
+
+def cluster(matrix: str, output: str, format: str, resolution: float, seed: int, counts_layer: str | None = None,
+            thresholds: dict | None = None, round_counts: bool = False, sample: str | None = None) -> None:
+    """An annotation table (columns ``barcode``, ``cluster``) typing a dataset's cells by their Leiden clusters,
+    for a dataset that has no cell types: the cells that pass the filter's cell and gene thresholds, clustered
+    (see ``clustering.leiden_clusters``); the filter then reads it as the dataset's annotation."""
+    counts = read_counts(matrix, format, round_counts, sample, counts_layer)
+    counts.obs["cell_type"] = "unclustered"
+    # The type threshold is the filter's, which drops clusters too small once the cells are typed.
+    cells = filter_cells_and_genes(counts, replace(FilterThresholds(**(thresholds or {})), min_cells_per_type=1),
+                                   matrix)
+    clusters = leiden_clusters(cells, resolution, seed, matrix)
+    with atomic_output(output) as temporary:
+        pd.DataFrame({"barcode": cells.obs_names, "cluster": clusters}).to_csv(temporary, sep="\t", index=False)
 
 
 def reshape(filtered: str, store: str, layout: str, side: int | None, scaling: str,

@@ -1,0 +1,46 @@
+"""Cell types for a dataset that has none: Leiden clusters of its cells, found as scanpy's tutorials find them.
+
+Kept free of TensorFlow: the filter rule runs in the TensorFlow-free environment.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from . import InputError
+
+log = logging.getLogger(__name__)
+
+# scanpy's usual preparation for clustering: 2,000 variable genes, 50 principal components, 15 neighbours.
+VARIABLE_GENES = 2000
+COMPONENTS = 50
+NEIGHBOURS = 15
+# Fewer cells than this make no neighbour graph worth clustering.
+MIN_CELLS = 3 * NEIGHBOURS
+
+
+def leiden_clusters(cells: ad.AnnData, resolution: float, seed: int, source: str) -> pd.Categorical:
+    """Each cell's Leiden cluster ('0', '1', ...) on its log-normalised counts (library size to 10,000, log1p),
+    over the most variable genes, principal components and a neighbour graph; seeded, so a rerun finds the same."""
+    import scanpy as sc
+
+    if cells.n_obs < MIN_CELLS:
+        raise InputError(f"{source}: {cells.n_obs} cells pass the filter, too few to cluster (at least {MIN_CELLS}); "
+                         f"give the cell types with label_column instead")
+    log.info("%s: clustering %d cells (Leiden, resolution %g, seed %d) for their cell types", source, cells.n_obs,
+             resolution, seed)
+    values = ad.AnnData(cells.X.astype(np.float32), obs=pd.DataFrame(index=cells.obs_names))
+    sc.pp.normalize_total(values, target_sum=1e4)
+    sc.pp.log1p(values)
+    sc.pp.highly_variable_genes(values, n_top_genes=min(VARIABLE_GENES, values.n_vars), subset=True)
+    sc.pp.pca(values, n_comps=min(COMPONENTS, values.n_obs - 1, values.n_vars - 1), random_state=seed)
+    sc.pp.neighbors(values, n_neighbors=NEIGHBOURS, random_state=seed)
+    sc.tl.leiden(values, resolution=resolution, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
+    clusters = values.obs["leiden"]
+    log.info("%s: %d clusters: %s", source, clusters.cat.categories.size,
+             ", ".join(f"{name}: {n}" for name, n in clusters.value_counts(sort=False).items()))
+    return pd.Categorical(clusters)
