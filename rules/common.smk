@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -165,6 +166,29 @@ def selected_datasets():
 
 
 check_dataset_settings()
+
+
+def check_empty_mappings():
+    """An empty simulate.cells_per_type mapping in a --configfile names no cell type, and Snakemake's key-by-key
+    merge of the files would silently keep the earlier file's value in its place."""
+    for path in workflow.overwrite_configfiles:
+        overlay = yaml.safe_load(Path(path).read_text()) or {}
+        datasets = overlay.get("datasets") or {}
+        sections = [("", overlay)] + [
+            (f"datasets.{name}.", entry)
+            for name, entry in datasets.items()
+            if isinstance(entry, dict)
+        ]
+        for where, section in sections:
+            simulate = section.get("simulate")
+            if isinstance(simulate, dict) and simulate.get("cells_per_type") == {}:
+                raise ValueError(
+                    f"config: {path}: {where}simulate.cells_per_type is an empty mapping, which "
+                    f"names no cell type; give a number for every type, or name types with theirs"
+                )
+
+
+check_empty_mappings()
 
 
 def dataset(name):

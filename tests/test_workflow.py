@@ -396,6 +396,11 @@ def test_invalid_config_is_refused_with_the_key(workdir):
     result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", twice, check=False)
     assert result.returncode != 0
     assert "config: dataset lists pbmc68k_reduced more than once" in result.stdout + result.stderr
+    # Snakemake's merge would keep the default 100 in place of an empty mapping.
+    empty = write_config(workdir / "empty.yaml", {"simulate": {"cells_per_type": {}}})
+    result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", empty, check=False)
+    assert result.returncode != 0
+    assert f"config: {empty}: simulate.cells_per_type is an empty mapping" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -1,6 +1,6 @@
 """Cell types for a dataset that has none: Leiden clusters of its cells, found as scanpy's tutorials find them.
 
-Kept free of TensorFlow: the filter rule runs in the TensorFlow-free environment.
+Kept free of TensorFlow: the cluster rule runs in the TensorFlow-free environment.
 """
 
 from __future__ import annotations
