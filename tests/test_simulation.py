@@ -467,12 +467,13 @@ def test_type_quantile_calibration_gives_each_gene_its_training_distribution(sto
                                     batch_size=512).X).nnz == 0
 
 
-@pytest.mark.parametrize("calibration", ["type_moments", "type_quantiles", "none"])
-def test_the_expected_expression_is_what_the_simulated_counts_scatter_around(store, calibration):
+@pytest.mark.parametrize(("calibration", "count_sampling"), [("type_moments", "poisson"), ("type_quantiles", "poisson"),
+                                                           ("none", "poisson"), ("none", "round")])
+def test_the_expected_expression_is_what_the_simulated_counts_scatter_around(store, calibration, count_sampling):
     model = ConditionalConvVAE(image_side=8, n_cell_types=4, filters=4, latent_dim=3, seed=0,
                                reconstruction_loss="multinomial", n_genes=store.n_vars)
     simulator = Simulator(model, store, batch_size=500, latent="posterior", library_sizes="paired",
-                          calibration=calibration)
+                          calibration=calibration, count_sampling=count_sampling)
     wanted = {AWKWARD_TYPES[2]: 3000, AWKWARD_TYPES[0]: 7}
     truth = ExpectedExpression(simulator.var.index)
     simulated = simulator.to_anndata(wanted, seed=4, truth=truth)
@@ -483,13 +484,16 @@ def test_the_expected_expression_is_what_the_simulated_counts_scatter_around(sto
     for cell_type in wanted:
         of_type = table[table["cell_type"] == cell_type]
         assert list(of_type["gene"]) == list(store.var_names)
-        assert of_type["mean_per_10k"].sum() == pytest.approx(1e4)
+        # Each cell's shares add up to 10,000, but for cells rounded to no count at all.
+        counted = (simulated[simulated.obs["cell_type"] == cell_type].X.sum(axis=1) > 0).mean()
+        assert of_type["mean_per_10k"].sum() == pytest.approx(1e4 * (counted if count_sampling == "round" else 1))
     cell_type, n_cells = AWKWARD_TYPES[2], wanted[AWKWARD_TYPES[2]]
     of_type = table[table["cell_type"] == cell_type]
     counts = simulated[simulated.obs["cell_type"] == cell_type].X.toarray().astype(float)
-    per_10k = counts / counts.sum(axis=1, keepdims=True) * 1e4
-    if calibration == "type_quantiles":
-        # A batch's counts of each gene are fixed training quantiles: their means are the expectation itself.
+    totals = counts.sum(axis=1, keepdims=True)
+    per_10k = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0) * 1e4
+    if calibration == "type_quantiles" or count_sampling == "round":
+        # Rounded counts, and a batch's counts of each gene at fixed training quantiles, are their own expectation.
         assert np.allclose(counts.mean(axis=0), of_type["mean_count"], rtol=1e-5)
         assert np.allclose(per_10k.mean(axis=0), of_type["mean_per_10k"], rtol=1e-5)
         return

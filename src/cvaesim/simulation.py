@@ -250,12 +250,11 @@ class Simulator:
             counts = draw_counts(profiles, totals, self.count_sampling, rng, self.dispersion)
         if self.calibration == "type_quantiles":
             counts = rank_matched(counts, self.training_counts[cell_type], rng)
-            if truth is not None:
-                # Each gene's counts in the batch are the training quantiles at fixed ranks, whichever cell gets
-                # which: their mean is fixed, so the drawn counts are their own expectation for the type.
-                truth.add(cell_type, counts.toarray())
-        elif truth is not None:
-            truth.add(cell_type, expected_counts(profiles, totals))
+        if truth is not None:
+            # Rounded counts are fixed by their profiles, and rank-matched ones are, gene by gene, the training
+            # quantiles at fixed ranks whichever cell gets which: either way the counts are their own expectation.
+            fixed = self.count_sampling == "round" or self.calibration == "type_quantiles"
+            truth.add(cell_type, counts.toarray() if fixed else expected_counts(profiles, totals))
         return counts, cell_type
 
     def share_moments(self, cell_types: list[str], rng: np.random.Generator
