@@ -207,6 +207,11 @@ def roles(name):
     ]
 
 
+def entry(key, default=None):
+    """A params function: the value of ``key`` in the job's dataset entry."""
+    return lambda wildcards: dataset(wildcards.dataset).get(key, default)
+
+
 def label_column(name):
     """Where the filter finds a dataset's cell types: its own column, or the cluster rule's."""
     return "cluster" if "cluster" in dataset(name) else dataset(name)["label_column"]

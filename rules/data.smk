@@ -35,17 +35,13 @@ rule filter:
     resources:
         mem_mb=4000,
     params:
-        format=lambda wildcards: dataset(wildcards.dataset)["format"],
+        format=entry("format"),
         label_column=lambda wildcards: label_column(wildcards.dataset),
         barcode_column=lambda wildcards: barcode_column(wildcards.dataset),
-        counts_layer=lambda wildcards: dataset(wildcards.dataset).get("counts_layer"),
-        round_counts=lambda wildcards: dataset(wildcards.dataset).get(
-            "round_counts", False
-        ),
-        sample=lambda wildcards: dataset(wildcards.dataset).get("sample"),
-        exclude_types=lambda wildcards: dataset(wildcards.dataset).get(
-            "exclude_types", []
-        ),
+        counts_layer=entry("counts_layer"),
+        round_counts=entry("round_counts", False),
+        sample=entry("sample"),
+        exclude_types=entry("exclude_types", []),
         thresholds=setting("filter"),
     script:
         "../scripts/filter.py"
@@ -65,13 +61,11 @@ rule cluster:
     resources:
         mem_mb=4000,
     params:
-        format=lambda wildcards: dataset(wildcards.dataset)["format"],
+        format=entry("format"),
         resolution=lambda wildcards: dataset(wildcards.dataset)["cluster"]["resolution"],
-        counts_layer=lambda wildcards: dataset(wildcards.dataset).get("counts_layer"),
-        round_counts=lambda wildcards: dataset(wildcards.dataset).get(
-            "round_counts", False
-        ),
-        sample=lambda wildcards: dataset(wildcards.dataset).get("sample"),
+        counts_layer=entry("counts_layer"),
+        round_counts=entry("round_counts", False),
+        sample=entry("sample"),
         thresholds=setting("filter"),
         seed=dataset_seed,
     script:
