@@ -6,6 +6,32 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+
+def check_labels(name, entry):
+    """A dataset's cell types come from its label column or from clustering its cells: one of the two."""
+    if ("label_column" in entry) == ("cluster" in entry):
+        raise ValueError(
+            f"config: dataset {name}: give label_column (where its cell types are) or cluster (Leiden "
+            f"clusters of its cells as the cell types), "
+            f"{'not both' if 'cluster' in entry else 'one of the two'}"
+        )
+    if "cluster" in entry and "annotation" in entry:
+        raise ValueError(
+            f"config: dataset {name}: cluster types its cells by their clusters, so its annotation "
+            f"would go unread; give label_column for the annotation's cell types, or drop the annotation"
+        )
+
+
+def check_selected_labels():
+    """Before the schema, whose message for a selected matrix without labels ("'annotation' is a required
+    property") would not name the other way to type its cells."""
+    names = config.get("dataset", [])
+    for name in [names] if isinstance(names, str) else names:
+        if isinstance(config.get("datasets", {}).get(name), dict):
+            check_labels(name, config["datasets"][name])
+
+
+check_selected_labels()
 validate(config, schema="../config/schemas/config.schema.yaml")
 
 
@@ -102,7 +128,6 @@ def check_dataset_settings():
     check_setting_combinations(config, "config")
     for name in selected_datasets():
         entry = config["datasets"][name]
-        check_labels(name, entry)
         if not any(key in entry for key in ("seed", *PER_DATASET_SECTIONS)):
             continue
         settings = dataset_settings(name)
@@ -117,21 +142,6 @@ def check_dataset_settings():
                 f"config: dataset {name}'s own settings: {error}"
             ) from None
         check_setting_combinations(settings, f"config: dataset {name}")
-
-
-def check_labels(name, entry):
-    """A dataset's cell types come from its label column or from clustering its cells: one of the two."""
-    if ("label_column" in entry) == ("cluster" in entry):
-        raise ValueError(
-            f"config: dataset {name}: give label_column (where its cell types are) or cluster (Leiden "
-            f"clusters of its cells as the cell types), "
-            f"{'not both' if 'cluster' in entry else 'one of the two'}"
-        )
-    if "cluster" in entry and "annotation" in entry:
-        raise ValueError(
-            f"config: dataset {name}: cluster types its cells by their clusters, so its annotation "
-            f"would go unread; give label_column for the annotation's cell types, or drop the annotation"
-        )
 
 
 DOWNLOAD_NAMES = {

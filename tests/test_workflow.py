@@ -223,6 +223,10 @@ def test_a_dataset_without_cell_types_is_typed_by_the_clusters_of_its_cells(work
                                                  "clusters of its cells as the cell types), not both"),
     ({}, "give label_column (where its cell types are) or cluster (Leiden clusters of its cells as the cell types), "
          "one of the two"),
+    # A 10x matrix without either: the schema would only say that it needs an annotation.
+    ({"format": "10x_tarball", "matrix": {"source": "resources/embedded/pbmc68k_reduced_filtered_gene_bc_matrices.tar.gz"}},
+     "give label_column (where its cell types are) or cluster (Leiden clusters of its cells as the cell types), "
+     "one of the two"),
     ({"cluster": {}, "annotation": {"source": "resources/embedded/pbmc68k_reduced_barcodes_annotation.tsv"}},
      "cluster types its cells by their clusters, so its annotation would go unread"),
     ({"cluster": {"resolution": 0}}, "0 is less than or equal to the minimum of 0"),
