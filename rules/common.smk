@@ -217,20 +217,20 @@ def roles(name):
     ]
 
 
-def entry(key, default=None):
+def from_entry(key, default=None):
     """A params function: the value of ``key`` in the job's dataset entry."""
     return lambda wildcards: dataset(wildcards.dataset).get(key, default)
 
 
-def label_column(name):
+def label_column(wildcards):
     """Where the filter finds a dataset's cell types: its own column, or the cluster rule's."""
-    return "cluster" if "cluster" in dataset(name) else dataset(name)["label_column"]
+    entry = dataset(wildcards.dataset)
+    return "cluster" if "cluster" in entry else entry["label_column"]
 
 
-def barcode_column(name):
-    if "cluster" in dataset(name):
-        return "barcode"
-    return dataset(name).get("barcode_column", "barcodes")
+def barcode_column(wildcards):
+    entry = dataset(wildcards.dataset)
+    return "barcode" if "cluster" in entry else entry.get("barcode_column", "barcodes")
 
 
 def downloaded(name, role):

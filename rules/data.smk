@@ -35,13 +35,13 @@ rule filter:
     resources:
         mem_mb=4000,
     params:
-        format=entry("format"),
-        label_column=lambda wildcards: label_column(wildcards.dataset),
-        barcode_column=lambda wildcards: barcode_column(wildcards.dataset),
-        counts_layer=entry("counts_layer"),
-        round_counts=entry("round_counts", False),
-        sample=entry("sample"),
-        exclude_types=entry("exclude_types", []),
+        format=from_entry("format"),
+        label_column=label_column,
+        barcode_column=barcode_column,
+        counts_layer=from_entry("counts_layer"),
+        round_counts=from_entry("round_counts", False),
+        sample=from_entry("sample"),
+        exclude_types=from_entry("exclude_types", []),
         thresholds=setting("filter"),
     script:
         "../scripts/filter.py"
@@ -61,11 +61,11 @@ rule cluster:
     resources:
         mem_mb=4000,
     params:
-        format=entry("format"),
+        format=from_entry("format"),
         resolution=lambda wildcards: dataset(wildcards.dataset)["cluster"]["resolution"],
-        counts_layer=entry("counts_layer"),
-        round_counts=entry("round_counts", False),
-        sample=entry("sample"),
+        counts_layer=from_entry("counts_layer"),
+        round_counts=from_entry("round_counts", False),
+        sample=from_entry("sample"),
         thresholds=setting("filter"),
         seed=dataset_seed,
     script:

@@ -747,27 +747,27 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
     row_names = np.array(row_names, dtype=object)
     rows, ids = pd.Index(row_names[:, -1].astype(str)), row_names[:, 0].astype(str)
     barcodes = pd.Index(barcodes)
-    keys = without_gem_suffix(barcodes)
-    in_rows, in_columns = (int(without_gem_suffix(names).isin(keys).sum()) for names in (rows, pd.Index(columns)))
-    how = ""
-    if not in_rows and not in_columns:
-        # An annotation of several samples names the cells with a sample's tag ('ctrl_AAAC-1'): tried on the axis
-        # whose names have fewer lengths (a barcode's) first, the other only where that joins none.
-        tagged = pd.Series(np.zeros(len(barcodes)), index=barcodes)
-        for names in sorted((rows, pd.Index(columns)), key=lambda names: names.str.len().nunique()):
-            joined = labels_across_sample_tags(names, tagged)
-            if joined is not None:
-                in_rows, in_columns = (len(joined[0]), 0) if names is rows else (0, len(joined[0]))
-                how = " with a sample's tag around them"
-                break
     if not len(barcodes):  # cells to be clustered: no annotation says which axis holds them, so their names do
         in_rows, in_columns = (int(names.str.fullmatch(CELL_BARCODE.pattern).sum()) for names in (rows,
                                                                                                     pd.Index(columns)))
         chosen_by, unknown = ("names that look like cell barcodes (no annotation), ",
                               "no row or column name looks like a cell barcode")
     else:
-        chosen_by, unknown = (f"annotation's barcodes{how}, ",
-                              "none of the annotation's barcodes names a row or a column")
+        keys = without_gem_suffix(barcodes)
+        in_rows, in_columns = (int(without_gem_suffix(names).isin(keys).sum()) for names in (rows, pd.Index(columns)))
+        how = ""
+        if not in_rows and not in_columns:
+            # An annotation of several samples names the cells with a sample's tag ('ctrl_AAAC-1'): tried on the axis
+            # whose names have fewer lengths (a barcode's) first, the other only where that joins none.
+            tagged = pd.Series(np.zeros(len(barcodes)), index=barcodes)
+            for names in sorted((rows, pd.Index(columns)), key=lambda names: names.str.len().nunique()):
+                joined = labels_across_sample_tags(names, tagged)
+                if joined is not None:
+                    in_rows, in_columns = (len(joined[0]), 0) if names is rows else (0, len(joined[0]))
+                    how = " with a sample's tag around them"
+                    break
+        chosen_by, unknown = (f"annotation's barcodes{how}, ", "none of the annotation's barcodes names a row or a "
+                              "column, as they are or with a sample's tag around them")
     cells_in_rows = in_rows > in_columns
     if not in_rows and not in_columns:
         log.warning("%s: %s; reading a cell in each column (genes x cells, the usual layout; e.g. columns %s, rows %s)",

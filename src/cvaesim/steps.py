@@ -28,6 +28,8 @@ from .io import (IMAGE_STORE, atomic_output, container_problem, model_file_probl
 log = logging.getLogger(__name__)
 
 FORMATS = ("10x_tarball", "10x_h5", "counts_table", "h5ad", "loom")
+# The formats whose cells may carry their labels (an .h5ad's obs column, a loom file's column attribute).
+LABELLED_READERS = {"h5ad": read_h5ad_counts, "loom": read_loom_counts}
 
 
 def download(source: str, output: str, sha256: str | None = None, sample: str | None = None) -> None:
@@ -54,9 +56,8 @@ def filter_dataset(
     several (see ``io.chosen_matrix``); cells labelled one of ``exclude_types`` are left out."""
     if format not in FORMATS:
         raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
-    if format in ("h5ad", "loom") and annotation is None:  # its cells carry their labels
-        read_labelled = read_h5ad_counts if format == "h5ad" else read_loom_counts
-        adata = read_labelled(matrix, label_column, counts_layer, round_counts)
+    if format in LABELLED_READERS and annotation is None:  # its cells carry their labels
+        adata = LABELLED_READERS[format](matrix, label_column, counts_layer, round_counts)
     else:
         if annotation is None:
             raise InputError(f"{matrix}: a {format} matrix needs an annotation file with the cell types")
@@ -71,16 +72,13 @@ def filter_dataset(
 def read_counts(matrix: str, format: str, round_counts: bool, sample: str | None, counts_layer: str | None,
                 barcodes: Sequence[str] = ()) -> ad.AnnData:
     """A dataset's counts without labels; ``barcodes`` (an annotation's) tell a count table's cells from its genes."""
-    if format not in FORMATS:
-        raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
     if format == "10x_tarball":
         return read_10x_tarball(matrix, round_counts, sample)
     if format == "10x_h5":
         return read_10x_h5(matrix, round_counts)
     if format == "counts_table":
         return read_counts_table(matrix, barcodes, round_counts)
-    read_labelled = read_h5ad_counts if format == "h5ad" else read_loom_counts
-    return read_labelled(matrix, None, counts_layer, round_counts)
+    return LABELLED_READERS[format](matrix, None, counts_layer, round_counts)
 
 
 def cluster(matrix: str, output: str, format: str, resolution: float, seed: int, counts_layer: str | None = None,
@@ -88,6 +86,8 @@ def cluster(matrix: str, output: str, format: str, resolution: float, seed: int,
     """An annotation table (columns ``barcode``, ``cluster``) typing a dataset's cells by their Leiden clusters,
     for a dataset that has no cell types: the cells that pass the filter's cell and gene thresholds, clustered
     (see ``clustering.leiden_clusters``); the filter then reads it as the dataset's annotation."""
+    if format not in FORMATS:
+        raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
     counts = read_counts(matrix, format, round_counts, sample, counts_layer)
     counts.obs["cell_type"] = "unclustered"
     # The type threshold is the filter's, which drops clusters too small once the cells are typed.
