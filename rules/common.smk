@@ -228,6 +228,11 @@ def label_column(wildcards):
     return "cluster" if "cluster" in entry else entry["label_column"]
 
 
+def excluded_types(wildcards):
+    """The cell types the filter leaves out, as text: YAML reads a cluster's name, ``[7]``, as a number."""
+    return [str(name) for name in dataset(wildcards.dataset).get("exclude_types", [])]
+
+
 def barcode_column(wildcards):
     entry = dataset(wildcards.dataset)
     return "barcode" if "cluster" in entry else entry.get("barcode_column", "barcodes")

@@ -41,7 +41,7 @@ rule filter:
         counts_layer=from_entry("counts_layer"),
         round_counts=from_entry("round_counts", False),
         sample=from_entry("sample"),
-        exclude_types=from_entry("exclude_types", []),
+        exclude_types=excluded_types,
         thresholds=setting("filter"),
     script:
         "../scripts/filter.py"

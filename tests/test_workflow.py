@@ -214,6 +214,12 @@ def test_a_dataset_without_cell_types_is_typed_by_the_clusters_of_its_cells(work
     # A changed resolution clusters again; the default seed's other datasets plan nothing new.
     again = write_config(workdir / "unlabelled_again.yaml", {"datasets": {"unlabelled": {"cluster": {"resolution": 2}}}})
     assert {"cluster", "filter"} <= set(planned_jobs(workdir, *QUICK_RUN, overlay, again))
+    # A cluster is left out by its number, which YAML reads as an integer.
+    without = write_config(workdir / "unlabelled_without.yaml", {"datasets": {"unlabelled": {"exclude_types": [2]}}})
+    snakemake(workdir, "results/unlabelled/filtered.h5ad", *QUICK_RUN, overlay, without)
+    kept = ad.read_h5ad(workdir / "results" / "unlabelled" / "filtered.h5ad")
+    assert set(kept.obs["cell_type"].astype(str)) == {"0", "1"}
+    assert kept.n_obs == (clusters["cluster"] != "2").sum()
     for folder in ("results", "logs", "benchmarks", "resources/datasets"):
         shutil.rmtree(workdir / folder / "unlabelled")
 
