@@ -462,6 +462,8 @@ def test_annotation_errors_name_the_file_and_columns(tmp_path):
     # leaves it out; read when the table has no barcode column (were refused: "no column 'barcodes'").
     for name, text in (("r.csv", '"","celltype","nCount_RNA"\n"A-1","T cell",100\n"B-1","",20\n'),
                        ("pandas.csv", ",celltype\nA-1,T cell\nB-1,\n"),
+                       # obs.to_csv() of an .h5ad whose cell names anndata calls 'index', as scanpy's datasets do
+                       ("anndata.csv", "index,celltype\nA-1,T cell\nB-1,\n"),
                        ("r.tsv", "celltype\tnCount_RNA\nA-1\tT cell\t100\nB-1\t\t20\n")):
         (tmp_path / name).write_text(text)
         assert read_annotation(tmp_path / name, "barcodes", "celltype").equals(labels), name

@@ -1026,14 +1026,20 @@ def model_file_problem(path: str | Path) -> str | None:
     return None
 
 
+# The first header field of an exported table of row names: empty (pandas reads it as 'Unnamed: 0'), or the
+# name anndata gives the cell names of most .h5ad files (scanpy's own datasets), which ``obs.to_csv()`` writes.
+ROW_NAME_HEADERS = ("Unnamed: 0", "index")
+
+
 def annotation_row_names(table: pd.DataFrame) -> np.ndarray | None:
     """The row names of a table read with a header, or None: the first column where its header is empty
-    (R's write.csv, pandas' to_csv: ``obs.to_csv()`` and Seurat's ``write.csv(meta.data)``), or the column
-    pandas made the index where the header is one field short (R's write.table)."""
+    (R's write.csv, pandas' to_csv: ``obs.to_csv()`` and Seurat's ``write.csv(meta.data)``) or ``index``
+    (``obs.to_csv()`` of an .h5ad whose cell names are so named), or the column pandas made the index where
+    the header is one field short (R's write.table)."""
     if not isinstance(table.index, pd.RangeIndex):
         return table.index.to_numpy()
-    if len(table.columns) and table.columns[0] == "Unnamed: 0":
-        return table["Unnamed: 0"].to_numpy()
+    if len(table.columns) and table.columns[0] in ROW_NAME_HEADERS:
+        return table[table.columns[0]].to_numpy()
     return None
 
 
@@ -1077,7 +1083,7 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     row_names = annotation_row_names(table)
     if barcode_column not in table.columns and row_names is not None:
         log.warning("%s: no column %r; reading the barcodes from the table's row names (its first column, whose "
-                    "header is empty or missing)", path, barcode_column)
+                    "header is empty, missing or 'index')", path, barcode_column)
         table = table.reset_index(drop=True)
         table[barcode_column] = row_names
     missing = [column for column in (barcode_column, label_column) if column not in table.columns]
