@@ -155,6 +155,11 @@ DOWNLOAD_NAMES = {
 # An h5ad's labels are an obs column (a loom's a column attribute), unless an annotation table is given to
 # label its cells.
 OPTIONAL_ROLES = {"h5ad": {"annotation"}, "loom": {"annotation"}}
+# By the rules' folder, as a rule's own conda path is.
+TENSORFLOW_ENVS = {
+    "cpu": "../envs/tensorflow.yaml",
+    "cuda": "../envs/tensorflow-cuda.yaml",
+}
 
 
 def selected_datasets():
@@ -226,6 +231,11 @@ def label_column(wildcards):
     """Where the filter finds a dataset's cell types: its own column, or the cluster rule's."""
     entry = dataset(wildcards.dataset)
     return "cluster" if "cluster" in entry else entry["label_column"]
+
+
+def tensorflow_env(wildcards):
+    """The conda environment of the rules that run TensorFlow: its CPU or its CUDA build (``conda_tensorflow``)."""
+    return TENSORFLOW_ENVS[config["conda_tensorflow"]]
 
 
 def excluded_types(wildcards):

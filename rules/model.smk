@@ -41,7 +41,7 @@ rule train:
     benchmark:
         "benchmarks/{dataset}/train.tsv"
     conda:
-        "../envs/tensorflow.yaml"
+        tensorflow_env
     threads: 4
     resources:
         gpu=1,
@@ -67,7 +67,7 @@ rule simulate:
     benchmark:
         "benchmarks/{dataset}/simulate.tsv"
     conda:
-        "../envs/tensorflow.yaml"
+        tensorflow_env
     threads: 2
     resources:
         mem_mb=4000,

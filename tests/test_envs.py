@@ -1,7 +1,9 @@
 """Each rule's conda environment holds what its script imports: the scanpy one has no TensorFlow."""
 
 import ast
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -11,6 +13,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TENSORFLOW_FREE_ENV = "../envs/scanpy.yaml"
+TENSORFLOW_ENV = "../envs/tensorflow.yaml"
+# A stand-in for conda that answers the questions Snakemake asks before it lists the environments it would build.
+CONDA_STUB = """#!/bin/sh
+case "$1" in
+  --version) echo "conda 24.9.2" ;;
+  info) echo '{"conda_prefix": "/nonexistent/conda", "platform": "linux-64"}' ;;
+  config) echo '{"get": {"channel_priority": "strict"}}' ;;
+  *) echo "not a real conda" >&2; exit 1 ;;
+esac
+"""
 # Import names whose package is named otherwise (conda-forge, PyPI); Keras comes with TensorFlow.
 PACKAGE_OF_IMPORT = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "keras": "tensorflow"}
 # Not needed to run the workflow: the tests check the model on Keras's JAX backend.
@@ -34,10 +46,11 @@ def rules_by_environment():
     for path in sorted((ROOT / "rules").glob("*.smk")):
         for block in re.split(r"\n(?=rule )", path.read_text()):
             name = re.match(r"rule (\w+):", block)
-            env = re.search(r'conda:\s*"([^"]+)"', block)
+            env = re.search(r'conda:\s*(?:"([^"]+)"|(tensorflow_env))', block)
             script = re.search(r'script:\s*"([^"]+)"', block)
             if name and env and script:
-                found.append((name[1], env[1], script[1]))
+                # tensorflow_env picks the CPU or the CUDA build of one environment (see the test below).
+                found.append((name[1], env[1] or TENSORFLOW_ENV, script[1]))
     return found
 
 
@@ -100,3 +113,24 @@ def test_every_package_the_code_imports_is_a_declared_dependency():
         lines += [line for entry in dependencies if isinstance(entry, dict) for line in entry.get("pip", [])]
         missing = needed - listed_packages(lines) - ({"tensorflow"} if tensorflow_free else set())
         assert not missing, f"envs/{env}.yaml lacks {sorted(missing)}"
+
+
+def test_the_tensorflow_rules_build_the_cpu_or_the_cuda_build_as_the_config_says(tmp_path):
+    cpu, cuda = (yaml.safe_load((ROOT / "envs" / name).read_text()) for name in ("tensorflow.yaml", "tensorflow-cuda.yaml"))
+    assert cpu["dependencies"][:-1] == cuda["dependencies"][:-1] and cpu["channels"] == cuda["channels"]
+    assert cpu["dependencies"][-1] == {"pip": ["tensorflow-cpu==2.21.0"]}
+    assert cuda["dependencies"][-1] == {"pip": ["tensorflow[and-cuda]==2.21.0"]}
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "conda").write_text(CONDA_STUB)
+    (tmp_path / "bin" / "conda").chmod(0o755)
+    shutil.copytree(ROOT / "config", tmp_path / "work" / "config")
+    environment = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    listed = {}
+    for build in ("cpu", "cuda"):
+        result = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "--snakefile", str(ROOT / "Snakefile"),
+                                 "--directory", str(tmp_path / "work"), "--list-conda-envs", "--config",
+                                 f"conda_tensorflow={build}"], capture_output=True, text=True, env=environment)
+        assert result.returncode == 0, result.stderr
+        listed[build] = set(re.findall(r"^\S*/(envs/[\w.-]+\.yaml)\t", result.stdout, re.M))
+    assert listed == {"cpu": {"envs/scanpy.yaml", "envs/tensorflow.yaml"},
+                      "cuda": {"envs/scanpy.yaml", "envs/tensorflow-cuda.yaml"}}
