@@ -312,6 +312,30 @@ def test_a_raw_tar_of_hdf5_files_gives_the_sample_s_for_a_10x_h5_dataset(tmp_pat
         download(str(EMBEDDED_TARBALL), str(tmp_path / "tarball" / "matrix.h5"))
 
 
+@pytest.mark.parametrize("name", ["matrix.h5ad", "matrix.h5"])
+def test_a_gzipped_hdf5_source_is_decompressed_and_keeps_the_source_s_digest(server, tmp_path, small_cells, name):
+    plain = tmp_path / "plain"
+    if name.endswith(".h5ad"):
+        small_cells.write_h5ad(plain)
+    else:
+        write_10x_h5(plain, small_cells, v3=True)
+    compressed = gzip.compress(plain.read_bytes())
+    digest = hashlib.sha256(compressed).hexdigest()
+    server.files["/GSM1_cells.gz"] = compressed  # as GEO serves them
+    target = tmp_path / "resources" / name
+    download(f"{server.url}/GSM1_cells.gz", str(target), sha256=digest)
+    assert target.read_bytes() == plain.read_bytes()
+    assert (target.with_name(f"{name}.sha256").read_text() ==
+            f"{digest}  GSM1_cells.gz (gzip-compressed; decompressed into {name})  {len(compressed)} bytes\n")
+    # Cut off, it is refused under its address and nothing is left.
+    server.files["/cut.gz"] = compressed[:len(compressed) // 2]
+    cut = tmp_path / "cut" / name
+    with pytest.raises(DownloadError, match=f"/cut.gz: a gzip-compressed HDF5 file that does not decompress to its "
+                                            f"end .*nothing was written"):
+        download(f"{server.url}/cut.gz", str(cut))
+    assert list(cut.parent.iterdir()) == []
+
+
 def test_a_whole_download_the_config_picks_no_matrix_of_is_kept_for_the_next_run(tmp_path, small_cells):
     """GEO's RAW tar of several samples, downloaded without the sample key (or given as the wrong format), is not
     downloaded again once the config names the sample."""

@@ -74,13 +74,15 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
         read_10x_tarball(h5)
     assert "format may be" in container_problem(EMBEDDED_H5AD, "matrix.tar.gz")
     assert "format may be 10x_tarball" in container_problem(tarball, "matrix.h5")
-    # Compressed whole, an .h5ad or .h5 is no format's file: the error says to decompress it, whichever format is set.
+    # Compressed whole, an .h5ad or .h5 is no format's file as it is: the download decompresses it for the HDF5
+    # formats (test_download), and the error says so, whichever format is set.
     gzipped_h5ad = tmp_path / "cells.h5ad.gz"
     gzipped_h5ad.write_bytes(gzip.compress(EMBEDDED_H5AD.read_bytes()))
     for expected in ("matrix.h5ad", "matrix.h5", "matrix.tar.gz"):
         assert container_problem(gzipped_h5ad, expected).endswith(
-            "; it is a gzip-compressed HDF5 file: decompress it (gunzip) and give the uncompressed file as the source")
-    with pytest.raises(InputError, match="it is a gzip-compressed HDF5 file: decompress it"):
+            "; it is a gzip-compressed HDF5 file: the download decompresses one given as an h5ad, loom or 10x_h5 "
+            "dataset's source; else decompress it (gunzip) and give the uncompressed file")
+    with pytest.raises(InputError, match="it is a gzip-compressed HDF5 file: the download decompresses"):
         read_h5ad_counts(gzipped_h5ad, "cell_type", None)
     # A gzipped matrix.mtx is no tarball either: the error says what a 10x_tarball source is.
     gzipped_mtx = tmp_path / "matrix.mtx.gz"

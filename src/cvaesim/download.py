@@ -10,6 +10,7 @@ with an HTTP Range request.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import http.client
 import logging
@@ -17,12 +18,13 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from . import InputError, __version__
-from .io import MatrixChoiceError, extract_10x_h5, pack_10x_folder
+from .io import HDF5_FORMAT_OF_SUFFIX, MatrixChoiceError, extract_10x_h5, gzipped_hdf5, pack_10x_folder
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,12 @@ def fetch(
             f"got {digest} ({size} bytes); the file was deleted"
         )
     digested, recorded = destination, destination.name  # what the digest is of: logged, and recorded beside it
+    if destination.suffix in HDF5_FORMAT_OF_SUFFIX and gzipped_hdf5(partial):
+        # GEO serves .h5ad and .loom files gzipped; h5py reads only the uncompressed file. The digest stays the
+        # source's, which is what a user pins.
+        _gunzip(partial, source)
+        digested = f"{source} (decompressed)"
+        recorded = f"{Path(unquote(urlparse(source).path)).name} (gzip-compressed; decompressed into {destination.name})"
     try:
         if destination.name.endswith(".h5"):
             # GEO's RAW tar of each sample's Cell Ranger HDF5 file: the one to read is taken out; the digest stays
@@ -126,6 +134,22 @@ def fetch(
     partial.replace(destination)
     destination.with_name(destination.name + ".sha256").write_text(f"{digest}  {recorded}  {size} bytes\n")
     return digest
+
+
+def _gunzip(partial: Path, source: str) -> None:
+    """Decompress ``partial`` in place; a truncated or corrupt stream is refused under ``source`` and deleted."""
+    decompressed = partial.with_name(partial.name + ".gunzipped")
+    try:
+        with gzip.open(partial, "rb") as compressed, open(decompressed, "wb") as out:
+            shutil.copyfileobj(compressed, out, CHUNK_BYTES)
+    except (OSError, EOFError, zlib.error) as error:
+        decompressed.unlink(missing_ok=True)
+        partial.unlink()
+        raise DownloadError(f"{source}: a gzip-compressed HDF5 file that does not decompress to its end ({error}); "
+                            "a truncated download, most likely: nothing was written") from None
+    log.info("%s: gzip-compressed; decompressed %d bytes to %d", source, partial.stat().st_size,
+             decompressed.stat().st_size)
+    decompressed.replace(partial)
 
 
 def _kept_download(destination: Path) -> tuple[Path, Path]:

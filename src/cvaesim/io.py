@@ -292,6 +292,21 @@ R_DATA_ADVICE = ("an R data file (.rds or .RData, as Seurat objects are saved): 
 HDF5_FORMAT_OF_SUFFIX = {".h5": "10x_h5", ".h5ad": "h5ad", ".loom": "loom"}
 
 
+def _decompressed_start(head: bytes) -> bytes:
+    """The first bytes of what the gzip stream starting with ``head`` holds (b'' where it is no gzip stream)."""
+    try:  # the start of a truncated file decompresses too
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, TEXT_SAMPLE_BYTES)
+    except zlib.error:
+        return b""
+
+
+def gzipped_hdf5(path: str | Path) -> bool:
+    """Whether ``path`` is an HDF5 file compressed whole with gzip (as GEO serves .h5ad and .loom files)."""
+    with open(path, "rb") as handle:
+        head = handle.read(TEXT_SAMPLE_BYTES)
+    return head[:2] == GZIP_MAGIC and _decompressed_start(head).startswith(HDF5_SIGNATURE)
+
+
 def detected_format(path: str | Path) -> tuple[str | None, str] | None:
     """(format, description) of a matrix file by its first bytes and HDF5 groups, or None when unknown;
     the format is None for a file that no format takes as it is (a gzip-compressed HDF5 file)."""
@@ -300,13 +315,10 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
             head = handle.read(TEXT_SAMPLE_BYTES)
         if head[:2] == GZIP_MAGIC:
             # What was compressed: a tar archive's header carries "ustar" at byte 257.
-            try:  # the start of a truncated file decompresses too
-                block = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, TEXT_SAMPLE_BYTES)
-            except zlib.error:
-                block = b""
+            block = _decompressed_start(head)
             if block.startswith(HDF5_SIGNATURE):
-                return None, ("a gzip-compressed HDF5 file: decompress it (gunzip) and give the uncompressed file "
-                              "as the source")
+                return None, ("a gzip-compressed HDF5 file: the download decompresses one given as an h5ad, loom or "
+                              "10x_h5 dataset's source; else decompress it (gunzip) and give the uncompressed file")
             if block.startswith(R_DATA_SIGNATURES):
                 return None, R_DATA_ADVICE
             if block[257:262] == b"ustar":
