@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import tarfile
 import threading
+import zipfile
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -334,6 +335,49 @@ def test_a_gzipped_hdf5_source_is_decompressed_and_keeps_the_source_s_digest(ser
                                             f"end .*nothing was written"):
         download(f"{server.url}/cut.gz", str(cut))
     assert list(cut.parent.iterdir()) == []
+
+
+def test_a_zip_archive_gives_its_matrix_folder_or_its_one_file(server, tmp_path, small_cells):
+    """As Zenodo and figshare serve folders: a zip of two samples' Cell Ranger folders, made on a Mac."""
+    archive_path = tmp_path / "deposit.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        for n in (1, 2):
+            with tarfile.open(write_tarball(tmp_path / f"{n}.tar.gz", small_cells[n * 10:], v3=True,
+                                            folder="filtered_feature_bc_matrix")) as tarball:
+                for member in tarball.getmembers():
+                    archive.writestr(f"deposit/sample{n}/{member.name}", tarball.extractfile(member).read())
+        archive.writestr("__MACOSX/deposit/._sample1", b"\0" * 10)
+        archive.writestr("deposit/README.txt", "two samples")
+    zipped = archive_path.read_bytes()
+    server.files["/deposit.zip"] = zipped
+    target = tmp_path / "resources" / "matrix.tar.gz"
+    download(f"{server.url}/deposit.zip", str(target), sha256=hashlib.sha256(zipped).hexdigest(), sample="sample2")
+    taken = read_10x_tarball(target)
+    assert list(taken.obs_names) == list(small_cells[20:].obs_names) and (taken.X != small_cells[20:].X).nnz == 0
+    assert (target.with_name("matrix.tar.gz.sha256").read_text() ==
+            f"{hashlib.sha256(zipped).hexdigest()}  deposit.zip (the zip archive "
+            f"deposit/sample2/filtered_feature_bc_matrix was taken out of)  {len(zipped)} bytes\n")
+    # Without the sample key, the error says which matrices there are, and the download waits for the next run.
+    other = tmp_path / "other" / "matrix.tar.gz"
+    with pytest.raises(DownloadError, match=r"deposit.zip: holds more than one matrix folder or sample "
+                                            r"\(deposit/sample1/filtered_feature_bc_matrix, "
+                                            r"deposit/sample2/filtered_feature_bc_matrix\).*kept as"):
+        download(f"{server.url}/deposit.zip", str(other))
+    assert sorted(path.name for path in other.parent.iterdir()) == ["matrix.kept_download",
+                                                                    "matrix.kept_download.source"]
+    assert other.with_name("matrix.kept_download").read_bytes() == zipped
+    # A zip of one file gives it; of several, a one-file format's source is refused, naming them (the resource
+    # fork under __MACOSX/ not counted).
+    single = tmp_path / "cells.zip"
+    small_cells.write_h5ad(tmp_path / "cells.h5ad")
+    with zipfile.ZipFile(single, "w") as archive:
+        archive.write(tmp_path / "cells.h5ad", "cells.h5ad")
+    download(str(single), str(tmp_path / "h5ad" / "matrix.h5ad"))
+    assert (tmp_path / "h5ad" / "matrix.h5ad").read_bytes() == (tmp_path / "cells.h5ad").read_bytes()
+    with pytest.raises(DownloadError, match=r"deposit.zip: a zip archive of 7 files \(deposit/sample1/"
+                                            r".*where this dataset's source is one file"):
+        download(str(archive_path), str(tmp_path / "several" / "matrix.h5ad"))
+    assert list((tmp_path / "several").iterdir()) == []
 
 
 def test_a_whole_download_the_config_picks_no_matrix_of_is_kept_for_the_next_run(tmp_path, small_cells):

@@ -24,7 +24,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from . import InputError, __version__
-from .io import HDF5_FORMAT_OF_SUFFIX, MatrixChoiceError, extract_10x_h5, gzipped_hdf5, pack_10x_folder
+from .io import (HDF5_FORMAT_OF_SUFFIX, MatrixChoiceError, extract_10x_h5, gzipped_hdf5, pack_10x_folder, unzip_source,
+                 zip_of_files)
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +105,36 @@ def fetch(
             f"{destination}: SHA-256 mismatch for {source}: expected {sha256.lower()}, "
             f"got {digest} ({size} bytes); the file was deleted"
         )
-    digested, recorded = destination, destination.name  # what the digest is of: logged, and recorded beside it
-    if destination.suffix in HDF5_FORMAT_OF_SUFFIX and gzipped_hdf5(partial):
-        # GEO serves .h5ad and .loom files gzipped; h5py reads only the uncompressed file. The digest stays the
-        # source's, which is what a user pins.
-        _gunzip(partial, source)
-        digested = f"{source} (decompressed)"
-        recorded = f"{Path(unquote(urlparse(source).path)).name} (gzip-compressed; decompressed into {destination.name})"
+    # What the digest is of, logged and recorded beside the file: what was fetched, which is what a user pins, even
+    # where the file is taken out of it.
+    digested, recorded = destination, destination.name
+    source_name = Path(unquote(urlparse(source).path)).name if isinstance(source, str) else destination.name
     try:
+        if zip_of_files(partial):
+            unzipped = partial.with_name(partial.name + ".unzipped")
+            try:
+                member = unzip_source(partial, unzipped, destination.name.endswith(".tar.gz"), sample)
+            except BaseException:
+                unzipped.unlink(missing_ok=True)
+                raise
+            unzipped.replace(partial)
+            log.info("%s: took %s out of the zip archive", source, member)
+            digested = f"{source} (the zip archive {member} was taken out of)"
+            recorded = f"{source_name} (the zip archive {member} was taken out of)"
+        if destination.suffix in HDF5_FORMAT_OF_SUFFIX and gzipped_hdf5(partial):
+            # GEO serves .h5ad and .loom files gzipped; h5py reads only the uncompressed file.
+            _gunzip(partial, source)
+            digested = f"{source} (decompressed)"
+            recorded = f"{source_name} (gzip-compressed; decompressed into {destination.name})"
         if destination.name.endswith(".h5"):
-            # GEO's RAW tar of each sample's Cell Ranger HDF5 file: the one to read is taken out; the digest stays
-            # the archive's, which is what a user pins.
+            # GEO's RAW tar of each sample's Cell Ranger HDF5 file: the one to read is taken out.
             extracted = partial.with_name(partial.name + ".extracted")
             member = extract_10x_h5(partial, extracted, sample)
             if member is not None:
                 log.info("%s: took %s out of the archive", source, member)
                 extracted.replace(partial)
                 digested = f"{source} (the archive {member} was taken out of)"
-                recorded = f"{Path(urlparse(source).path).name} (the archive {member} was taken out of)"
+                recorded = f"{source_name} (the archive {member} was taken out of)"
         problem = check(partial) if check else None
     except MatrixChoiceError as error:
         # The file is whole, the config picks no matrix of it: fetching it again would give the same bytes.

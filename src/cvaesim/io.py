@@ -220,6 +220,43 @@ def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: st
     return picked[0]
 
 
+def zip_of_files(path: str | Path) -> bool:
+    """Whether ``path`` is a zip archive of files (as Zenodo and figshare serve folders), not an Excel workbook."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return not any(name.startswith("xl/") for name in archive.namelist())
+
+
+def unzip_source(archive_path: str | Path, destination: str | Path, packed: bool, sample: str | None) -> str:
+    """Write what a dataset reads of a zip archive to ``destination``: with ``packed``, its 10x matrix files as the
+    tarball :func:`read_10x_tarball` reads (of several matrices, the one ``sample`` names), else its one file.
+    Returns what was taken. Raises MatrixChoiceError saying why there is none to take, for the caller to name the
+    source."""
+    destination = Path(destination)
+    with zipfile.ZipFile(archive_path) as archive:
+        # macOS's Finder adds resource forks under __MACOSX/ to the archives it makes.
+        members = [info for info in archive.infolist() if not info.is_dir() and not info.filename.startswith("__MACOSX/")]
+        if packed:
+            matrix = chosen_matrix([PurePosixPath(info.filename) for info in members], sample)
+            contents = destination.with_name("zip_contents")  # a fixed name: the packed tarball's member names
+            shutil.rmtree(contents, ignore_errors=True)
+            try:
+                archive.extractall(contents, members)  # zipfile keeps every member inside ``contents``
+                pack_10x_folder(contents, destination, sample)
+            finally:
+                shutil.rmtree(contents, ignore_errors=True)
+            return str(matrix)
+        if len(members) != 1:
+            raise MatrixChoiceError(f"a zip archive of {len(members)} files "
+                                    f"({_first_few([info.filename for info in members]) or 'none'}), where this "
+                                    "dataset's source is one file: give that file's own address, or unzip the archive "
+                                    "and give the file")
+        with archive.open(members[0]) as member, open(destination, "wb") as output:
+            shutil.copyfileobj(member, output)
+        return members[0].filename
+
+
 # What cvaesim.writers.write_10x puts in its folder: a folder holding these alone may be replaced.
 TENX_OUTPUT_FILES = ("matrix.mtx.gz", "features.tsv.gz", "barcodes.tsv.gz", "cell_types.tsv")
 
