@@ -337,7 +337,7 @@ def test_a_gzipped_hdf5_source_is_decompressed_and_keeps_the_source_s_digest(ser
     assert list(cut.parent.iterdir()) == []
 
 
-def test_a_zip_archive_gives_its_matrix_folder_or_its_one_file(server, tmp_path, small_cells):
+def test_a_zip_archive_gives_its_matrix_folder_or_its_one_file_as_a_tar_archive_its_one_file(server, tmp_path, small_cells):
     """As Zenodo and figshare serve folders: a zip of two samples' Cell Ranger folders, made on a Mac."""
     archive_path = tmp_path / "deposit.zip"
     with zipfile.ZipFile(archive_path, "w") as archive:
@@ -374,10 +374,24 @@ def test_a_zip_archive_gives_its_matrix_folder_or_its_one_file(server, tmp_path,
         archive.write(tmp_path / "cells.h5ad", "cells.h5ad")
     download(str(single), str(tmp_path / "h5ad" / "matrix.h5ad"))
     assert (tmp_path / "h5ad" / "matrix.h5ad").read_bytes() == (tmp_path / "cells.h5ad").read_bytes()
-    with pytest.raises(DownloadError, match=r"deposit.zip: a zip archive of 7 files \(deposit/sample1/"
-                                            r".*where this dataset's source is one file"):
+    with pytest.raises(DownloadError, match=r"deposit.zip: an archive of 7 files \(deposit/sample1/.*\), where this "
+                                            r"dataset's source is one file: it holds a 10x matrix \(deposit/sample1/"
+                                            r"filtered_feature_bc_matrix, .*\), so the dataset's format may be "
+                                            r"10x_tarball; nothing was written"):
         download(str(archive_path), str(tmp_path / "several" / "matrix.h5ad"))
     assert list((tmp_path / "several").iterdir()) == []
+    # A tar archive of one file gives it too (a deposit's cells.h5ad.tar.gz); of several, they are named.
+    with tarfile.open(tmp_path / "cells.h5ad.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "cells.h5ad", "cells/cells.h5ad")
+        add_member(archive, "cells/._cells.h5ad", b"\0" * 10)  # macOS tar's metadata, not counted
+    download(str(tmp_path / "cells.h5ad.tar.gz"), str(tmp_path / "tar" / "matrix.h5ad"))
+    assert (tmp_path / "tar" / "matrix.h5ad").read_bytes() == (tmp_path / "cells.h5ad").read_bytes()
+    with tarfile.open(tmp_path / "two.tar", "w") as archive:
+        add_member(archive, "a.csv", b"gene,A-1\nG,1\n")
+        add_member(archive, "b.csv", b"gene,A-1\nG,1\n")
+    with pytest.raises(DownloadError, match=r"two.tar: an archive of 2 files \(a.csv, b.csv\), where this dataset's "
+                                            r"source is one file: give that file's own address"):
+        download(str(tmp_path / "two.tar"), str(tmp_path / "table" / "matrix.txt"))
 
 
 def test_a_whole_download_the_config_picks_no_matrix_of_is_kept_for_the_next_run(tmp_path, small_cells):

@@ -24,8 +24,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from . import InputError, __version__
-from .io import (HDF5_FORMAT_OF_SUFFIX, MatrixChoiceError, extract_10x_h5, gzipped_hdf5, pack_10x_folder, unzip_source,
-                 zip_of_files)
+from .io import (HDF5_FORMAT_OF_SUFFIX, MatrixChoiceError, extract_10x_h5, gzipped_hdf5, pack_10x_folder,
+                 untar_single_file, unzip_source, zip_of_files)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,16 @@ def fetch(
             log.info("%s: took %s out of the zip archive", source, member)
             digested = f"{source} (the zip archive {member} was taken out of)"
             recorded = f"{source_name} (the zip archive {member} was taken out of)"
+        elif not destination.name.endswith((".tar.gz", ".h5")):
+            # A one-file source packed as a tar archive (a deposit's cells.h5ad.tar.gz); GEO's RAW tar of Cell
+            # Ranger HDF5 files is searched for the sample's below.
+            extracted = partial.with_name(partial.name + ".extracted")
+            member = untar_single_file(partial, extracted)
+            if member is not None:
+                log.info("%s: took %s out of the archive", source, member)
+                extracted.replace(partial)
+                digested = f"{source} (the archive {member} was taken out of)"
+                recorded = f"{source_name} (the archive {member} was taken out of)"
         if destination.suffix in HDF5_FORMAT_OF_SUFFIX and gzipped_hdf5(partial):
             # GEO serves .h5ad and .loom files gzipped; h5py reads only the uncompressed file.
             _gunzip(partial, source)

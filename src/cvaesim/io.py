@@ -220,6 +220,44 @@ def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: st
     return picked[0]
 
 
+def macos_metadata(name: str) -> bool:
+    """Whether an archive member is macOS's Finder or tar metadata (``__MACOSX/``, ``._name``), not data."""
+    return name.startswith("__MACOSX/") or PurePosixPath(name).name.startswith("._")
+
+
+def only_file(names: list[str]) -> str:
+    """The one file of an archive whose content is a one-file dataset source; MatrixChoiceError where it holds
+    another number of files."""
+    if len(names) != 1:
+        matrices = matrix_sets([PurePosixPath(name) for name in names])
+        raise MatrixChoiceError(
+            f"an archive of {len(names)} files ({_first_few(names) or 'none'}), where this dataset's source is one "
+            "file: " + (f"it holds a 10x matrix ({', '.join(map(str, matrices))}), so the dataset's format may be "
+                        "10x_tarball" if matrices else "give that file's own address, or unpack the archive and give "
+                                                      "the file"))
+    return names[0]
+
+
+def untar_single_file(archive_path: str | Path, destination: str | Path) -> str | None:
+    """Write the one file of a tar archive (a deposit's ``cells.h5ad.tar.gz``) to ``destination`` and return its
+    name; None where ``archive_path`` is no readable tar archive (the format check then says what it is)."""
+    try:
+        archive = tarfile.open(archive_path, "r:*")
+    except TAR_OPEN_ERRORS:
+        return None
+    with archive:
+        try:
+            files = {member.name: member for member in archive if member.isfile() and not macos_metadata(member.name)}
+        except TAR_OPEN_ERRORS:  # truncated: the format check says so
+            return None
+        if matrix_sets([PurePosixPath(name) for name in files]):  # a 10x tarball: the format check says so
+            return None
+        name = only_file(list(files))
+        with archive.extractfile(files[name]) as member, open(destination, "wb") as output:
+            shutil.copyfileobj(member, output)
+    return name
+
+
 def zip_of_files(path: str | Path) -> bool:
     """Whether ``path`` is a zip archive of files (as Zenodo and figshare serve folders), not an Excel workbook."""
     if not zipfile.is_zipfile(path):
@@ -235,8 +273,7 @@ def unzip_source(archive_path: str | Path, destination: str | Path, packed: bool
     source."""
     destination = Path(destination)
     with zipfile.ZipFile(archive_path) as archive:
-        # macOS's Finder adds resource forks under __MACOSX/ to the archives it makes.
-        members = [info for info in archive.infolist() if not info.is_dir() and not info.filename.startswith("__MACOSX/")]
+        members = [info for info in archive.infolist() if not info.is_dir() and not macos_metadata(info.filename)]
         if packed:
             matrix = chosen_matrix([PurePosixPath(info.filename) for info in members], sample)
             contents = destination.with_name("zip_contents")  # a fixed name: the packed tarball's member names
@@ -247,14 +284,10 @@ def unzip_source(archive_path: str | Path, destination: str | Path, packed: bool
             finally:
                 shutil.rmtree(contents, ignore_errors=True)
             return str(matrix)
-        if len(members) != 1:
-            raise MatrixChoiceError(f"a zip archive of {len(members)} files "
-                                    f"({_first_few([info.filename for info in members]) or 'none'}), where this "
-                                    "dataset's source is one file: give that file's own address, or unzip the archive "
-                                    "and give the file")
-        with archive.open(members[0]) as member, open(destination, "wb") as output:
+        name = only_file([info.filename for info in members])
+        with archive.open(name) as member, open(destination, "wb") as output:
             shutil.copyfileobj(member, output)
-        return members[0].filename
+        return name
 
 
 # What cvaesim.writers.write_10x puts in its folder: a folder holding these alone may be replaced.
