@@ -193,15 +193,11 @@ def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: st
     Returns the member's name, or None where ``archive_path`` is no readable tar archive of ``.h5`` files (the
     HDF5 check then says what it is). Raises MatrixChoiceError saying why there is none to read, for the caller to
     name the source."""
-    try:
-        archive = tarfile.open(archive_path, "r:*")
-    except TAR_OPEN_ERRORS:
-        return None
-    with archive:
-        try:
-            hdf5 = [member for member in archive if member.isfile() and member.name.endswith(".h5")]
-        except TAR_OPEN_ERRORS:  # truncated
+    with _tar_files(archive_path) as opened:
+        if opened is None:
             return None
+        archive, members = opened
+        hdf5 = [member for member in members if member.name.endswith(".h5")]
         if not hdf5:
             return None
         files = {PurePosixPath(member.name).name: member for member in hdf5
@@ -215,9 +211,29 @@ def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: st
             raise MatrixChoiceError(f"holds more than one Cell Ranger HDF5 file{named} ({', '.join(sorted(picked))}); "
                                     "name the one to read with the dataset's sample key (its file-name prefix, such "
                                     "as GSM1234567)")
-        with archive.extractfile(files[picked[0]]) as member, open(destination, "wb") as output:
-            shutil.copyfileobj(member, output)
+        _copy_member(archive, files[picked[0]], destination)
     return picked[0]
+
+
+@contextlib.contextmanager
+def _tar_files(archive_path: str | Path):
+    """Yield a tar archive and its file members, or None where it is no readable tar archive (or a truncated one)."""
+    try:
+        archive = tarfile.open(archive_path, "r:*")
+    except TAR_OPEN_ERRORS:
+        yield None
+        return
+    with archive:
+        try:
+            members = [member for member in archive if member.isfile()]
+        except TAR_OPEN_ERRORS:
+            members = None
+        yield None if members is None else (archive, members)
+
+
+def _copy_member(archive: tarfile.TarFile, member: tarfile.TarInfo, destination: str | Path) -> None:
+    with archive.extractfile(member) as content, open(destination, "wb") as output:
+        shutil.copyfileobj(content, output)
 
 
 def macos_metadata(name: str) -> bool:
@@ -241,20 +257,15 @@ def only_file(names: list[str]) -> str:
 def untar_single_file(archive_path: str | Path, destination: str | Path) -> str | None:
     """Write the one file of a tar archive (a deposit's ``cells.h5ad.tar.gz``) to ``destination`` and return its
     name; None where ``archive_path`` is no readable tar archive (the format check then says what it is)."""
-    try:
-        archive = tarfile.open(archive_path, "r:*")
-    except TAR_OPEN_ERRORS:
-        return None
-    with archive:
-        try:
-            files = {member.name: member for member in archive if member.isfile() and not macos_metadata(member.name)}
-        except TAR_OPEN_ERRORS:  # truncated: the format check says so
+    with _tar_files(archive_path) as opened:
+        if opened is None:  # truncated, or no tar archive: the format check says what it is
             return None
+        archive, members = opened
+        files = {member.name: member for member in members if not macos_metadata(member.name)}
         if matrix_sets([PurePosixPath(name) for name in files]):  # a 10x tarball: the format check says so
             return None
         name = only_file(list(files))
-        with archive.extractfile(files[name]) as member, open(destination, "wb") as output:
-            shutil.copyfileobj(member, output)
+        _copy_member(archive, files[name], destination)
     return name
 
 
