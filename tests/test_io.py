@@ -1,7 +1,8 @@
-import logging
+import csv
 import gzip
 import io
 import itertools
+import logging
 import tarfile
 import zipfile
 from pathlib import Path
@@ -819,6 +820,8 @@ COUNT_TABLE_LAYOUTS = {
     "excel_unicode_text": lambda table, path: path.write_bytes(table.to_csv(sep="\t").encode("utf-16")),
     # Cells x genes, semicolon-separated (a spreadsheet's CSV where the comma is the decimal mark).
     "cells_by_genes_semicolon": lambda table, path: table.T.to_csv(path, sep=";"),
+    # Every field quoted, the counts too (Python's csv.QUOTE_ALL; was refused: "a value that is not a number").
+    "every_field_quoted": lambda table, path: table.to_csv(path, quoting=csv.QUOTE_ALL),
     # Gene ids, then gene names, then the cells.
     "ids_and_names": lambda table, path: table.set_axis([f"ENSG{i:011d}" for i in range(len(table))]).rename_axis(
         "gene_id").set_index(table.index.rename("gene_name"), append=True).to_csv(path, sep="\t"),

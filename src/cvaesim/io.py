@@ -889,10 +889,11 @@ def _table_rows(path: Path, encoding: str, separator: str, columns: list[str],
             if rest is None:
                 raise InputError(f"{path}: line {number} holds no counts after its name ({line[:40].strip()!r})")
             rest = rest.rstrip("\r\n")  # numpy reads "1,2,\n" as [1, 2, -1]
-            try:
-                row = np.fromstring(rest, sep=separator)
-            except (ValueError, DeprecationWarning):
-                raise InputError(_not_a_count(path, number, rest, separator, columns)) from None
+            row = _numbers(rest, separator)
+            if row is None and '"' in rest:  # every field quoted, numbers too (Python's csv.QUOTE_ALL)
+                row = _numbers(rest.replace('"', ""), separator)
+            if row is None:
+                raise InputError(_not_a_count(path, number, rest, separator, columns))
             if row.size != len(columns):
                 raise InputError(f"{path}: line {number} has {row.size} values but the header names "
                                  f"{len(columns)} columns")
@@ -904,6 +905,15 @@ def _table_rows(path: Path, encoding: str, separator: str, columns: list[str],
     indptr = np.concatenate([[0], np.cumsum(row_lengths)])
     return row_names, sp.csr_matrix((np.concatenate(values), np.concatenate(indices), indptr),
                                     shape=(len(row_names), len(columns)))
+
+
+def _numbers(values: str, separator: str) -> np.ndarray | None:
+    """A line's values as numbers, or None where numpy reads one as no number (inside _table_rows' warning filter,
+    which makes numpy's complaint an error)."""
+    try:
+        return np.fromstring(values, sep=separator)
+    except (ValueError, DeprecationWarning):
+        return None
 
 
 def _not_a_count(path: Path, number: int, values: str, separator: str, columns: list[str]) -> str:
