@@ -380,6 +380,12 @@ def test_a_zip_archive_gives_its_matrix_folder_or_its_one_file_as_a_tar_archive_
                                             r"10x_tarball; nothing was written"):
         download(str(archive_path), str(tmp_path / "several" / "matrix.h5ad"))
     assert list((tmp_path / "several").iterdir()) == []
+    with zipfile.ZipFile(tmp_path / "cells.zarr.zip", "w") as archive:  # zarr's ZipStore
+        for name in (".zgroup", ".zattrs", "X/.zarray", "X/0.0", "obs/.zgroup"):
+            archive.writestr(name, "{}")
+    with pytest.raises(DownloadError, match=r"cells.zarr.zip: an archive of 5 files .*: it holds a zarr store: write "
+                                            r"it as an .h5ad with anndata.read_zarr\(store\).write_h5ad\(path\)"):
+        download(str(tmp_path / "cells.zarr.zip"), str(tmp_path / "zarr" / "matrix.h5ad"))
     # A tar archive of one file gives it too (a deposit's cells.h5ad.tar.gz); of several, they are named.
     with tarfile.open(tmp_path / "cells.h5ad.tar.gz", "w:gz") as archive:
         archive.add(tmp_path / "cells.h5ad", "cells/cells.h5ad")

@@ -236,6 +236,10 @@ def _copy_member(archive: tarfile.TarFile, member: tarfile.TarInfo, destination:
         shutil.copyfileobj(content, output)
 
 
+# The files that make a folder an AnnData zarr store (zarr format 2 and 3).
+ZARR_MARKERS = (".zgroup", "zarr.json")
+
+
 def macos_metadata(name: str) -> bool:
     """Whether an archive member is macOS's Finder or tar metadata (``__MACOSX/``, ``._name``), not data."""
     return name.startswith("__MACOSX/") or PurePosixPath(name).name.startswith("._")
@@ -246,11 +250,15 @@ def only_file(names: list[str]) -> str:
     another number of files."""
     if len(names) != 1:
         matrices = matrix_sets([PurePosixPath(name) for name in names])
-        raise MatrixChoiceError(
-            f"an archive of {len(names)} files ({_first_few(names) or 'none'}), where this dataset's source is one "
-            "file: " + (f"it holds a 10x matrix ({', '.join(map(str, matrices))}), so the dataset's format may be "
-                        "10x_tarball" if matrices else "give that file's own address, or unpack the archive and give "
-                                                      "the file"))
+        if matrices:
+            advice = f"it holds a 10x matrix ({', '.join(map(str, matrices))}), so the dataset's format may be 10x_tarball"
+        elif any(PurePosixPath(name).name in ZARR_MARKERS for name in names):
+            advice = ("it holds a zarr store: write it as an .h5ad with anndata.read_zarr(store).write_h5ad(path) and "
+                      "give that file as the source")
+        else:
+            advice = "give that file's own address, or unpack the archive and give the file"
+        raise MatrixChoiceError(f"an archive of {len(names)} files ({_first_few(names) or 'none'}), where this "
+                                f"dataset's source is one file: {advice}")
     return names[0]
 
 
