@@ -386,6 +386,11 @@ def test_a_zip_archive_gives_its_matrix_folder_or_its_one_file_as_a_tar_archive_
     with pytest.raises(DownloadError, match=r"cells.zarr.zip: an archive of 5 files .*: it holds a zarr store: write "
                                             r"it as an .h5ad with anndata.read_zarr\(store\).write_h5ad\(path\)"):
         download(str(tmp_path / "cells.zarr.zip"), str(tmp_path / "zarr" / "matrix.h5ad"))
+    server.files["/cut.zip"] = zipped[:len(zipped) // 2]
+    with pytest.raises(DownloadError, match=r"/cut.zip: not a readable tar archive, as matrix.tar.gz must be .*; it is "
+                                            r"a zip archive that does not open whole \(a cut-off download, most "
+                                            r"likely\); nothing was written"):
+        download(f"{server.url}/cut.zip", str(tmp_path / "cut" / "matrix.tar.gz"))
     # A tar archive of one file gives it too (a deposit's cells.h5ad.tar.gz); of several, they are named.
     with tarfile.open(tmp_path / "cells.h5ad.tar.gz", "w:gz") as archive:
         archive.add(tmp_path / "cells.h5ad", "cells/cells.h5ad")

@@ -278,11 +278,16 @@ def untar_single_file(archive_path: str | Path, destination: str | Path) -> str 
 
 
 def zip_of_files(path: str | Path) -> bool:
-    """Whether ``path`` is a zip archive of files (as Zenodo and figshare serve folders), not an Excel workbook."""
-    if not zipfile.is_zipfile(path):
+    """Whether ``path`` is a readable zip archive of files (as Zenodo and figshare serve folders), not an Excel
+    workbook; by its first bytes, as other files may end in bytes that look like a zip's directory."""
+    with open(path, "rb") as handle:
+        if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return not any(name.startswith("xl/") for name in archive.namelist())
+    except zipfile.BadZipFile:  # cut off: the format check says what it is
         return False
-    with zipfile.ZipFile(path) as archive:
-        return not any(name.startswith("xl/") for name in archive.namelist())
 
 
 def unzip_source(archive_path: str | Path, destination: str | Path, packed: bool, sample: str | None) -> str:
@@ -422,10 +427,14 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
         if head[257:262] == b"ustar":
             return "10x_tarball", "a tar archive, as a 10x tarball can be"
         if head.startswith(ZIP_MAGIC):
-            with contextlib.suppress(zipfile.BadZipFile), zipfile.ZipFile(path) as archive:
-                if any(name.startswith("xl/") for name in archive.namelist()):
-                    return None, ("an Excel workbook: save its sheet as CSV (comma- or tab-separated text) and give "
-                                  "that file as the source (a count matrix as a counts_table)")
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    if any(name.startswith("xl/") for name in archive.namelist()):
+                        return None, ("an Excel workbook: save its sheet as CSV (comma- or tab-separated text) and "
+                                      "give that file as the source (a count matrix as a counts_table)")
+            except zipfile.BadZipFile:  # its directory is at the end
+                return None, "a zip archive that does not open whole (a cut-off download, most likely)"
+            # The download takes what a dataset reads out of a zip (unzip_source); a file read directly is not one.
             return None, ("a zip archive: unzip it and give the folder it makes (a 10x matrix folder) or the file in "
                           "it as the source")
         if head.startswith(R_DATA_SIGNATURES):
