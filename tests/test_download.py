@@ -366,6 +366,11 @@ def test_a_zip_archive_gives_its_matrix_folder_or_its_one_file_as_a_tar_archive_
     assert sorted(path.name for path in other.parent.iterdir()) == ["matrix.kept_download",
                                                                     "matrix.kept_download.source"]
     assert other.with_name("matrix.kept_download").read_bytes() == zipped
+    # A zipped tarball gives the tarball.
+    with zipfile.ZipFile(tmp_path / "tarball.zip", "w") as archive:
+        archive.write(EMBEDDED_TARBALL, "matrices.tar.gz")
+    download(str(tmp_path / "tarball.zip"), str(tmp_path / "zipped_tarball" / "matrix.tar.gz"))
+    assert (tmp_path / "zipped_tarball" / "matrix.tar.gz").read_bytes() == EMBEDDED_TARBALL.read_bytes()
     # A zip of one file gives it; of several, a one-file format's source is refused, naming them (the resource
     # fork under __MACOSX/ not counted).
     single = tmp_path / "cells.zip"

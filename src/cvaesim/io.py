@@ -292,14 +292,17 @@ def zip_of_files(path: str | Path) -> bool:
 
 def unzip_source(archive_path: str | Path, destination: str | Path, packed: bool, sample: str | None) -> str:
     """Write what a dataset reads of a zip archive to ``destination``: with ``packed``, its 10x matrix files as the
-    tarball :func:`read_10x_tarball` reads (of several matrices, the one ``sample`` names), else its one file.
+    tarball :func:`read_10x_tarball` reads (of several matrices, the one ``sample`` names), else (or where it holds
+    one file and no matrix) its one file.
     Returns what was taken. Raises MatrixChoiceError saying why there is none to take, for the caller to name the
     source."""
     destination = Path(destination)
     with zipfile.ZipFile(archive_path) as archive:
         members = [info for info in archive.infolist() if not info.is_dir() and not macos_metadata(info.filename)]
-        if packed:
-            matrix = chosen_matrix([PurePosixPath(info.filename) for info in members], sample)
+        names = [PurePosixPath(info.filename) for info in members]
+        # A zip of the matrix's files is packed; a zip of one file (a tarball zipped again) gives that file.
+        if packed and (matrix_sets(names) or len(members) != 1):
+            matrix = chosen_matrix(names, sample)
             contents = destination.with_name("zip_contents")  # a fixed name: the packed tarball's member names
             shutil.rmtree(contents, ignore_errors=True)
             try:
