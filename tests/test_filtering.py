@@ -337,3 +337,36 @@ def test_a_count_table_without_annotation_finds_its_cells_by_their_barcode_names
     read = steps.read_counts(str(tmp_path / "counts.csv"), "counts_table", False, None, None)
     assert list(read.obs_names) == list(cells.obs_names) and list(read.var_names) == list(cells.var_names)
     assert (read.X != cells.X).nnz == 0
+
+
+def test_a_count_table_written_from_an_r_data_frame_is_joined_through_r_s_names(tmp_path, caplog):
+    # R's data.frame() and read.csv() rewrite column names with make.names: 'AAAC-1' becomes 'AAAC.1', and
+    # '1_AAAC-1' (a sample's number before the barcode) 'X1_AAAC.1'. The annotation keeps the names as they were.
+    cells = random_counts(80, 40, ["a", "b"], seed=3)
+    cells.obs_names = [*barcode_names(40), *(f"{i % 3 + 1}_{name}" for i, name in enumerate(barcode_names(40, 1)))]
+    r_names = [("X" if name[0].isdigit() else "") + name.replace("-", ".") for name in cells.obs_names]
+    pd.DataFrame(cells.X.toarray().T, index=cells.var_names, columns=r_names).to_csv(tmp_path / "counts.csv")
+    annotation = write_annotation(tmp_path / "a.tsv", cells)
+    with caplog.at_level(logging.INFO):
+        steps.filter_dataset(str(tmp_path / "counts.csv"), str(tmp_path / "filtered.h5ad"), "counts_table",
+                             "celltype", annotation=str(annotation))
+    filtered = ad.read_h5ad(tmp_path / "filtered.h5ad")
+    detected = cells[:, np.asarray((cells.X > 0).sum(axis=0)).ravel() > 0]  # the filter drops genes never seen
+    assert list(filtered.obs_names) == r_names and list(filtered.var_names) == list(detected.var_names)
+    assert list(filtered.obs["cell_type"]) == list(cells.obs["cell_type"])
+    assert (filtered.X != detected.X).nnz == 0
+    assert ("read with a cell in each column (of the annotation's barcodes as R's make.names rewrites them, "
+            in caplog.text)
+    assert ("a.tsv: its barcodes are those of " in caplog.text and "counts.csv rewritten there by R's make.names "
+            "('AAACATACAACCAC.1' for 'AAACATACAACCAC-1', as a table written from an R data.frame names its columns); "
+            "80 of its 80 labelled barcodes joined that way" in caplog.text)
+
+
+def test_barcodes_that_r_s_names_would_make_alike_are_not_joined(small_cells):
+    # 'CELL00000-1' and 'CELL00000+1' both read 'CELL00000.1' in R's names: which label is that cell's is unknown.
+    matrix = small_cells.copy()
+    matrix.obs_names = small_cells.obs_names.str.replace("-", ".")
+    labels = pd.Series("T", index=[*small_cells.obs_names, "CELL00000+1"])
+    with pytest.raises(InputError, match="a.tsv: none of its 121 labelled barcodes is in m.csv"):
+        attach_labels(matrix, labels, "m.csv", "a.tsv")
+    assert len(attach_labels(matrix, labels[:-1], "m.csv", "a.tsv")) == small_cells.n_obs

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 import cvaesim.io
 from cvaesim import InputError
+from cvaesim.filtering import attach_labels
 from cvaesim.io import (atomic_output, container_problem, counts_problem, pack_10x_folder, read_10x_h5,
                         read_10x_tarball, read_annotation, read_counts_table, read_h5ad_counts,
                         read_loom_counts)
@@ -624,6 +625,22 @@ def test_h5ad_without_x_names_the_layer_holding_counts(tmp_path, small_cells):
                                          "integer counts"):
         read_h5ad_counts(path, "cell_type", None)
     assert (read_h5ad_counts(path, "cell_type", "counts").X != small_cells.X).nnz == 0
+
+
+def test_h5ad_of_genes_x_cells_is_told_to_be_transposed(tmp_path, small_cells):
+    # As an AnnData built from a genes x cells table or written from R may hold its cells: as variables.
+    transposed = small_cells.T.copy()
+    path = tmp_path / "genes_x_cells.h5ad"
+    transposed.write_h5ad(path)
+    with pytest.raises(InputError, match=r"genes_x_cells.h5ad: 'cell_type' is a column of var, not of obs, so the "
+                                         r"file holds a cell in each column: write it transposed \(adata.T\)"):
+        read_h5ad_counts(path, "cell_type", None)
+    # Labelled by an annotation of its cells' barcodes instead: the annotation's error says the same.
+    labels = small_cells.obs["cell_type"]
+    with pytest.raises(InputError, match=r"a.tsv: none of its 120 labelled barcodes is in genes_x_cells.h5ad .*; "
+                                         r"its genes \(var_names\) are named by these barcodes, so the file holds a "
+                                         r"cell in each column: write it transposed \(adata.T\)"):
+        attach_labels(read_h5ad_counts(path, None, None), labels, "genes_x_cells.h5ad", "a.tsv")
 
 
 def test_h5ad_cell_names_repeated_across_concatenated_parts_are_made_unique(tmp_path, small_cells, caplog):

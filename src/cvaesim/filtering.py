@@ -45,16 +45,20 @@ def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, anno
     labels = labels.dropna()
     shared = adata.obs_names.intersection(labels.index)
     # Tools name the same cells differently: joined where the names say unambiguously which cell is which.
-    for rejoin in (labels_across_gem_suffix, labels_across_velocyto_names, labels_across_sample_tags):
+    for rejoin in (labels_across_gem_suffix, labels_across_r_names, labels_across_velocyto_names,
+                   labels_across_sample_tags):
         if len(shared) == 0 and (rejoined := rejoin(adata.obs_names, labels)) is not None:
             log.warning("%s: its barcodes are those of %s %s; %d of its %d labelled barcodes joined that way",
                         annotation, matrix, rejoined[1], len(rejoined[0]), len(labels))
             labels = rejoined[0]
             shared = adata.obs_names.intersection(labels.index)
     if len(shared) == 0:
+        # An AnnData written from R or from a genes x cells table may hold its cells as variables.
+        transposed = ("; its genes (var_names) are named by these barcodes, so the file holds a cell in each "
+                      "column: write it transposed (adata.T)" if adata.var_names.isin(labels.index).any() else "")
         raise InputError(
             f"{annotation}: none of its {len(labels)} labelled barcodes is in {matrix} "
-            f"(annotation e.g. {labels.index[:2].tolist()}, matrix e.g. {adata.obs_names[:2].tolist()})"
+            f"(annotation e.g. {labels.index[:2].tolist()}, matrix e.g. {adata.obs_names[:2].tolist()}){transposed}"
         )
     unlabelled = adata.n_obs - len(shared)
     if unlabelled:
@@ -87,6 +91,30 @@ def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.
     joined = pd.Series(by_key.reindex(matrix_keys).to_numpy(), index=barcodes, name=labels.name).dropna()
     return (joined, f"but for the GEM-well suffix ('-1') that {'the matrix' if matrix_suffixed.all() else 'it'} "
                     "carries") if len(joined) else None
+
+
+def r_names(names: pd.Index) -> pd.Index:
+    """``names`` as R's ``make.names`` rewrites them, as ``data.frame()`` and ``read.csv()`` do to column names
+    (a table R wrote with a cell in each column): each character but a letter, digit, '.' or '_' becomes '.'
+    ('AAACATACAACCAC-1' becomes 'AAACATACAACCAC.1'), and an 'X' goes before a name that starts with a digit, or
+    with '.' and a digit."""
+    dotted = pd.Index(names.astype(str)).str.replace(r"[^A-Za-z0-9._]", ".", regex=True)
+    return dotted.str.replace(r"^(?=[0-9_]|\.[0-9]|$)", "X", regex=True)
+
+
+def labels_across_r_names(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.Series, str] | None:
+    """The labels under the matrix's barcodes where the matrix names its cells as R's ``make.names`` rewrote the
+    annotation's barcodes (see ``r_names``); None where that changes none of them, leaves them ambiguous or
+    joins none."""
+    names = pd.Index(labels.index.astype(str))
+    label_keys = r_names(names)
+    if (label_keys == names).all() or not label_keys.is_unique:
+        return None
+    by_key = pd.Series(labels.to_numpy(), index=label_keys)
+    joined = pd.Series(by_key.reindex(pd.Index(barcodes.astype(str))).to_numpy(), index=barcodes,
+                       name=labels.name).dropna()
+    return (joined, "rewritten there by R's make.names ('AAACATACAACCAC.1' for 'AAACATACAACCAC-1', as a table "
+                    "written from an R data.frame names its columns)") if len(joined) else None
 
 
 def labels_across_velocyto_names(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.Series, str] | None:

@@ -28,7 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import InputError, did_you_mean
-from .filtering import labels_across_sample_tags, without_gem_suffix
+from .filtering import labels_across_sample_tags, r_names, without_gem_suffix
 
 log = logging.getLogger(__name__)
 
@@ -873,6 +873,10 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
         keys = without_gem_suffix(barcodes)
         in_rows, in_columns = (int(without_gem_suffix(names).isin(keys).sum()) for names in (rows, pd.Index(columns)))
         how = ""
+        if not in_rows and not in_columns:  # a table R wrote from a data.frame: its column names rewritten
+            r_keys = r_names(barcodes)
+            in_rows, in_columns = (int(names.isin(r_keys).sum()) for names in (rows, pd.Index(columns)))
+            how = " as R's make.names rewrites them"
         if not in_rows and not in_columns:
             # An annotation of several samples names the cells with a sample's tag ('ctrl_AAAC-1'): tried on the axis
             # whose names have fewer lengths (a barcode's) first, the other only where that joins none.
@@ -884,7 +888,8 @@ def read_counts_table(path: str | Path, barcodes: Iterable[str], round_counts: b
                     how = " with a sample's tag around them"
                     break
         chosen_by, unknown = (f"annotation's barcodes{how}, ", "none of the annotation's barcodes names a row or a "
-                              "column, as they are or with a sample's tag around them")
+                              "column, as they are, as R's make.names rewrites them or with a sample's tag "
+                              "around them")
     cells_in_rows = in_rows > in_columns
     if not in_rows and not in_columns:
         log.warning("%s: %s; reading a cell in each column (genes x cells, the usual layout; e.g. columns %s, rows %s)",
@@ -1263,6 +1268,9 @@ def read_h5ad_counts(path: str | Path, label_column: str | None, counts_layer: s
         source = ad.read_h5ad(path)
     except Exception as error:  # anndata raises many types for a broken file
         raise InputError(f"{path}: not a readable .h5ad file ({error}){format_hint(path, 'h5ad')}") from error
+    if label_column not in source.obs.columns and label_column in source.var.columns:
+        raise InputError(f"{path}: {label_column!r} is a column of var, not of obs, so the file holds a cell in each "
+                         "column: write it transposed (adata.T)")
     check_label_column(path, label_column, source.obs.columns, "obs")
     if counts_layer == "raw" and source.raw is None:
         raise InputError(f"{path}: counts_layer is 'raw' but the file has no .raw")

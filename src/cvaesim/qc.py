@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 
 SOURCES = ["real", "simulated"]
 # Mitochondrial gene symbols as scanpy's QC tutorials flag them (human MT-, mouse mt-), in any case (rat Mt-)
-# or with fly's "mt:", after the genome prefix a multi-genome Cell Ranger reference adds (GRCh38_MT-CO1,
-# mm10___mt-Co1). Metallothioneins (MT1A, MT2A) and MTOR have no separator and are not matched.
-MITOCHONDRIAL_SYMBOL = re.compile(r"^(?:[A-Za-z0-9.]+_+)?mt[-:]", re.IGNORECASE)
+# or with fly's "mt:" or R's make.names's "MT.CO1", after the genome prefix a multi-genome Cell Ranger reference
+# adds (GRCh38_MT-CO1, mm10___mt-Co1). Metallothioneins (MT1A, MT2A) and MTOR have no separator: not matched.
+MITOCHONDRIAL_SYMBOL = re.compile(r"^(?:[A-Za-z0-9.]+_+)?mt[-:.]", re.IGNORECASE)
 # Where files named by Ensembl id keep the symbols: CELLxGENE's feature_name, scanpy's gene_symbols, ...
 SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "gene_name", "symbol")
 QC_METRICS = ["total_counts", "n_genes_by_counts", "pct_counts_mt", "fraction_zeros"]
@@ -65,7 +65,7 @@ def add_qc_metrics(combined: ad.AnnData) -> None:
         combined.var["mt"] = combined.var[symbols].str.contains(MITOCHONDRIAL_SYMBOL).to_numpy()
         log.info("mitochondrial genes by var[%r]: %d", symbols, combined.var["mt"].sum())
     if not combined.var["mt"].any():
-        log.info("no mitochondrial genes (names%s starting with MT- or mt: in any case, after any genome prefix): "
+        log.info("no mitochondrial genes (names%s starting with MT-, MT. or mt: in any case, after any genome prefix): "
                  "pct_counts_mt is 0", f" or var[{symbols!r}]" if symbols else "")
     sc.pp.calculate_qc_metrics(combined, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
     combined.obs["fraction_zeros"] = 1.0 - combined.obs["n_genes_by_counts"] / combined.n_vars
