@@ -363,9 +363,32 @@ def check_local_sources(names):
                 )
 
 
+# The https:// address of a public file given under a scheme the download job does not read: GEO's and EBI's
+# FTP servers serve the same paths over https, and public buckets have https addresses.
+HTTPS_ADDRESSES = {
+    "ftp": "https://{host}{path}",
+    "s3": "https://{host}.s3.amazonaws.com{path}",
+    "gs": "https://storage.googleapis.com/{host}{path}",
+}
+
+
 def check_local_source(name, role, source, may_be_folder):
-    """A local source is there, and a folder only where it may be (a 10x_tarball matrix)."""
+    """A local source is there, and a folder only where it may be (a 10x_tarball matrix); a web source has an
+    address the download job reads."""
     if "://" in source:
+        address = urlparse(source)
+        if address.scheme not in ("https", "http", "file"):
+            https = HTTPS_ADDRESSES.get(address.scheme, "")
+            raise ValueError(
+                f"config: dataset {name}: {role} source {source}: the download job reads https://, "
+                f"http://, file:// addresses or local paths, not {address.scheme}://"
+                + (
+                    f"; a public file there is mostly also at "
+                    f"{https.format(host=address.netloc, path=address.path)}"
+                    if https
+                    else ""
+                )
+            )
         return
     if Path(source).is_dir():
         # Cell Ranger's matrix folder: the download job packs it into the tarball.

@@ -350,6 +350,21 @@ def test_a_cell_ranger_folder_is_a_source_and_other_folders_are_refused_before_a
                            "zarr store: write it as an .h5ad with anndata.read_zarr(store)")
 
 
+def test_ftp_and_bucket_addresses_are_refused_before_any_job_with_their_https_address(workdir):
+    overlay = write_config(workdir / "schemes.yaml", {"datasets": {
+        "geo_ftp": {"format": "counts_table", "label_column": "celltype",
+                    "matrix": {"source": "ftp://ftp.ncbi.nlm.nih.gov/geo/series/GSE1nnn/GSE1/suppl/GSE1_counts.csv.gz"},
+                    "annotation": {"source": "https://example.org/annotation.tsv"}},
+        "bucket": {"format": "h5ad", "label_column": "cell_type", "matrix": {"source": "s3://lab-data/cells.h5ad"}},
+    }})
+    refused_before_any_job(workdir, overlay, "geo_ftp", "dataset geo_ftp: matrix source ftp://ftp.ncbi.nlm.nih.gov/"
+                           "geo/series/GSE1nnn/GSE1/suppl/GSE1_counts.csv.gz: the download job reads https://, http://, "
+                           "file:// addresses or local paths, not ftp://; a public file there is mostly also at "
+                           "https://ftp.ncbi.nlm.nih.gov/geo/series/GSE1nnn/GSE1/suppl/GSE1_counts.csv.gz")
+    refused_before_any_job(workdir, overlay, "bucket", "not s3://; a public file there is mostly also at "
+                           "https://lab-data.s3.amazonaws.com/cells.h5ad")
+
+
 def refused_before_any_job(workdir: Path, overlay: Path, dataset: str, message: str) -> subprocess.CompletedProcess:
     """The dry run for ``dataset`` with the ``overlay`` config fails, saying ``message``."""
     result = snakemake(workdir, "--dry-run", "--configfile", "config/config.yaml", overlay,
