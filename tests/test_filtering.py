@@ -370,3 +370,26 @@ def test_barcodes_that_r_s_names_would_make_alike_are_not_joined(small_cells):
     with pytest.raises(InputError, match="a.tsv: none of its 121 labelled barcodes is in m.csv"):
         attach_labels(matrix, labels, "m.csv", "a.tsv")
     assert len(attach_labels(matrix, labels[:-1], "m.csv", "a.tsv")) == small_cells.n_obs
+
+
+def test_a_label_column_giving_most_cells_a_type_of_their_own_is_refused_naming_it(tmp_path):
+    # The annotation's other columns, named by mistake: its barcodes, or a t-SNE coordinate.
+    cells = random_counts(60, 30, ["T", "B"], seed=4)
+    cells.obs_names = barcode_names(60)
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    table = pd.DataFrame({"barcodes": cells.obs_names, "tsne_1": np.random.default_rng(0).normal(size=60),
+                          "celltype": cells.obs["cell_type"].to_numpy()})
+    table.to_csv(tmp_path / "a.tsv", sep="\t", index=False)
+    for column, example in (("barcodes", cells.obs_names[0]), ("tsne_1", str(table["tsne_1"][0]))):
+        with pytest.raises(InputError, match=rf"a.tsv: label_column '{column}' gives 60 distinct labels to 60 cells "
+                                             rf"\(e.g. '{example}', .*\), most cells a type of their own"):
+            steps.filter_dataset(str(tmp_path / "cells.h5ad"), str(tmp_path / "filtered.h5ad"), "h5ad", column,
+                                 annotation=str(tmp_path / "a.tsv"))
+        assert not (tmp_path / "filtered.h5ad").exists()
+    steps.filter_dataset(str(tmp_path / "cells.h5ad"), str(tmp_path / "filtered.h5ad"), "h5ad", "celltype",
+                         annotation=str(tmp_path / "a.tsv"))
+    # Twenty types of about three cells each are cell types still.
+    cells.obs["cluster"] = [str(i % 20) for i in range(60)]
+    cells.write_h5ad(tmp_path / "clusters.h5ad")
+    steps.filter_dataset(str(tmp_path / "clusters.h5ad"), str(tmp_path / "clustered.h5ad"), "h5ad", "cluster")
+    assert ad.read_h5ad(tmp_path / "clustered.h5ad").obs["cell_type"].nunique() == 20

@@ -260,6 +260,21 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
     return filtered
 
 
+# From this many types, a column that gives most cells a type of their own names cells, not types.
+MANY_TYPES = 20
+
+
+def check_labels_are_types(types: pd.Series, label_column: str, source: str | Path) -> None:
+    """Refuse, naming ``label_column``, labels that give fewer than two cells to a type on average: a column of
+    barcodes or continuous values (a t-SNE coordinate, a QC score), as a wrong column choice gives. The model would
+    otherwise train on hundreds of one-cell conditions and simulate each of them."""
+    names = types.astype(str).unique()
+    if len(names) >= MANY_TYPES and 2 * len(names) > len(types):
+        raise InputError(f"{source}: label_column {label_column!r} gives {len(names)} distinct labels to {len(types)} "
+                         f"cells (e.g. {', '.join(map(repr, names[:3].tolist()))}), most cells a type of their own; "
+                         "name the column of cell-type names or cluster ids")
+
+
 def label_name(label: object) -> str:
     """A label as text: integer ids that a column with missing values holds as floats read '3', not '3.0'."""
     if isinstance(label, (float, np.floating)) and float(label).is_integer():

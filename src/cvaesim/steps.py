@@ -20,7 +20,7 @@ import pandas as pd
 from . import InputError
 from .download import fetch, sha256_of
 from .clustering import leiden_clusters
-from .filtering import FilterThresholds, attach_labels, filter_cells_and_genes
+from .filtering import FilterThresholds, attach_labels, check_labels_are_types, filter_cells_and_genes
 from .images import build_image_store, layout_table
 from .io import (IMAGE_STORE, atomic_output, container_problem, model_file_problem, open_h5ad, read_10x_h5,
                  read_10x_tarball, read_annotation, read_counts_table, read_h5ad_counts, read_loom_counts, write_h5ad)
@@ -66,6 +66,7 @@ def filter_dataset(
                               matrix, annotation)
     filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix,
                                       exclude_types)
+    check_labels_are_types(filtered.obs["cell_type"], label_column, annotation or matrix)
     write_h5ad(filtered, output)
 
 
