@@ -311,6 +311,18 @@ def test_a_raw_tar_of_hdf5_files_gives_the_sample_s_for_a_10x_h5_dataset(tmp_pat
     # A 10x tarball given as 10x_h5 is still told apart by its format, not searched for HDF5 files.
     with pytest.raises(DownloadError, match="not a readable HDF5 file.*so the dataset's format may be 10x_tarball"):
         download(str(EMBEDDED_TARBALL), str(tmp_path / "tarball" / "matrix.h5"))
+    # The same files in a zip archive (as Zenodo and figshare serve them), made on a Mac: the same choice.
+    zipped = tmp_path / "deposit.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        for name, path in files.items():
+            archive.write(path, f"deposit/{name}")
+            archive.writestr(f"__MACOSX/deposit/._{name}", b"\0" * 10)
+        archive.writestr("deposit/GSM2_molecule_info.h5", b"\x89HDF")
+    download(str(zipped), str(tmp_path / "zip" / "matrix.h5"), sample="GSM1")
+    assert (tmp_path / "zip" / "matrix.h5").read_bytes() == files["GSM1_filtered_feature_bc_matrix.h5"].read_bytes()
+    with pytest.raises(DownloadError, match=r"deposit.zip: holds more than one Cell Ranger HDF5 file \(GSM1_filtered_"
+                                            r"feature_bc_matrix.h5, GSM2_filtered_feature_bc_matrix.h5\); name the one"):
+        download(str(zipped), str(tmp_path / "zip_without_sample" / "matrix.h5"))
 
 
 @pytest.mark.parametrize("name", ["matrix.h5ad", "matrix.h5"])

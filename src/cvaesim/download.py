@@ -113,7 +113,8 @@ def fetch(
         if zip_of_files(partial):
             unzipped = partial.with_name(partial.name + ".unzipped")
             try:
-                member = unzip_source(partial, unzipped, destination.name.endswith(".tar.gz"), sample)
+                member = unzip_source(partial, unzipped, destination.name.endswith(".tar.gz"), sample,
+                                      hdf5_matrices=destination.name.endswith(".h5"))
             except BaseException:
                 unzipped.unlink(missing_ok=True)
                 raise

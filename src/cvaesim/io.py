@@ -186,33 +186,40 @@ def _first_few(names: list[str]) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
+def chosen_10x_h5(names: list[str], sample: str | None) -> str | None:
+    """Of an archive's member ``names``, the Cell Ranger HDF5 file to read (GEO's ``GSE..._RAW.tar`` holds each
+    sample's ``GSM123_filtered_feature_bc_matrix.h5``): the only one, or the one whose name ``sample`` begins up
+    to a separator (``GSM123``, or ``GSM123_filtered`` where the raw matrix is there too); None where no member is
+    an ``.h5`` file. Raises MatrixChoiceError saying why there is none to read, for the caller to name the source."""
+    hdf5 = [name for name in names if name.endswith(".h5")]
+    if not hdf5:
+        return None
+    files = {PurePosixPath(name).name: name for name in hdf5 if not name.endswith("molecule_info.h5")}
+    picked = [name for name in files if sample is None or names_sample((PurePosixPath(), name), sample)]
+    named = f" named by sample {sample!r}" if sample is not None else ""
+    if not picked:
+        raise MatrixChoiceError(f"holds no Cell Ranger HDF5 file{named} (it holds {', '.join(sorted(files)) or 'none'})")
+    if len(picked) > 1:
+        raise MatrixChoiceError(f"holds more than one Cell Ranger HDF5 file{named} ({', '.join(sorted(picked))}); "
+                                "name the one to read with the dataset's sample key (its file-name prefix, such "
+                                "as GSM1234567)")
+    return files[picked[0]]
+
+
 def extract_10x_h5(archive_path: str | Path, destination: str | Path, sample: str | None) -> str | None:
-    """Write the Cell Ranger HDF5 file to read from a tar archive of them (GEO's ``GSE..._RAW.tar`` holds each
-    sample's ``GSM123_filtered_feature_bc_matrix.h5``) to ``destination``: the only one, or the one whose name
-    ``sample`` begins up to a separator (``GSM123``, or ``GSM123_filtered`` where the raw matrix is there too).
-    Returns the member's name, or None where ``archive_path`` is no readable tar archive of ``.h5`` files (the
-    HDF5 check then says what it is). Raises MatrixChoiceError saying why there is none to read, for the caller to
-    name the source."""
+    """Write the Cell Ranger HDF5 file to read from a tar archive of them (see ``chosen_10x_h5``) to
+    ``destination``. Returns the member's name, or None where ``archive_path`` is no readable tar archive of
+    ``.h5`` files (the HDF5 check then says what it is)."""
     with _tar_files(archive_path) as opened:
         if opened is None:
             return None
         archive, members = opened
-        hdf5 = [member for member in members if member.name.endswith(".h5")]
-        if not hdf5:
+        by_name = {member.name: member for member in members if not macos_metadata(member.name)}
+        name = chosen_10x_h5(list(by_name), sample)
+        if name is None:
             return None
-        files = {PurePosixPath(member.name).name: member for member in hdf5
-                 if not member.name.endswith("molecule_info.h5")}
-        picked = [name for name in files if sample is None or names_sample((PurePosixPath(), name), sample)]
-        named = f" named by sample {sample!r}" if sample is not None else ""
-        if not picked:
-            raise MatrixChoiceError(f"holds no Cell Ranger HDF5 file{named} (it holds "
-                                    f"{', '.join(sorted(files)) or 'none'})")
-        if len(picked) > 1:
-            raise MatrixChoiceError(f"holds more than one Cell Ranger HDF5 file{named} ({', '.join(sorted(picked))}); "
-                                    "name the one to read with the dataset's sample key (its file-name prefix, such "
-                                    "as GSM1234567)")
-        _copy_member(archive, files[picked[0]], destination)
-    return picked[0]
+        _copy_member(archive, by_name[name], destination)
+    return PurePosixPath(name).name
 
 
 @contextlib.contextmanager
@@ -290,10 +297,11 @@ def zip_of_files(path: str | Path) -> bool:
         return False
 
 
-def unzip_source(archive_path: str | Path, destination: str | Path, packed: bool, sample: str | None) -> str:
+def unzip_source(archive_path: str | Path, destination: str | Path, packed: bool, sample: str | None,
+                 hdf5_matrices: bool = False) -> str:
     """Write what a dataset reads of a zip archive to ``destination``: with ``packed``, its 10x matrix files as the
-    tarball :func:`read_10x_tarball` reads (of several matrices, the one ``sample`` names), else (or where it holds
-    one file and no matrix) its one file.
+    tarball :func:`read_10x_tarball` reads (of several matrices, the one ``sample`` names); with ``hdf5_matrices``,
+    its Cell Ranger HDF5 file (see ``chosen_10x_h5``); else (or where it holds one file and no matrix) its one file.
     Returns what was taken. Raises MatrixChoiceError saying why there is none to take, for the caller to name the
     source."""
     destination = Path(destination)
@@ -312,7 +320,8 @@ def unzip_source(archive_path: str | Path, destination: str | Path, packed: bool
             finally:
                 shutil.rmtree(contents, ignore_errors=True)
             return str(matrix)
-        name = only_file([info.filename for info in members])
+        names = [info.filename for info in members]
+        name = (chosen_10x_h5(names, sample) if hdf5_matrices else None) or only_file(names)
         with archive.open(name) as member, open(destination, "wb") as output:
             shutil.copyfileobj(member, output)
         return name
