@@ -109,6 +109,14 @@ def test_missing_remote_file_fails_at_once(server, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["annotation.tsv", "matrix.h5ad", "matrix.txt", "matrix.tar.gz"])
+def test_an_empty_file_served_is_refused_as_such(server, tmp_path, name):
+    server.files["/empty"] = b""  # a server's hiccup, or an export that wrote nothing
+    with pytest.raises(DownloadError, match=rf"/empty: an empty file \(0 bytes\); nothing was written to .*{name}$"):
+        download(f"{server.url}/empty", str(tmp_path / name))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unreachable_server_gives_up_after_retries(tmp_path):
     with pytest.raises(DownloadError, match="failed after 2 attempts"):
         fetch("http://127.0.0.1:9/x.tsv", tmp_path / "x.tsv", retries=2, backoff_seconds=0.01, timeout=2)

@@ -188,6 +188,8 @@ def test_no_label_at_all_and_an_empty_matrix_are_errors_that_say_so(small_cells)
         attach_labels(small_cells, pd.Series([None, np.nan, None], index=small_cells.obs_names[:3]), "m", "a.tsv")
     with pytest.raises(InputError, match=r"a.tsv: no barcode has a label \(the table has no rows\)"):
         attach_labels(small_cells, pd.Series([], dtype=object), "m", "a.tsv")
+    with pytest.raises(InputError, match=r"m.h5ad: the matrix holds no cells \(0 x 50\)"):
+        attach_labels(small_cells[:0].copy(), small_cells.obs["cell_type"], "m.h5ad", "a.tsv")
     unlabelled = small_cells.copy()
     unlabelled.obs["cell_type"] = "NA"
     with pytest.raises(InputError, match="cells.h5ad: none of its 120 cells has a label"):

@@ -429,6 +429,11 @@ def test_annotation_errors_name_the_file_and_columns(tmp_path):
     path.write_text("cell_1\tT\ncell_2\tB\n")  # names that are no barcodes: the first line may be a header
     with pytest.raises(InputError, match=r"no column 'barcodes', 'celltype'; the columns are 'cell_1', 'T'"):
         read_annotation(path, "barcodes", "celltype")
+    for text, what in (("", "an empty file"), ("\n\n", "blank lines only")):
+        path.write_text(text)
+        with pytest.raises(InputError, match=rf"annotation.tsv: holds no table \({what}\); a header line naming its "
+                                             r"columns \('barcodes', 'celltype'\) should open it"):
+            read_annotation(path, "barcodes", "celltype")
     path.write_text("barcodes\tcelltype\nA-1\tT\nA-1\tB\n")
     with pytest.raises(InputError, match="appear more than once.*'A-1'"):
         read_annotation(path, "barcodes", "celltype")

@@ -36,6 +36,8 @@ class FilterThresholds:
 
 def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, annotation: str | Path) -> ad.AnnData:
     """Keep the cells that have a label, in matrix order, with ``obs['cell_type']``."""
+    if adata.n_obs == 0:
+        raise InputError(f"{matrix}: the matrix holds no cells ({adata.n_obs} x {adata.n_vars})")
     if not adata.obs_names.is_unique:
         duplicated = adata.obs_names[adata.obs_names.duplicated()]
         raise InputError(f"{matrix}: {len(duplicated)} barcodes appear more than once (e.g. {duplicated[0]!r})")

@@ -525,6 +525,8 @@ def container_problem(path: str | Path, name: str, sample: str | None = None) ->
     the source the user gave. A whole archive holding no one matrix that ``sample`` picks raises
     MatrixChoiceError (see ``chosen_matrix``).
     """
+    if Path(path).stat().st_size == 0:
+        return "an empty file (0 bytes)"
     if name.endswith((".h5", ".h5ad", ".loom")):
         try:
             with h5py.File(path, "r"):
@@ -1215,7 +1217,11 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
         table, encoding = decoded(path, encodings, lambda encoding: pd.read_csv(
             path, sep=separator, dtype=str, keep_default_na=False, na_values=[""], skiprows=header_number - 1,
             compression="gzip" if gzipped else None, encoding=encoding))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as error:
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: holds no table ({'an empty file' if path.stat().st_size == 0 else 'blank lines only'}"
+                         f"); a header line naming its columns ({barcode_column!r}, {label_column!r}) should open "
+                         "it") from None
+    except (pd.errors.ParserError, OSError, EOFError) as error:
         raise InputError(f"{path}: could not be read as a table ({error})") from error
     if encoding == "cp1252":
         log.info("%s: not UTF-8; read as Windows-1252, as Excel writes CSV on Windows", path)
