@@ -613,7 +613,9 @@ def test_normalised_data_are_not_rounded_into_counts(tmp_path, small_cells):
     totals = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts * 1e4, totals, out=np.zeros_like(counts), where=totals > 0)  # normalize_total
     for values, told in ((normalised, r"all sum to 10000, as normalised data do"),
-                         (np.log1p(normalised), r"all sum to 10000 after expm1 \(log-normalised\)")):
+                         (np.log1p(normalised), r"all sum to 10000 after expm1 \(log-normalised\)"),
+                         (np.log2(normalised * 100 + 1), r"all sum to 1e\+06 after 2\^x - 1 \(log2-transformed, "
+                                                          r"as log2\(TPM \+ 1\) is\)")):
         path = tmp_path / "normalised.h5ad"
         ad.AnnData(X=sp.csr_matrix(values.astype(np.float32)), obs=small_cells.obs).write_h5ad(path)
         with pytest.raises(InputError, match=f"normalised.h5ad: X holds non-integer values whose cells {told}"):

@@ -1135,12 +1135,14 @@ def counts_problem(matrix: sp.spmatrix | np.ndarray | None, round_counts: bool =
 
 def normalised_problem(matrix: sp.spmatrix | np.ndarray) -> str | None:
     """Why non-integer values are normalised data rather than expected counts, or None: every cell sums to
-    the same total (scanpy's normalize_total), or does so after expm1 (normalize_total, then log1p)."""
+    the same total (scanpy's normalize_total, TPM), or does so after expm1 (normalize_total, then log1p) or after
+    2^x - 1 (the log2(TPM + 1) tables of full-length protocols)."""
     matrix = sp.csr_matrix(matrix)
-    # expm1 of the stored values only, beside the same indices: no copy of the matrix at PBMC68k's size.
-    unlogged = sp.csr_matrix((np.expm1(matrix.data, dtype=np.float64), matrix.indices, matrix.indptr),
-                             shape=matrix.shape)
-    for what, cells in (("", matrix), (" after expm1 (log-normalised)", unlogged)):
+    for what, unlog in (("", None), (" after expm1 (log-normalised)", np.expm1),
+                        (" after 2^x - 1 (log2-transformed, as log2(TPM + 1) is)", lambda x: np.exp2(x) - 1)):
+        # Of the stored values only, beside the same indices: no copy of the matrix at PBMC68k's size.
+        cells = matrix if unlog is None else sp.csr_matrix(
+            (unlog(matrix.data.astype(np.float64)), matrix.indices, matrix.indptr), shape=matrix.shape)
         totals = np.asarray(cells.sum(axis=1, dtype=np.float64)).ravel()
         totals = totals[totals > 0]  # cells without counts stay at 0 through normalisation
         if len(totals) > 1 and totals.max() - totals.min() <= 1e-3 * totals.max():
