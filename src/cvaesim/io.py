@@ -198,7 +198,8 @@ def chosen_10x_h5(names: list[str], sample: str | None) -> str | None:
     picked = [name for name in files if sample is None or names_sample((PurePosixPath(), name), sample)]
     named = f" named by sample {sample!r}" if sample is not None else ""
     if not picked:
-        raise MatrixChoiceError(f"holds no Cell Ranger HDF5 file{named} (it holds {', '.join(sorted(files)) or 'none'})")
+        raise MatrixChoiceError(f"holds no Cell Ranger HDF5 file{named} "
+                                f"(it holds {', '.join(sorted(files)) or 'none'})")
     if len(picked) > 1:
         raise MatrixChoiceError(f"holds more than one Cell Ranger HDF5 file{named} ({', '.join(sorted(picked))}); "
                                 "name the one to read with the dataset's sample key (its file-name prefix, such "
@@ -1138,9 +1139,10 @@ def normalised_problem(matrix: sp.spmatrix | np.ndarray) -> str | None:
     the same total (scanpy's normalize_total, TPM), or does so after expm1 (normalize_total, then log1p) or after
     2^x - 1 (the log2(TPM + 1) tables of full-length protocols)."""
     matrix = sp.csr_matrix(matrix)
-    for what, unlog in (("", None), (" after expm1 (log-normalised)", np.expm1),
-                        (" after 2^x - 1 (log2-transformed, as log2(TPM + 1) is)", lambda x: np.exp2(x) - 1)):
-        # Of the stored values only, beside the same indices: no copy of the matrix at PBMC68k's size.
+    for what, unlog in (("", None), (" after expm1 (log-normalised)", lambda values: np.expm1(values, out=values)),
+                        (" after 2^x - 1 (log2-transformed, as log2(TPM + 1) is)",
+                         lambda values: np.subtract(np.exp2(values, out=values), 1, out=values))):
+        # Of the stored values only, in place, beside the same indices: no copy of the matrix at PBMC68k's size.
         cells = matrix if unlog is None else sp.csr_matrix(
             (unlog(matrix.data.astype(np.float64)), matrix.indices, matrix.indptr), shape=matrix.shape)
         totals = np.asarray(cells.sum(axis=1, dtype=np.float64)).ravel()
@@ -1220,9 +1222,9 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
             path, sep=separator, dtype=str, keep_default_na=False, na_values=[""], skiprows=header_number - 1,
             compression="gzip" if gzipped else None, encoding=encoding))
     except pd.errors.EmptyDataError:
-        raise InputError(f"{path}: holds no table ({'an empty file' if path.stat().st_size == 0 else 'blank lines only'}"
-                         f"); a header line naming its columns ({barcode_column!r}, {label_column!r}) should open "
-                         "it") from None
+        content = "an empty file" if path.stat().st_size == 0 else "blank lines only"
+        raise InputError(f"{path}: holds no table ({content}); a header line naming its columns "
+                         f"({barcode_column!r}, {label_column!r}) should open it") from None
     except (pd.errors.ParserError, OSError, EOFError) as error:
         raise InputError(f"{path}: could not be read as a table ({error})") from error
     if encoding == "cp1252":
