@@ -634,6 +634,23 @@ def test_h5ad_without_x_names_the_layer_holding_counts(tmp_path, small_cells):
     assert (read_h5ad_counts(path, "cell_type", "counts").X != small_cells.X).nnz == 0
 
 
+def test_h5ad_of_cite_seq_keeps_its_gene_expression_features(tmp_path, small_cells, caplog):
+    # As scanpy's read_10x_h5(gex_only=False) keeps a CITE-seq run: antibody counts beside the genes, typed in var.
+    cite = small_cells.copy()
+    cite.var["feature_types"] = ["Gene Expression"] * 45 + ["Antibody Capture"] * 5
+    path = tmp_path / "cite.h5ad"
+    cite.write_h5ad(path)
+    with caplog.at_level(logging.INFO):
+        adata = read_h5ad_counts(path, "cell_type", None)
+    assert list(adata.var_names) == list(small_cells.var_names[:45])
+    assert (adata.X != small_cells.X[:, :45]).nnz == 0
+    assert "cite.h5ad: keeping the 45 Gene Expression features of 50 (dropped: Antibody Capture)" in caplog.text
+    # A column of that name holding something else (no Gene Expression at all) leaves every gene in.
+    cite.var["feature_types"] = "protein_coding"
+    cite.write_h5ad(path)
+    assert read_h5ad_counts(path, "cell_type", None).n_vars == 50
+
+
 def test_h5ad_of_genes_x_cells_is_told_to_be_transposed(tmp_path, small_cells):
     # As an AnnData built from a genes x cells table or written from R may hold its cells: as variables.
     transposed = small_cells.T.copy()

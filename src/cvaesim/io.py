@@ -1015,24 +1015,33 @@ def _cells_by_genes(counts: sp.csr_matrix, barcodes, gene_ids, symbols, path: Pa
     """Cells x genes with symbols as gene names (made unique) and the ids beside them, and each gene's genome
     where the genes come from several (``var['genome']``); of a Cell Ranger 3+ matrix only the Gene Expression
     features (antibody capture, CRISPR guides and the like are dropped)."""
-    if feature_types is not None:
-        feature_types = np.asarray(feature_types, dtype=str)
-        expression = feature_types == "Gene Expression"
-        if not expression.any():
-            raise InputError(f"{path}: none of its {len(expression)} features is of type Gene Expression "
-                             f"(types: {', '.join(sorted(set(feature_types)))})")
-        if not expression.all():
-            log.info("%s: keeping the %d Gene Expression features of %d (dropped: %s)", path, expression.sum(),
-                     len(expression), ", ".join(sorted(set(feature_types[~expression]))))
-            counts, gene_ids, symbols = (counts[:, expression], np.asarray(gene_ids)[expression],
-                                         np.asarray(symbols)[expression])
-            genomes = None if genomes is None else np.asarray(genomes)[expression]
+    expression = None if feature_types is None else gene_expression_features(feature_types, path)
+    if expression is not None:
+        counts, gene_ids, symbols = (counts[:, expression], np.asarray(gene_ids)[expression],
+                                     np.asarray(symbols)[expression])
+        genomes = None if genomes is None else np.asarray(genomes)[expression]
     var = pd.DataFrame({"gene_ids": np.asarray(gene_ids, dtype=str)},
                        index=pd.Index(np.asarray(symbols, dtype=str), name=None))
     if genomes is not None and len(set(genomes)) > 1:
         var["genome"] = np.asarray(genomes, dtype=str)
     adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(np.asarray(barcodes, dtype=str))), var=var)
     return with_unique_gene_names(adata, path)
+
+
+def gene_expression_features(feature_types, path: Path) -> np.ndarray | None:
+    """Which features of a Cell Ranger 3+ matrix to keep, by their types: the Gene Expression ones (antibody
+    capture, CRISPR guides, peaks and the like are dropped, as the log says); None where every one is. Refused
+    where none is."""
+    feature_types = np.asarray(feature_types, dtype=str)
+    expression = feature_types == "Gene Expression"
+    if not expression.any():
+        raise InputError(f"{path}: none of its {len(expression)} features is of type Gene Expression "
+                         f"(types: {', '.join(sorted(set(feature_types)))})")
+    if expression.all():
+        return None
+    log.info("%s: keeping the %d Gene Expression features of %d (dropped: %s)", path, expression.sum(),
+             len(expression), ", ".join(sorted(set(feature_types[~expression]))))
+    return expression
 
 
 def with_unique_gene_names(adata: ad.AnnData, path: str | Path) -> ad.AnnData:
@@ -1404,7 +1413,13 @@ def _loom_matrix(dataset: h5py.Dataset) -> sp.csr_matrix:
 def _labelled_counts(path: Path, counts: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFrame,
                      label_column: str | None) -> ad.AnnData:
     """Counts with their gene annotation and, from ``label_column`` of ``obs``, ``obs['cell_type']``; repeated
-    cell names suffixed, repeated gene names made unique."""
+    cell names suffixed, repeated gene names made unique; of a CITE-seq or multiome file read by scanpy
+    (``var['feature_types']``), the Gene Expression features alone."""
+    feature_types = var["feature_types"].astype(str) if "feature_types" in var.columns else pd.Series(dtype=str)
+    if feature_types.eq("Gene Expression").any():  # 10x's types, not a column of another meaning under that name
+        expression = gene_expression_features(feature_types.to_numpy(), path)
+        if expression is not None:
+            counts, var = counts[:, expression], var[expression]
     adata = ad.AnnData(
         X=counts,
         # As stored (categorical, numbers, text): the filter names the types and keeps a categorical's order.
