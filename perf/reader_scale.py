@@ -1,4 +1,4 @@
-"""Benchmark: reading a dense input format (a text count table, or a loom file) at PBMC68k's size.
+"""Benchmark: reading an input format (a text count table, a loom file, an .h5ad) at PBMC68k's size.
 
 Writes 20,387 genes x ``--cells`` cells (4% of the values non-zero, about PBMC68k's density) in the
 ``--format`` given, then reads it as the filter rule does and prints the wall time and peak resident memory
@@ -8,9 +8,12 @@ of the read:
   compresses it first, as GEO ships them; the download check is timed too.
 - ``loom``: a loom file as loompy writes one (genes x cells float32 in ``/matrix``, chunks of 64 x 64, gzip),
   written a block of cells at a time, labelled by a column attribute.
+- ``h5ad``: an .h5ad as CELLxGENE ships one (log-normalised float32 ``X``, float32 counts in ``.raw``, genes
+  named by Ensembl id with their symbols in ``var['feature_name']``), read with ``counts_layer: raw``.
 
     .venv/bin/python perf/reader_scale.py --format counts_table --workdir /tmp/reader-scale --cells 68579 --gzip
     .venv/bin/python perf/reader_scale.py --format loom --workdir /tmp/reader-scale --cells 68579
+    .venv/bin/python perf/reader_scale.py --format h5ad --workdir /tmp/reader-scale --cells 68579
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import shutil
 import time
 from pathlib import Path
 
+import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
-from cvaesim.io import container_problem, read_counts_table, read_loom_counts
+from cvaesim.io import container_problem, read_counts_table, read_h5ad_counts, read_loom_counts
 
 GENES = 20_387
 CELLS_PER_WRITE = 2_048
@@ -66,19 +71,42 @@ def write_loom(path: Path, n_cells: int, seed: int = 0) -> None:
         loom.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
 
 
+def write_h5ad(path: Path, n_cells: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for start in range(0, n_cells, CELLS_PER_WRITE):
+        width = min(CELLS_PER_WRITE, n_cells - start)
+        block = sp.random(width, GENES, density=0.04, format="csr", dtype=np.float32, random_state=rng)
+        block.data = rng.geometric(0.5, block.nnz).astype(np.float32)
+        blocks.append(block)
+    counts = sp.vstack(blocks, format="csr")
+    ids = [f"ENSG{j:011d}" for j in range(GENES)]
+    cells = ad.AnnData(counts, obs=pd.DataFrame({"cell_type": [f"type{i % 11}" for i in range(n_cells)]},
+                                                index=barcodes(n_cells)),
+                       var=pd.DataFrame({"feature_name": [f"GENE{j}" for j in range(GENES)]}, index=ids))
+    cells.raw = cells
+    normalised = counts.multiply(1e4 / counts.sum(axis=1)).tocsr().astype(np.float32)
+    normalised.data = np.log1p(normalised.data)
+    cells.X = normalised
+    cells.write_h5ad(path)
+
+
+WRITERS = {"counts_table": write_table, "loom": write_loom, "h5ad": write_h5ad}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--format", choices=["counts_table", "loom"], required=True)
+    parser.add_argument("--format", choices=sorted(WRITERS), required=True)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/reader-scale"))
     parser.add_argument("--cells", type=int, default=68_579)
     parser.add_argument("--gzip", action="store_true", help="counts_table: read a gzipped copy of the table")
     arguments = parser.parse_args()
     arguments.workdir.mkdir(parents=True, exist_ok=True)
-    path = arguments.workdir / (f"counts_{arguments.cells}.csv" if arguments.format == "counts_table"
-                                else f"cells_{arguments.cells}.loom")
+    suffix = {"counts_table": ".csv", "loom": ".loom", "h5ad": ".h5ad"}[arguments.format]
+    path = arguments.workdir / f"{'counts' if arguments.format == 'counts_table' else 'cells'}_{arguments.cells}{suffix}"
     if not path.exists():
         started = time.perf_counter()
-        (write_table if arguments.format == "counts_table" else write_loom)(path, arguments.cells)
+        WRITERS[arguments.format](path, arguments.cells)
         print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - started:.1f} s")
     if arguments.format == "counts_table" and arguments.gzip:
         compressed = path.with_suffix(".csv.gz")
@@ -91,8 +119,12 @@ def main() -> None:
         problem = container_problem(path, "matrix.txt")
         print(f"download check: {problem or 'passed'} in {time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
-    cells = (read_counts_table(path, pd.Index(barcodes(arguments.cells))) if arguments.format == "counts_table"
-             else read_loom_counts(path, "ClusterName", None))
+    if arguments.format == "counts_table":
+        cells = read_counts_table(path, pd.Index(barcodes(arguments.cells)))
+    elif arguments.format == "loom":
+        cells = read_loom_counts(path, "ClusterName", None)
+    else:
+        cells = read_h5ad_counts(path, "cell_type", "raw")
     elapsed = time.perf_counter() - started
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"read {path.name}: {cells.n_obs} cells x {cells.n_vars} genes, {cells.X.nnz} counts stored, "

@@ -1293,21 +1293,42 @@ def read_h5ad_counts(path: str | Path, label_column: str | None, counts_layer: s
     .h5ad; ``counts_layer`` names a layer, ``raw``, or None for X; ``round_counts``: see ``integer_counts``."""
     path = Path(path)
     try:
-        source = ad.read_h5ad(path)
+        # Backed: X and .raw stay on disk until read, so that only the matrix holding the counts is (CELLxGENE's
+        # files keep normalised values in X beside the counts in .raw).
+        source = ad.read_h5ad(path, backed="r")
     except Exception as error:  # anndata raises many types for a broken file
         raise InputError(f"{path}: not a readable .h5ad file ({error}){format_hint(path, 'h5ad')}") from error
+    try:
+        hint = format_hint(path, "h5ad")
+        if hint:  # a loom or MuData file opens backed too, as an AnnData that lacks its matrices
+            raise InputError(f"{path}: not a readable .h5ad file (not AnnData's layout){hint}")
+        return _h5ad_counts(path, source, label_column, counts_layer, round_counts)
+    finally:
+        source.file.close()
+
+
+def _h5ad_counts(path: Path, source: ad.AnnData, label_column: str | None, counts_layer: str | None,
+                 round_counts: bool) -> ad.AnnData:
     if label_column not in source.obs.columns and label_column in source.var.columns:
         raise InputError(f"{path}: {label_column!r} is a column of var, not of obs, so the file holds a cell in each "
                          "column: write it transposed (adata.T)")
     check_label_column(path, label_column, source.obs.columns, "obs")
     if counts_layer == "raw" and source.raw is None:
         raise InputError(f"{path}: counts_layer is 'raw' but the file has no .raw")
-    matrices = {None: lambda: source.X, **{name: (lambda layer=layer: layer) for name, layer in source.layers.items()}}
+    matrices = {None: lambda: _in_memory(source.X) if "X" in source.file else None,
+                **{name: (lambda layer=layer: layer) for name, layer in source.layers.items()}}
     if source.raw is not None:
-        matrices["raw"] = lambda: source.raw.X
+        matrices["raw"] = lambda: _in_memory(source.raw.X)
     counts = _counts_of(path, matrices, counts_layer, round_counts)
     var = source.raw.var if counts_layer == "raw" else source.var
     return _labelled_counts(path, counts, source.obs, var, label_column)
+
+
+def _in_memory(matrix):
+    """A matrix of a backed .h5ad, read: anndata's sparse dataset, or h5py's dense one (None where there is none)."""
+    if isinstance(matrix, h5py.Dataset):
+        return matrix[()]
+    return matrix.to_memory() if hasattr(matrix, "to_memory") else matrix
 
 
 def check_label_column(path: Path, label_column: str | None, columns, where: str) -> None:
