@@ -947,6 +947,11 @@ def test_count_table_problems_are_named(tmp_path, small_cells):
         "nameonly.csv": ("gene,c1,c2\nA,1,2\nC\n", "line 3 holds no counts after its name \\('C'\\)"),
         "short.csv": ("gene,c1,c2,c3\nA,1,2\n", "its header has 4 fields but its second line 3"),
         "header.csv": ("gene,c1,c2\n", "no line after its header"),
+        # No names at all, as anndata's write_csvs and numpy.savetxt write X (numbered columns, '1,2,3', are names).
+        "unnamed.csv": ("0,2,0,0\n1,0,3,1\n", r"its first line reads as counts, not as the names of its columns "
+                                             r"\(e.g. '2', '0', '0'\); .* \(anndata's write_csvs and numpy.savetxt "
+                                             "write none"),
+        "headerless.csv": ("A,1,0,1\nB,0,3,0\n", "its first line reads as counts"),
     }
     for name, (text, message) in broken_texts.items():
         (tmp_path / name).write_text(text)

@@ -843,6 +843,11 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int, list[str]]:
         columns = header_fields[n_names - 1:]
     else:
         raise InputError(f"{path}: its header has {len(header_fields)} fields but its second line {len(row)}")
+    if all(map(_is_number, columns)) and len(set(columns)) < len(columns):  # numbered columns are unique
+        raise InputError(f"{path}: its first line reads as counts, not as the names of its columns (e.g. "
+                         f"{', '.join(map(repr, columns[:3]))}); a count table opens with a header naming its cells "
+                         "or genes (anndata's write_csvs and numpy.savetxt write none: write adata.to_df().to_csv("
+                         "path) instead, or give the .h5ad)")
     return separator, columns, n_names, encodings[encodings.index(encoding):]
 
 
