@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cvaesim.download import USER_AGENT, DownloadError, fetch
+from cvaesim.download import USER_AGENT, DownloadError, fetch, file_address_hint
 from cvaesim.steps import download
 
 from cvaesim.io import read_10x_h5, read_10x_tarball
@@ -115,6 +115,35 @@ def test_an_empty_file_served_is_refused_as_such(server, tmp_path, name):
     with pytest.raises(DownloadError, match=rf"/empty: an empty file \(0 bytes\); nothing was written to .*{name}$"):
         download(f"{server.url}/empty", str(tmp_path / name))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_share_link_s_page_is_refused_with_the_file_s_own_address(server, tmp_path, monkeypatch):
+    """The addresses users copy from Dropbox, Google Drive, Zenodo and figshare serve a page, not the file; here
+    reached through the test server as an HTTP proxy."""
+    monkeypatch.setenv("http_proxy", server.url)
+    for variable in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    pages = {
+        "http://www.dropbox.com/s/abc123/cells.h5ad?dl=0":
+            "a Dropbox share page: the file itself is at http://www.dropbox.com/s/abc123/cells.h5ad?dl=1",
+        "http://drive.google.com/file/d/1AbC-d_E/view?usp=sharing":
+            "a Google Drive page: the file itself is at https://drive.usercontent.google.com/download?id=1AbC-d_E&"
+            "export=download&confirm=t",
+        "http://zenodo.org/records/1234567": "a Zenodo record's page: each of its files is at "
+                                             "http://zenodo.org/records/1234567/files/<file name>?download=1",
+        "http://figshare.com/articles/dataset/cells/123": "a figshare article's page: each of its files is at "
+                                                          "https://figshare.com/ndownloader/files/<file id>",
+    }
+    for number, (address, hint) in enumerate(pages.items()):
+        server.files[address] = b"<!DOCTYPE html>\n<html><body>Sign in</body></html>\n"
+        target = tmp_path / str(number) / "matrix.h5ad"
+        with pytest.raises(DownloadError) as refused:
+            download(address, str(target))
+        assert str(refused.value).startswith(f"{address}: not a readable HDF5 file, as matrix.h5ad must be ")
+        assert f"it is a web page, not data (a server's error or sign-in page?); {hint}" in str(refused.value)
+        assert list(target.parent.iterdir()) == []
+    assert server.requests[0]["path"] == next(iter(pages))  # through the proxy, as the address was given
+    assert file_address_hint("https://example.org/cells.h5ad") == ""
 
 
 def test_unreachable_server_gives_up_after_retries(tmp_path):

@@ -20,12 +20,13 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable
+import re
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlencode, urlparse
 
 from . import InputError, __version__
-from .io import (HDF5_FORMAT_OF_SUFFIX, MatrixChoiceError, extract_10x_h5, gzipped_hdf5, pack_10x_folder,
-                 untar_single_file, unzip_source, zip_of_files)
+from .io import (HDF5_FORMAT_OF_SUFFIX, MatrixChoiceError, extract_10x_h5, gzipped_hdf5, is_web_page,
+                 pack_10x_folder, untar_single_file, unzip_source, zip_of_files)
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +153,36 @@ def fetch(
         raise DownloadError(f"{source}: {error}; nothing was written to {destination}"
                             f"{_keep_download(source, destination, partial)}") from None
     if problem:
+        if isinstance(source, str) and is_web_page(partial):
+            problem += file_address_hint(source)
         partial.unlink()
         raise DownloadError(f"{source}: {problem}; nothing was written to {destination}")
     log.info("%s: %d bytes, SHA-256 %s%s", digested, size, digest, " (verified)" if sha256 else "")
     partial.replace(destination)
     destination.with_name(destination.name + ".sha256").write_text(f"{digest}  {recorded}  {size} bytes\n")
     return digest
+
+
+def file_address_hint(url: str) -> str:
+    """Where a share link's page (what Dropbox, Google Drive, Zenodo and figshare serve at the address users copy)
+    has the file it shows: '; ...', or '' for other addresses."""
+    address = urlparse(url)
+    host = address.netloc.lower().removeprefix("www.")
+    if host == "dropbox.com":
+        query = {**parse_qs(address.query), "dl": ["1"]}
+        return (f"; a Dropbox share page: the file itself is at "
+                f"{address._replace(query=urlencode(query, doseq=True)).geturl()}")
+    drive_file = re.match(r"/file/d/([\w-]+)", address.path)
+    if host == "drive.google.com" and drive_file:
+        return ("; a Google Drive page: the file itself is at https://drive.usercontent.google.com/download?id="
+                f"{drive_file[1]}&export=download&confirm=t")
+    if host == "zenodo.org" and re.fullmatch(r"/records?/\d+/?", address.path):
+        return (f"; a Zenodo record's page: each of its files is at {url.rstrip('/')}/files/<file name>?download=1 "
+                "(the page lists the names)")
+    if host == "figshare.com" and address.path.startswith("/articles/"):
+        return ("; a figshare article's page: each of its files is at https://figshare.com/ndownloader/files/<file "
+                "id> (where the page's Download button leads)")
+    return ""
 
 
 def _gunzip(partial: Path, source: str) -> None:

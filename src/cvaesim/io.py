@@ -496,7 +496,7 @@ def text_kind(block: bytes, compression: str = "") -> tuple[str | None, str] | N
         return None, (f"a {compression}Matrix Market file alone: a 10x_tarball source is the folder (or tarball) "
                       "that holds it with its barcodes and genes or features lists")
     if lines[0].lstrip().lower().startswith(("<!doctype html", "<html", "<?xml")):
-        return None, "a web page, not data (a server's error or sign-in page?)"
+        return None, WEB_PAGE
     for separator in TABLE_SEPARATORS:
         # A table's header has as many fields as its lines, or one fewer (R's write.table), at least two; a
         # header alone is a table's only where it is longer than the block (a wide table's).
@@ -504,6 +504,14 @@ def text_kind(block: bytes, compression: str = "") -> tuple[str | None, str] | N
         if widths[0] > 1 and (widths[1] - widths[0] in (0, 1) if len(widths) > 1 else cut):
             return "counts_table", f"a {compression}delimited text table"
     return None
+
+
+WEB_PAGE = "a web page, not data (a server's error or sign-in page?)"
+
+
+def is_web_page(path: str | Path) -> bool:
+    """Whether ``path`` holds a web page (a share link's page, a server's error) where data were expected."""
+    return detected_format(path) == (None, WEB_PAGE)
 
 
 def format_hint(path: str | Path, expected: str) -> str:
