@@ -302,6 +302,29 @@ def source_entry(wildcards):
     return dataset(wildcards.dataset)[role_of_file[wildcards.filename]]
 
 
+def pinned_digest(wildcards, output):
+    """The SHA-256 the dataset's config pins for this download, checked by the download job. Taking ``output``
+    makes Snakemake count it as derived from the output, not as a setting whose change reruns the download and
+    all that follows: pinning the digest that the download recorded (as its .sha256 file invites) reruns nothing,
+    and a pin that differs from that record is refused when the workflow loads (check_pinned_digest)."""
+    return source_entry(wildcards).get("sha256")
+
+
+def check_pinned_digest(name, role):
+    """A digest pinned after the download agrees with the one the download recorded beside its file."""
+    pinned = dataset(name)[role].get("sha256")
+    record = Path(downloaded(name, role) + ".sha256")
+    if not pinned or not record.exists():
+        return
+    recorded = record.read_text().split()[0]
+    if recorded != pinned.lower():
+        raise ValueError(
+            f"config: dataset {name}: {role}.sha256 is {pinned}, but {downloaded(name, role)} was "
+            f"downloaded with SHA-256 {recorded} (its record {record}); delete the file to download "
+            f"and check the source again, or correct the digest"
+        )
+
+
 def source_sample(wildcards):
     """The dataset's sample key for its matrix (a folder source is packed for that sample alone, and an
     archive of HDF5 files gives that sample's)."""
@@ -349,6 +372,7 @@ def check_local_sources(names):
                     f"matrix may be given as its files (matrix, barcodes, genes or features)"
                 )
             if Path(downloaded(name, role)).exists():
+                check_pinned_digest(name, role)
                 continue
             if isinstance(sources, list):
                 for source in sources:

@@ -15,7 +15,7 @@ rule download:
         "../envs/scanpy.yaml"
     params:
         source=lambda wildcards: local_source(source_entry(wildcards)["source"]),
-        sha256=lambda wildcards: source_entry(wildcards).get("sha256"),
+        sha256=pinned_digest,
         sample=source_sample,
     script:
         "../scripts/download.py"

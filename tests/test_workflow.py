@@ -16,8 +16,9 @@ import pytest
 import scanpy as sc
 import yaml
 
-from conftest import (AWKWARD_TYPES, CELLS_PER_TYPE, EPOCHS, QUICK_RUN, copy_repository, planned_jobs, random_counts,
-                      snakemake, write_10x_h5, write_annotation, write_config, write_loom, write_tarball)
+from conftest import (AWKWARD_TYPES, CELLS_PER_TYPE, EMBEDDED_H5AD, EPOCHS, QUICK_RUN, copy_repository, planned_jobs,
+                      random_counts, snakemake, write_10x_h5, write_annotation, write_config, write_loom,
+                      write_tarball)
 
 pytestmark = pytest.mark.workflow
 
@@ -363,6 +364,27 @@ def test_ftp_and_bucket_addresses_are_refused_before_any_job_with_their_https_ad
                            "https://ftp.ncbi.nlm.nih.gov/geo/series/GSE1nnn/GSE1/suppl/GSE1_counts.csv.gz")
     refused_before_any_job(workdir, overlay, "bucket", "not s3://; a public file there is mostly also at "
                            "https://lab-data.s3.amazonaws.com/cells.h5ad")
+
+
+def test_pinning_a_download_s_digest_reruns_nothing_and_a_pin_that_differs_is_refused(workdir):
+    # The shipped config pins the embedded files' digests; unpinned, pinned again, nothing reruns (before, the
+    # digest was a setting of the download, and pinning it after a first run, as its .sha256 record invites, ran
+    # the download and everything after it again).
+    embedded = {"pbmc68k_reduced": {"matrix": {"sha256": None}, "annotation": {"sha256": None}}}
+    assert planned_jobs(workdir, *QUICK_RUN, write_config(workdir / "unpinned.yaml", {"datasets": embedded})) == {}
+    assert planned_jobs(workdir, *QUICK_RUN) == {}
+    # A pin that is not what was downloaded is refused when the workflow loads, naming the record.
+    wrong = {"pbmc68k_reduced": {"annotation": {"sha256": "0" * 64}}}
+    record = (workdir / "resources" / "datasets" / "pbmc68k_reduced" / "annotation.tsv.sha256").read_text().split()[0]
+    refused_before_any_job(workdir, write_config(workdir / "wrong_pin.yaml", {"datasets": wrong}), "pbmc68k_reduced",
+                           f"dataset pbmc68k_reduced: annotation.sha256 is {'0' * 64}, but resources/datasets/"
+                           f"pbmc68k_reduced/annotation.tsv was downloaded with SHA-256 {record}")
+    # Before a download, the job checks the pin: a file that is not the pinned one is not kept.
+    entry = {"format": "h5ad", "matrix": {"source": str(EMBEDDED_H5AD), "sha256": "0" * 64}, "label_column": "louvain"}
+    overlay = write_config(workdir / "pinned_new.yaml", {"datasets": {"pinned_new": entry}})
+    result = snakemake(workdir, "results/pinned_new/filtered.h5ad", *QUICK_RUN, overlay, check=False)
+    assert result.returncode != 0 and "SHA-256 mismatch" in result.stdout + result.stderr
+    assert not (workdir / "resources" / "datasets" / "pinned_new" / "matrix.h5ad").exists()
 
 
 def refused_before_any_job(workdir: Path, overlay: Path, dataset: str, message: str) -> subprocess.CompletedProcess:
