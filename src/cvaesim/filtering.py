@@ -274,7 +274,8 @@ def check_labels_are_types(types: pd.Series, label_column: str, source: str | Pa
     if len(names) >= MANY_TYPES and 2 * len(names) > len(types):
         raise InputError(f"{source}: label_column {label_column!r} gives {len(names)} distinct labels to {len(types)} "
                          f"cells (e.g. {', '.join(map(repr, names[:3].tolist()))}), most cells a type of their own; "
-                         "name the column of cell-type names or cluster ids")
+                         "name the column of cell-type names or cluster ids (or, for Leiden clusters, lower the "
+                         "resolution)")
 
 
 def label_name(label: object) -> str:
