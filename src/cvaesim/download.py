@@ -14,13 +14,13 @@ import gzip
 import hashlib
 import http.client
 import logging
+import re
 import shutil
 import time
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable
-import re
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlencode, urlparse
 

@@ -65,8 +65,8 @@ def add_qc_metrics(combined: ad.AnnData) -> None:
         combined.var["mt"] = combined.var[symbols].str.contains(MITOCHONDRIAL_SYMBOL).to_numpy()
         log.info("mitochondrial genes by var[%r]: %d", symbols, combined.var["mt"].sum())
     if not combined.var["mt"].any():
-        log.info("no mitochondrial genes (names%s starting with MT-, MT. or mt: in any case, after any genome prefix): "
-                 "pct_counts_mt is 0", f" or var[{symbols!r}]" if symbols else "")
+        log.info("no mitochondrial genes (names%s starting with MT-, MT. or mt: in any case, after any genome "
+                 "prefix): pct_counts_mt is 0", f" or var[{symbols!r}]" if symbols else "")
     sc.pp.calculate_qc_metrics(combined, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
     combined.obs["fraction_zeros"] = 1.0 - combined.obs["n_genes_by_counts"] / combined.n_vars
 
