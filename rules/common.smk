@@ -303,10 +303,11 @@ def source_entry(wildcards):
 
 
 def pinned_digest(wildcards, output):
-    """The SHA-256 the dataset's config pins for this download, checked by the download job. Taking ``output``
-    makes Snakemake count it as derived from the output, not as a setting whose change reruns the download and
-    all that follows: pinning the digest that the download recorded (as its .sha256 file invites) reruns nothing,
-    and a pin that differs from that record is refused when the workflow loads (check_pinned_digest)."""
+    """The SHA-256 the dataset's config pins for this download, checked by the download
+    job. Taking ``output`` makes Snakemake count it as derived from the output, not as a
+    setting whose change reruns the download and all that follows: pinning the digest
+    that the download recorded (as its .sha256 file invites) reruns nothing, and a pin
+    that differs from that record is refused when the workflow loads."""
     return source_entry(wildcards).get("sha256")
 
 

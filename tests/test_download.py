@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import tarfile
 import threading
+import urllib.request
 import zipfile
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -123,6 +124,8 @@ def test_a_share_link_s_page_is_refused_with_the_file_s_own_address(server, tmp_
     monkeypatch.setenv("http_proxy", server.url)
     for variable in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(variable, raising=False)
+    # urlopen's opener reads the proxy settings when it is built, which an earlier test may have done.
+    monkeypatch.setattr(urllib.request, "_opener", urllib.request.build_opener())
     pages = {
         "http://www.dropbox.com/s/abc123/cells.h5ad?dl=0":
             "a Dropbox share page: the file itself is at http://www.dropbox.com/s/abc123/cells.h5ad?dl=1",
