@@ -154,12 +154,19 @@ def test_integer_cluster_ids_are_named_and_ordered_as_numbers(small_cells):
         assert list(filtered.obs["cell_type"].cat.categories) == [str(i) for i in range(12)]
         assert list(filtered.obs["cell_type"]) == [str(i) for i in ids[cells.n_obs - filtered.n_obs:]]
 
-def test_thresholds_drop_cells_genes_and_small_types(small_cells):
+def test_thresholds_drop_cells_genes_and_small_types(small_cells, caplog):
     totals = np.asarray(small_cells.X.sum(axis=1)).ravel()
     cutoff = int(np.median(totals))
     thresholds = FilterThresholds(min_counts_per_cell=cutoff, min_cells_per_gene=5, min_cells_per_type=1000)
     with pytest.raises(InputError, match="no cells or genes pass"):
         filter_cells_and_genes(small_cells, thresholds, "cells.h5ad")
+    # The log names the types dropped: the first ten of many.
+    rare = small_cells.copy()
+    rare.obs["cell_type"] = ["common"] * 100 + [f"rare{i:02d}" for i in range(20)]
+    with caplog.at_level(logging.WARNING):
+        assert filter_cells_and_genes(rare, FilterThresholds(min_cells_per_type=2), "cells.h5ad").n_obs == 100
+    assert ("cells.h5ad: dropping 20 cell types with fewer than 2 cells: rare00, rare01, rare02, rare03, rare04, "
+            "rare05, rare06, rare07, rare08, rare09 and 10 more") in caplog.text
     filtered = filter_cells_and_genes(small_cells, FilterThresholds(min_counts_per_cell=cutoff, min_cells_per_gene=5),
                                       "cells.h5ad")
     assert filtered.n_obs == (totals >= cutoff).sum()
@@ -382,11 +389,14 @@ def test_a_label_column_giving_most_cells_a_type_of_their_own_is_refused_naming_
     table = pd.DataFrame({"barcodes": cells.obs_names, "tsne_1": np.random.default_rng(0).normal(size=60),
                           "celltype": cells.obs["cell_type"].to_numpy()})
     table.to_csv(tmp_path / "a.tsv", sep="\t", index=False)
-    for column, example in (("barcodes", cells.obs_names[0]), ("tsne_1", str(table["tsne_1"][0]))):
+    # Refused whatever the thresholds (min_cells_per_type would otherwise drop every one-cell type, and say only
+    # that no cell passes).
+    for column, example, thresholds in (("barcodes", cells.obs_names[0], None),
+                                        ("tsne_1", str(table["tsne_1"][0]), {"min_cells_per_type": 2})):
         with pytest.raises(InputError, match=rf"a.tsv: label_column '{column}' gives 60 distinct labels to 60 cells "
                                              rf"\(e.g. '{example}', .*\), most cells a type of their own"):
             steps.filter_dataset(str(tmp_path / "cells.h5ad"), str(tmp_path / "filtered.h5ad"), "h5ad", column,
-                                 annotation=str(tmp_path / "a.tsv"))
+                                 annotation=str(tmp_path / "a.tsv"), thresholds=thresholds)
         assert not (tmp_path / "filtered.h5ad").exists()
     steps.filter_dataset(str(tmp_path / "cells.h5ad"), str(tmp_path / "filtered.h5ad"), "h5ad", "celltype",
                          annotation=str(tmp_path / "a.tsv"))

@@ -243,8 +243,9 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
     type_sizes = pd.Series(labels.to_numpy()[keep_cells]).value_counts()
     small_types = type_sizes.index[type_sizes < thresholds.min_cells_per_type]
     if len(small_types):
-        log.warning("%s: dropping cell types with fewer than %d cells: %s", source,
-                    thresholds.min_cells_per_type, ", ".join(map(str, small_types)))
+        log.warning("%s: dropping %d cell types with fewer than %d cells: %s%s", source, len(small_types),
+                    thresholds.min_cells_per_type, ", ".join(map(str, small_types[:10])),
+                    f" and {len(small_types) - 10} more" if len(small_types) > 10 else "")
         keep_cells &= ~labels.isin(small_types).to_numpy()
     filtered = adata[keep_cells]
     detected_in = np.bincount(filtered.X.indices, minlength=filtered.n_vars)

@@ -64,9 +64,9 @@ def filter_dataset(
         labels = read_annotation(annotation, barcode_column, label_column)
         adata = attach_labels(read_counts(matrix, format, round_counts, sample, counts_layer, labels.index), labels,
                               matrix, annotation)
+    check_labels_are_types(adata.obs["cell_type"].dropna(), label_column, annotation or matrix)
     filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix,
                                       exclude_types)
-    check_labels_are_types(filtered.obs["cell_type"], label_column, annotation or matrix)
     write_h5ad(filtered, output)
 
 
