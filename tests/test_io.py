@@ -308,6 +308,23 @@ def test_kallisto_bustools_folders_are_read(tmp_path, small_cells, caplog, suffi
     write_mtx(fry / "quants_mat.mtx", small_cells.X)
     with pytest.raises(InputError, match=r"\(alevin/quants_mat.mtx\) are named otherwise: .* pyroe.load_fry"):
         pack_10x_folder(tmp_path / "fry_out", tmp_path / "fry.tar.gz")
+    # One sample's matrix under names of its own, as some GEO uploads have it: told how to name its files, and read
+    # once they are so named.
+    geo = tmp_path / "geo"
+    geo.mkdir()
+    write_mtx(geo / "GSE1_counts.mtx.gz", small_cells.X.T)
+    for name, lines in (("GSE1_genes.tsv.gz", [f"{gene}\t{gene}" for gene in small_cells.var_names]),
+                        ("GSE1_cells.tsv.gz", list(small_cells.obs_names))):
+        (geo / name).write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    with pytest.raises(InputError, match=r"\(GSE1_counts.mtx.gz\) are named otherwise: .* is read once its files are "
+                                         r"named as Cell Ranger names them: <prefix>matrix.mtx.gz"):
+        pack_10x_folder(geo, tmp_path / "geo.tar.gz")
+    for old_name, new_name in (("counts.mtx", "matrix.mtx"), ("genes.tsv", "features.tsv"),
+                               ("cells.tsv", "barcodes.tsv")):
+        (geo / f"GSE1_{old_name}.gz").rename(geo / f"GSE1_{new_name}.gz")
+    pack_10x_folder(geo, tmp_path / "geo.tar.gz")
+    renamed = read_10x_tarball(tmp_path / "geo.tar.gz")
+    assert list(renamed.obs_names) == list(small_cells.obs_names) and (renamed.X != small_cells.X).nnz == 0
 
 
 def test_parse_biosciences_folders_are_read(tmp_path, small_cells):

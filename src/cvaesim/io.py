@@ -173,7 +173,10 @@ def chosen_matrix(names: list[PurePath], sample: str | None) -> MatrixFiles:
             + (f"; its Matrix Market files ({_first_few(other_mtx)}) are named otherwise: one matrix of each "
                "cell's whole counts is needed (kb count's nac and lamanno workflows split them by RNA species: add "
                "those matrices into one, or count with the standard workflow; alevin-fry's: "
-               "pyroe.load_fry(folder).write_h5ad(path) writes them as an h5ad source)"
+               "pyroe.load_fry(folder).write_h5ad(path) writes them as an h5ad source). A matrix of whole counts "
+               "named otherwise (GEO's GSE1_counts.mtx.gz beside GSE1_genes.tsv.gz and GSE1_cells.tsv.gz) is read "
+               "once its files are named as Cell Ranger names them: <prefix>matrix.mtx.gz, <prefix>features.tsv.gz "
+               "(or genes.tsv.gz) and <prefix>barcodes.tsv.gz"
                if other_mtx else ""))
     if len(matrices) > 1:  # e.g. outs/ with filtered_ and raw_feature_bc_matrix, or GEO's files of several samples
         raise MatrixChoiceError(f"holds more than one matrix folder or sample ({found}); name the one to read with "
