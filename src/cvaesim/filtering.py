@@ -89,10 +89,16 @@ def labels_across_gem_suffix(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.
         return None
     if not (matrix_keys.is_unique and label_keys.is_unique):
         return None
-    by_key = pd.Series(labels.to_numpy(), index=label_keys)
-    joined = pd.Series(by_key.reindex(matrix_keys).to_numpy(), index=barcodes, name=labels.name).dropna()
+    joined = labels_by_key(barcodes, matrix_keys, labels, label_keys)
     return (joined, f"but for the GEM-well suffix ('-1') that {'the matrix' if matrix_suffixed.all() else 'it'} "
                     "carries") if len(joined) else None
+
+
+def labels_by_key(barcodes: pd.Index, matrix_keys, labels: pd.Series, label_keys: pd.Index) -> pd.Series:
+    """The labels under the matrix's ``barcodes`` whose keys (``matrix_keys``, one per barcode) are labels' keys
+    (``label_keys``, one per label): how the matrix's and the annotation's names are joined where they differ."""
+    by_key = pd.Series(labels.to_numpy(), index=label_keys)
+    return pd.Series(by_key.reindex(matrix_keys).to_numpy(), index=barcodes, name=labels.name).dropna()
 
 
 def r_names(names: pd.Index) -> pd.Index:
@@ -112,9 +118,7 @@ def labels_across_r_names(barcodes: pd.Index, labels: pd.Series) -> tuple[pd.Ser
     label_keys = r_names(names)
     if (label_keys == names).all() or not label_keys.is_unique:
         return None
-    by_key = pd.Series(labels.to_numpy(), index=label_keys)
-    joined = pd.Series(by_key.reindex(pd.Index(barcodes.astype(str))).to_numpy(), index=barcodes,
-                       name=labels.name).dropna()
+    joined = labels_by_key(barcodes, pd.Index(barcodes.astype(str)), labels, label_keys)
     return (joined, "rewritten there by R's make.names ('AAACATACAACCAC.1' for 'AAACATACAACCAC-1', as a table "
                     "written from an R data.frame names its columns)") if len(joined) else None
 
@@ -128,8 +132,7 @@ def labels_across_velocyto_names(barcodes: pd.Index, labels: pd.Series) -> tuple
     label_keys = without_gem_suffix(pd.Index(labels.index.astype(str)))
     if bare.isna().any() or not (pd.Index(bare).is_unique and label_keys.is_unique):
         return None
-    by_key = pd.Series(labels.to_numpy(), index=label_keys)
-    joined = pd.Series(by_key.reindex(bare).to_numpy(), index=barcodes, name=labels.name).dropna()
+    joined = labels_by_key(barcodes, bare, labels, label_keys)
     return (joined, "as velocyto names them ('sample:BARCODEx')") if len(joined) else None
 
 

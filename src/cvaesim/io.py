@@ -324,8 +324,8 @@ def unzip_source(archive_path: str | Path, destination: str | Path, packed: bool
             finally:
                 shutil.rmtree(contents, ignore_errors=True)
             return str(matrix)
-        names = [info.filename for info in members]
-        name = (chosen_10x_h5(names, sample) if hdf5_matrices else None) or only_file(names)
+        member_names = [info.filename for info in members]
+        name = (chosen_10x_h5(member_names, sample) if hdf5_matrices else None) or only_file(member_names)
         with archive.open(name) as member, open(destination, "wb") as output:
             shutil.copyfileobj(member, output)
         return name
@@ -1308,14 +1308,14 @@ def read_h5ad_counts(path: str | Path, label_column: str | None, counts_layer: s
     """Read counts and labels (the obs column ``label_column`` as ``obs['cell_type']``; None: no labels) from an
     .h5ad; ``counts_layer`` names a layer, ``raw``, or None for X; ``round_counts``: see ``integer_counts``."""
     path = Path(path)
+    hint = format_hint(path, "h5ad")
     try:
         # Backed: X and .raw stay on disk until read, so that only the matrix holding the counts is (CELLxGENE's
         # files keep normalised values in X beside the counts in .raw).
         source = ad.read_h5ad(path, backed="r")
     except Exception as error:  # anndata raises many types for a broken file
-        raise InputError(f"{path}: not a readable .h5ad file ({error}){format_hint(path, 'h5ad')}") from error
+        raise InputError(f"{path}: not a readable .h5ad file ({error}){hint}") from error
     try:
-        hint = format_hint(path, "h5ad")
         if hint:  # a loom or MuData file opens backed too, as an AnnData that lacks its matrices
             raise InputError(f"{path}: not a readable .h5ad file (not AnnData's layout){hint}")
         return _h5ad_counts(path, source, label_column, counts_layer, round_counts)
@@ -1452,9 +1452,9 @@ def _labelled_counts(path: Path, counts: sp.csr_matrix, obs: pd.DataFrame, var: 
     """Counts with their gene annotation and, from ``label_column`` of ``obs``, ``obs['cell_type']``; repeated
     cell names suffixed, repeated gene names made unique; of a CITE-seq or multiome file read by scanpy
     (``var['feature_types']``), the Gene Expression features alone."""
-    feature_types = var["feature_types"].astype(str) if "feature_types" in var.columns else pd.Series(dtype=str)
-    if feature_types.eq("Gene Expression").any():  # 10x's types, not a column of another meaning under that name
-        expression = gene_expression_features(feature_types.to_numpy(), path)
+    # 10x's types, not a column of another meaning under that name.
+    if "feature_types" in var.columns and var["feature_types"].astype(str).eq("Gene Expression").any():
+        expression = gene_expression_features(var["feature_types"].to_numpy(), path)
         if expression is not None:
             counts, var = counts[:, expression], var[expression]
     adata = ad.AnnData(
