@@ -302,6 +302,15 @@ def source_entry(wildcards):
     return dataset(wildcards.dataset)[role_of_file[wildcards.filename]]
 
 
+def simulation_request(wildcards, output):
+    """The simulate settings that the train job checks against the cell types before training,
+    so that a misspelt type in cells_per_type fails in seconds rather than after the training.
+    Taking ``output`` makes Snakemake count them as derived, not as train settings: changing
+    them reruns simulate, not train (see ``pinned_digest``)."""
+    simulate = dataset_settings(wildcards.dataset)["simulate"]
+    return {key: simulate[key] for key in ("cells_per_type", "cells", "write_table")}
+
+
 def pinned_digest(wildcards, output):
     """The SHA-256 the dataset's config pins for this download, checked by the download
     job. Taking ``output`` makes Snakemake count it as derived from the output, not as a

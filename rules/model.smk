@@ -50,6 +50,7 @@ rule train:
     params:
         settings=setting("train"),
         seed=dataset_seed,
+        simulation=simulation_request,
     script:
         "../scripts/train.py"
 

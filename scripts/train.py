@@ -11,4 +11,5 @@ train(
     settings=snakemake.params.settings,
     seed=snakemake.params.seed,
     posteriors=snakemake.output.posteriors,
+    simulation=snakemake.params.simulation,
 )

@@ -20,7 +20,7 @@ from cvaesim.io import TENX_OUTPUT_FILES
 from cvaesim.images import build_image_store
 from cvaesim.model import ConditionalConvVAE
 from cvaesim.simulation import Posteriors, simulate
-from cvaesim import InputError, steps, writers
+from cvaesim import InputError, steps, training, writers
 from cvaesim.steps import load_model
 
 from conftest import AWKWARD_TYPES, random_counts
@@ -211,6 +211,33 @@ def test_the_simulate_rule_takes_a_number_per_named_cell_type(trained, tmp_path)
     with pytest.raises(InputError, match="simulate.cells_per_type: no cells asked for: every number is 0"):
         steps.simulate(model, store, str(tmp_path / "none.h5ad"), {AWKWARD_TYPES[1]: 0}, **settings)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["mix.h5ad"]
+
+
+def test_the_train_rule_refuses_a_simulation_its_model_could_not_make_before_training(trained, tmp_path,
+                                                                                    monkeypatch):
+    def training_started(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(training, "train", training_started)
+    monkeypatch.setattr(writers, "MAX_TABLE_ENTRIES", 1_000)  # 50 genes: 20 cells fit, 21 do not
+    outputs = {name: str(tmp_path / name) for name in ("cvae.keras", "history.tsv", "history.png", "posteriors.npz")}
+    misspelt = AWKWARD_TYPES[1].upper()
+    for simulation, message in [
+        ({"cells_per_type": {misspelt: 7}, "cells": None, "write_table": False},
+         f"simulate.cells_per_type: unknown cell types [{misspelt!r}] (did you mean {AWKWARD_TYPES[1]!r}?)"),
+        ({"cells_per_type": 5, "cells": 21, "write_table": True},
+         "simulate.write_table is true, but 21 cells x 50 genes is too large"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            steps.train(str(trained / "images.h5ad"), outputs["cvae.keras"], outputs["history.tsv"],
+                        outputs["history.png"], settings={}, seed=0, posteriors=outputs["posteriors.npz"],
+                        simulation=simulation)
+    assert list(tmp_path.iterdir()) == []
+    # What the store's types allow gets as far as the training.
+    with pytest.raises(AssertionError, match="training started"):
+        steps.train(str(trained / "images.h5ad"), outputs["cvae.keras"], outputs["history.tsv"],
+                    outputs["history.png"], settings={}, seed=0,
+                    simulation={"cells_per_type": {AWKWARD_TYPES[1]: 7}, "cells": None, "write_table": True})
 
 
 @pytest.mark.parametrize("suffix", [".h5ad", ""])

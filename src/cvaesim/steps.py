@@ -111,10 +111,13 @@ def reshape(filtered: str, store: str, layout: str, side: int | None, scaling: s
 
 
 def train(store: str, model_path: str, history_tsv: str, history_plot: str, settings: dict, seed: int,
-          posteriors: str | None = None) -> None:
+          posteriors: str | None = None, simulation: dict | None = None) -> None:
     """Checkpoints go to ``<model folder>/checkpoint/`` each epoch; a rerun after a kill resumes there.
 
     ``posteriors``: where to save the training cells' posteriors, for simulations to draw from.
+    ``simulation``: the simulate settings that will use this model (``cells_per_type``, ``cells``,
+    ``write_table``), checked against the store's cell types before training, so that a misspelt type
+    fails in seconds rather than after hours of training.
     """
     from .plots import plot_history
     from .simulation import Posteriors
@@ -127,6 +130,8 @@ def train(store: str, model_path: str, history_tsv: str, history_plot: str, sett
         json.dumps([identity, seed, sha256_of(Path(store))], sort_keys=True).encode()
     ).hexdigest()
     images = ad.read_h5ad(store)
+    if simulation is not None:
+        simulation_plan(images, **simulation)
     model, history = fit(images, TrainingSettings(**settings), seed,
                          checkpoint=Path(model_path).parent / "checkpoint", fingerprint=fingerprint)
     with atomic_output(model_path) as temporary:
@@ -162,30 +167,41 @@ def simulate(model_path: str, store: str, output: str, cells_per_type: int | dic
     ``write_table``: the original_table rule will turn these cells into a dense table, so refuse
     now, before simulating, a number of cells that table cannot hold.
     """
-    from .plans import cell_plan
     from .simulation import ExpectedExpression, Simulator
-    from .writers import table_problem, write_expected, write_h5ad as write_stream
+    from .writers import write_expected, write_h5ad as write_stream
 
     meta = ad.read_h5ad(store, backed="r")
     simulator = Simulator(load_model(model_path), meta, batch_size, count_sampling, library_sizes, latent, posteriors,
                           calibration, origins)
-    real_counts = meta.obs["cell_type"].value_counts().to_dict()
+    plan = simulation_plan(meta, cells_per_type, cells, write_table)
     meta.file.close()
-    plan = cell_plan(simulator.cell_types, real_counts, cells_per_type, cells, asked_by="simulate.cells_per_type")
     if cells is not None:
         left_out = [name for name in simulator.cell_types if name not in plan]
         if left_out:
             log.warning("simulate.cells = %d leaves out %d cell types too rare for one cell in that many: %s",
                         cells, len(left_out), ", ".join(left_out))
     log.info("simulating %d cells: %s", sum(plan.values()), ", ".join(f"{name}: {n}" for name, n in plan.items()))
-    if write_table and (problem := table_problem(sum(plan.values()), len(simulator.var))):
-        raise InputError(f"{output}: simulate.write_table is true, but {problem}; set simulate.write_table: false "
-                         f"(the .h5ad is written either way) or lower simulate.{'cells_per_type' if cells is None else 'cells'}")
     truth = ExpectedExpression(simulator.var.index) if expected else None
     write_stream(simulator.batches(plan, seed, truth), simulator.var, simulator.cell_types, simulator.settings(seed),
                  output)
     if truth is not None:
         write_expected(truth.table(), expected)
+
+
+def simulation_plan(images: ad.AnnData, cells_per_type: int | dict[str, int], cells: int | None,
+                    write_table: bool) -> dict[str, int]:
+    """How many cells of each of the image store's cell types the simulate settings ask for; refuses
+    unknown types, and a number of cells the original's dense table cannot hold where one is wanted."""
+    from .plans import cell_plan
+    from .writers import table_problem
+
+    real_counts = images.obs["cell_type"].value_counts().to_dict()
+    plan = cell_plan(list(images.obs["cell_type"].cat.categories), real_counts, cells_per_type, cells,
+                     asked_by="simulate.cells_per_type")
+    if write_table and (problem := table_problem(sum(plan.values()), images.n_vars)):
+        raise InputError(f"simulate.write_table is true, but {problem}; set simulate.write_table: false "
+                         f"(the .h5ad is written either way) or lower simulate.{'cells_per_type' if cells is None else 'cells'}")
+    return plan
 
 
 def original_table(simulated: str, output: str) -> None:
