@@ -22,7 +22,6 @@ from pathlib import Path
 import cvaesim  # noqa: F401  (first: it sets TensorFlow's CPU options before TensorFlow loads)
 
 import anndata as ad
-import numpy as np
 import scipy.sparse as sp
 
 from cvaesim.evaluation import EvaluationSettings, baseline, evaluate, overall_table

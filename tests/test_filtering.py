@@ -9,7 +9,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from cvaesim import InputError, steps
 from cvaesim.filtering import FilterThresholds, attach_labels, filter_cells_and_genes
-from cvaesim.io import read_10x_tarball, read_annotation
+from cvaesim.io import read_10x_tarball
+from cvaesim.tables import read_annotation
 
 from conftest import AWKWARD_TYPES, EMBEDDED_ANNOTATION, EMBEDDED_TARBALL, random_counts, write_annotation
 

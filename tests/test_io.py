@@ -18,9 +18,11 @@ import scipy.sparse as sp
 import cvaesim.io
 from cvaesim import InputError
 from cvaesim.filtering import attach_labels
-from cvaesim.io import (atomic_output, container_problem, counts_problem, pack_10x_folder, read_10x_h5,
-                        read_10x_tarball, read_annotation, read_counts_table, read_h5ad_counts,
+from cvaesim.archives import pack_10x_folder
+from cvaesim.io import (atomic_output, container_problem, read_10x_h5, read_10x_tarball, read_h5ad_counts,
                         read_loom_counts)
+from cvaesim.matrix_checks import counts_problem
+from cvaesim.tables import read_annotation, read_counts_table
 
 from conftest import (EMBEDDED_ANNOTATION, EMBEDDED_H5AD, EMBEDDED_TARBALL, add_member, write_10x_h5, write_loom,
                       write_tarball)

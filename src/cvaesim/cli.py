@@ -16,7 +16,8 @@ from pathlib import Path
 from . import InputError
 from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
 from .counts import COUNT_SAMPLING
-from .io import IMAGE_STORE, TENX_OUTPUT_FILES, model_file_problem, open_h5ad
+from .formats import model_file_problem
+from .io import IMAGE_STORE, TENX_OUTPUT_FILES, open_h5ad
 from .plans import cell_plan
 
 log = logging.getLogger("cvaesim")

@@ -25,8 +25,9 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlencode, urlparse
 
 from . import InputError, __version__
-from .io import (HDF5_FORMAT_OF_SUFFIX, MatrixChoiceError, extract_10x_h5, gzipped_hdf5, is_web_page,
-                 pack_10x_folder, untar_single_file, unzip_source, zip_of_files)
+from .archives import (MatrixChoiceError, extract_10x_h5, pack_10x_folder, untar_single_file, unzip_source,
+                       zip_of_files)
+from .formats import HDF5_FORMAT_OF_SUFFIX, gzipped_hdf5, is_web_page
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ def fetch(
 ) -> str:
     """Put ``source`` at ``destination`` and return its SHA-256; a folder source, or a list of a 10x matrix's
     files (GEO's ``GSM123_matrix.mtx.gz``, ``_barcodes.tsv.gz``, ``_features.tsv.gz`` addresses), is packed as a
-    10x tarball (of its matrices, the one ``sample`` names: see ``io.chosen_matrix``), and an ``.h5``
-    destination's tar archive of HDF5 files gives the one to read (see ``io.extract_10x_h5``).
+    10x tarball (of its matrices, the one ``sample`` names: see ``archives.chosen_matrix``), and an ``.h5``
+    destination's tar archive of HDF5 files gives the one to read (see ``archives.extract_10x_h5``).
 
     ``<destination>.sha256`` records the digest and size, so a user can pin them in the config.
     ``check`` returns why a complete file cannot be used (or None); such a file is deleted.

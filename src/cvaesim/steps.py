@@ -22,8 +22,10 @@ from .download import fetch, sha256_of
 from .clustering import leiden_clusters
 from .filtering import FilterThresholds, attach_labels, check_labels_are_types, filter_cells_and_genes
 from .images import build_image_store, layout_table
-from .io import (IMAGE_STORE, atomic_output, container_problem, model_file_problem, open_h5ad, read_10x_h5,
-                 read_10x_tarball, read_annotation, read_counts_table, read_h5ad_counts, read_loom_counts, write_h5ad)
+from .formats import model_file_problem
+from .io import (IMAGE_STORE, atomic_output, container_problem, open_h5ad, read_10x_h5, read_10x_tarball,
+                 read_h5ad_counts, read_loom_counts, write_h5ad)
+from .tables import read_annotation, read_counts_table
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,8 @@ def filter_dataset(
 ) -> None:
     """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']`` (from the annotation
     table where there is one, else from an .h5ad's ``label_column``); ``round_counts``
-    rounds non-integer counts (see ``io.integer_counts``); ``sample`` names the matrix to read of a tarball's
-    several (see ``io.chosen_matrix``); cells labelled one of ``exclude_types`` are left out."""
+    rounds non-integer counts (see ``matrix_checks.integer_counts``); ``sample`` names the matrix to read of a tarball's
+    several (see ``archives.chosen_matrix``); cells labelled one of ``exclude_types`` are left out."""
     if format not in FORMATS:
         raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
     if format in LABELLED_READERS and annotation is None:  # its cells carry their labels
