@@ -1,4 +1,5 @@
 import logging
+import re
 
 import anndata as ad
 import numpy as np
@@ -406,3 +407,23 @@ def test_a_label_column_giving_most_cells_a_type_of_their_own_is_refused_naming_
     cells.write_h5ad(tmp_path / "clusters.h5ad")
     steps.filter_dataset(str(tmp_path / "clusters.h5ad"), str(tmp_path / "clustered.h5ad"), "h5ad", "cluster")
     assert ad.read_h5ad(tmp_path / "clustered.h5ad").obs["cell_type"].nunique() == 20
+
+
+def test_an_unfiltered_matrix_of_empty_droplets_is_refused_before_clustering(tmp_path, monkeypatch):
+    """Cell Ranger's raw matrix: the called cells among many barcodes of a few counts each."""
+    cells = random_counts(300, 200, ["a", "b", "c"], seed=2)
+    rng = np.random.default_rng(2)
+    droplets = sp.random(3_000, 200, density=0.01, random_state=rng, data_rvs=lambda n: np.ones(n), format="csr")
+    droplets = droplets[np.asarray(droplets.sum(axis=1)).ravel() > 0]
+    raw = ad.AnnData(sp.vstack([cells.X, droplets.astype(np.int32)]).tocsr(), var=cells.var,
+                     obs=pd.DataFrame(index=[*cells.obs_names, *(f"DROP{i:05d}-1" for i in range(droplets.shape[0]))]))
+    raw.write_h5ad(tmp_path / "raw.h5ad")
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'raw.h5ad'}: the {raw.n_obs} barcodes that pass the "
+                                                   "filter have a median of 2 counts, as an unfiltered matrix")):
+        steps.cluster(str(tmp_path / "raw.h5ad"), str(tmp_path / "clusters.tsv"), "h5ad", resolution=1.0, seed=0)
+    assert not (tmp_path / "clusters.tsv").exists()
+    # The cells kept by a library-size threshold, as the message says, are clustered.
+    steps.cluster(str(tmp_path / "raw.h5ad"), str(tmp_path / "clusters.tsv"), "h5ad", resolution=1.0, seed=0,
+                  thresholds={"min_counts_per_cell": 20})
+    clustered = pd.read_csv(tmp_path / "clusters.tsv", sep="\t", dtype=str)["barcode"]
+    assert list(clustered) == list(cells.obs_names)

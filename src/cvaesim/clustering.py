@@ -21,6 +21,8 @@ COMPONENTS = 50
 NEIGHBOURS = 15
 # Fewer cells than this make no neighbour graph worth clustering.
 MIN_CELLS = 3 * NEIGHBOURS
+# Half the barcodes under this many counts: an unfiltered matrix, mostly empty droplets (a called cell has hundreds).
+EMPTY_DROPLET_MEDIAN = 20
 
 
 def leiden_clusters(cells: ad.AnnData, resolution: float, seed: int, source: str) -> pd.Categorical:
@@ -31,6 +33,13 @@ def leiden_clusters(cells: ad.AnnData, resolution: float, seed: int, source: str
     if cells.n_obs < MIN_CELLS:
         raise InputError(f"{source}: {cells.n_obs} cells pass the filter, too few to cluster (at least {MIN_CELLS}); "
                          f"give the cell types with label_column instead")
+    median_counts = float(np.median(np.asarray(cells.X.sum(axis=1)).ravel()))
+    if median_counts < EMPTY_DROPLET_MEDIAN:
+        raise InputError(f"{source}: the {cells.n_obs} barcodes that pass the filter have a median of {median_counts:g} "
+                         f"counts, as an unfiltered matrix of mostly empty droplets has (Cell Ranger's "
+                         f"raw_feature_bc_matrix, kb's counts_unfiltered), which clustering would type as cells; give "
+                         f"the filtered matrix (filtered_feature_bc_matrix; kb count --filter), or set "
+                         f"filter.min_counts_per_cell (e.g. 500) to keep only the cells")
     log.info("%s: clustering %d cells (Leiden, resolution %g, seed %d) for their cell types", source, cells.n_obs,
              resolution, seed)
     values = ad.AnnData(cells.X.astype(np.float32), obs=pd.DataFrame(index=cells.obs_names))
