@@ -12,4 +12,5 @@ train(
     seed=snakemake.params.seed,
     posteriors=snakemake.output.posteriors,
     simulation=snakemake.params.simulation,
+    threads=snakemake.threads,
 )

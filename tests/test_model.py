@@ -1,5 +1,7 @@
 import json
 import logging
+import subprocess
+import sys
 
 import anndata as ad
 import keras
@@ -13,7 +15,8 @@ from cvaesim.images import build_image_store, scale_counts
 from cvaesim.model import ConditionalConvVAE
 from cvaesim.plots import plot_history
 from cvaesim.steps import filter_dataset, load_model
-from cvaesim.training import TrainingSettings, batches_for, collapse_warning, initial_gene_offsets, train
+from cvaesim.training import (TrainingSettings, batches_for, collapse_warning, initial_gene_offsets, train,
+                              use_threads)
 
 from conftest import EMBEDDED_ANNOTATION, EMBEDDED_TARBALL, random_counts
 
@@ -333,3 +336,19 @@ def test_negative_binomial_loss_is_the_negative_binomial_likelihood(store, tmp_p
     assert learned.shape == (store.n_vars,) and np.isfinite(learned).all() and np.abs(learned).max() > 0
     trained.save(tmp_path / "model.keras")
     assert np.array_equal(load_model(str(tmp_path / "model.keras")).dispersion.get_weights()[0], learned)
+
+
+def test_training_uses_the_threads_the_job_was_given(caplog):
+    # In a new process, as the train rule's script runs: TensorFlow's pools take the job's threads, not every core.
+    probe = ("from cvaesim.training import use_threads; use_threads(1); import tensorflow as tf; "
+             "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+             "tf.config.threading.get_inter_op_parallelism_threads(), float(tf.reduce_sum(tf.ones(3))))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["1", "1", "3.0"]
+    # Once TensorFlow has run an operation its pools are fixed: training goes on, and says so.
+    import tensorflow as tf
+
+    float(tf.reduce_sum(tf.ones(3)))
+    with caplog.at_level(logging.WARNING, logger="cvaesim.training"):
+        use_threads(1)
+    assert "TensorFlow's threads could not be limited to 1" in caplog.text

@@ -113,13 +113,13 @@ def reshape(filtered: str, store: str, layout: str, side: int | None, scaling: s
 
 
 def train(store: str, model_path: str, history_tsv: str, history_plot: str, settings: dict, seed: int,
-          posteriors: str | None = None, simulation: dict | None = None) -> None:
+          posteriors: str | None = None, simulation: dict | None = None, threads: int | None = None) -> None:
     """Checkpoints go to ``<model folder>/checkpoint/`` each epoch; a rerun after a kill resumes there.
 
     ``posteriors``: where to save the training cells' posteriors, for simulations to draw from.
     ``simulation``: the simulate settings that will use this model (``cells_per_type``, ``cells``,
     ``write_table``), checked against the store's cell types before training, so that a misspelt type
-    fails in seconds rather than after hours of training.
+    fails in seconds rather than after hours of training. ``threads``: the cores TensorFlow may use.
     """
     from .plots import plot_history
     from .simulation import Posteriors
@@ -135,7 +135,7 @@ def train(store: str, model_path: str, history_tsv: str, history_plot: str, sett
     if simulation is not None:
         simulation_plan(images, **simulation)
     model, history = fit(images, TrainingSettings(**settings), seed,
-                         checkpoint=Path(model_path).parent / "checkpoint", fingerprint=fingerprint)
+                         checkpoint=Path(model_path).parent / "checkpoint", fingerprint=fingerprint, threads=threads)
     with atomic_output(model_path) as temporary:
         model.save(temporary)
     if posteriors is not None:

@@ -266,18 +266,36 @@ class EpochCheckpoint(keras.callbacks.Callback):
         return pd.DataFrame(self.rows)
 
 
+def use_threads(threads: int) -> None:
+    """Size TensorFlow's thread pools to the job's threads; by default they take every core of the machine,
+    whatever Snakemake gave the job. Too late once TensorFlow has run an operation (the pools then stay
+    as they are, with a warning)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as error:
+        log.warning("TensorFlow's threads could not be limited to %d (%s)", threads, error)
+
+
 def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: Path | None = None,
-          fingerprint: str = "", callbacks: tuple = ()) -> tuple[ConditionalConvVAE, pd.DataFrame]:
+          fingerprint: str = "", callbacks: tuple = (), threads: int | None = None
+          ) -> tuple[ConditionalConvVAE, pd.DataFrame]:
     """Fit on the store's training cells, validating on its test cells each epoch.
 
     With ``checkpoint`` (a folder) every epoch is saved there and an interrupted run with the
-    same ``fingerprint`` resumes; the folder is removed when training completes.
+    same ``fingerprint`` resumes; the folder is removed when training completes. ``threads``: see
+    ``use_threads``; None leaves TensorFlow's.
     """
     if (backend := keras.backend.backend()) != "tensorflow":
         raise RuntimeError(f"training needs Keras's TensorFlow backend (resumable checkpoints, operation determinism), "
                            f"but Keras runs on {backend!r}, as KERAS_BACKEND in the environment says; "
                            "unset it or set KERAS_BACKEND=tensorflow")
     import tensorflow as tf
+
+    if threads is not None:
+        use_threads(threads)
 
     with_counts = settings.reconstruction_loss in COUNT_LOSSES
     if not 0 <= settings.count_split < 1:
