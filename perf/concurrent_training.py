@@ -26,13 +26,15 @@ def one_training(store: str, epochs: int, threads: int | None) -> None:
 
     import anndata as ad
 
-    from cvaesim.training import TrainingSettings, train
+    from cvaesim.training import TrainingSettings, train, use_threads
 
+    if threads is not None:
+        use_threads(threads)
     with open(os.path.join(ROOT, "config", "config.yaml")) as handle:
         settings = {**yaml.safe_load(handle)["train"], "epochs": epochs}
     images = ad.read_h5ad(store)
     start = time.perf_counter()
-    train(images, TrainingSettings(**settings), seed=0, threads=threads)
+    train(images, TrainingSettings(**settings), seed=0)
     print(f"{time.perf_counter() - start:.1f}")
 
 

@@ -19,4 +19,5 @@ simulate(
     origins=snakemake.params.origins,
     write_table=snakemake.params.write_table,
     posteriors=snakemake.input.posteriors,
+    threads=snakemake.threads,
 )

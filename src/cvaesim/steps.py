@@ -123,7 +123,7 @@ def train(store: str, model_path: str, history_tsv: str, history_plot: str, sett
     """
     from .plots import plot_history
     from .simulation import Posteriors
-    from .training import TrainingSettings, collapse_warning, train as fit
+    from .training import TrainingSettings, collapse_warning, train as fit, use_threads
 
     # The run is identified by what determines it: settings (less the epoch count, so that
     # raising it continues training), seed and the store's content.
@@ -134,8 +134,10 @@ def train(store: str, model_path: str, history_tsv: str, history_plot: str, sett
     images = ad.read_h5ad(store)
     if simulation is not None:
         simulation_plan(images, **simulation)
+    if threads is not None:
+        use_threads(threads)
     model, history = fit(images, TrainingSettings(**settings), seed,
-                         checkpoint=Path(model_path).parent / "checkpoint", fingerprint=fingerprint, threads=threads)
+                         checkpoint=Path(model_path).parent / "checkpoint", fingerprint=fingerprint)
     with atomic_output(model_path) as temporary:
         model.save(temporary)
     if posteriors is not None:
@@ -160,16 +162,21 @@ def load_model(path: str):
 def simulate(model_path: str, store: str, output: str, cells_per_type: int | dict[str, int], seed: int,
              batch_size: int, count_sampling: str, library_sizes: str, latent: str = "prior",
              posteriors: str | None = None, calibration: str = "none", write_table: bool = False,
-             cells: int | None = None, origins: str = "balanced", expected: str | None = None) -> None:
+             cells: int | None = None, origins: str = "balanced", expected: str | None = None,
+             threads: int | None = None) -> None:
     """``cells_per_type`` cells of every cell type the model knows (or, where it maps type names to numbers,
     of the types it names), or ``cells`` in all split across the types as the real cells are, as a sparse
     ``.h5ad``; with ``expected``, also what their counts were drawn around, per type and gene, as a TSV
     (:class:`~cvaesim.simulation.ExpectedExpression`).
 
     ``write_table``: the original_table rule will turn these cells into a dense table, so refuse
-    now, before simulating, a number of cells that table cannot hold.
+    now, before simulating, a number of cells that table cannot hold. ``threads``: the cores TensorFlow may use.
     """
     from .simulation import ExpectedExpression, Simulator
+    from .training import use_threads
+
+    if threads is not None:
+        use_threads(threads)
     from .writers import write_expected, write_h5ad as write_stream
 
     meta = ad.read_h5ad(store, backed="r")

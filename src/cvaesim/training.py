@@ -280,22 +280,17 @@ def use_threads(threads: int) -> None:
 
 
 def train(store: ad.AnnData, settings: TrainingSettings, seed: int, checkpoint: Path | None = None,
-          fingerprint: str = "", callbacks: tuple = (), threads: int | None = None
-          ) -> tuple[ConditionalConvVAE, pd.DataFrame]:
+          fingerprint: str = "", callbacks: tuple = ()) -> tuple[ConditionalConvVAE, pd.DataFrame]:
     """Fit on the store's training cells, validating on its test cells each epoch.
 
     With ``checkpoint`` (a folder) every epoch is saved there and an interrupted run with the
-    same ``fingerprint`` resumes; the folder is removed when training completes. ``threads``: see
-    ``use_threads``; None leaves TensorFlow's.
+    same ``fingerprint`` resumes; the folder is removed when training completes.
     """
     if (backend := keras.backend.backend()) != "tensorflow":
         raise RuntimeError(f"training needs Keras's TensorFlow backend (resumable checkpoints, operation determinism), "
                            f"but Keras runs on {backend!r}, as KERAS_BACKEND in the environment says; "
                            "unset it or set KERAS_BACKEND=tensorflow")
     import tensorflow as tf
-
-    if threads is not None:
-        use_threads(threads)
 
     with_counts = settings.reconstruction_loss in COUNT_LOSSES
     if not 0 <= settings.count_split < 1:
