@@ -53,9 +53,9 @@ def filter_dataset(
     exclude_types: Sequence[str] = (),
 ) -> None:
     """Labelled, filtered integer counts as a sparse ``.h5ad`` with ``obs['cell_type']`` (from the annotation
-    table where there is one, else from an .h5ad's ``label_column``); ``round_counts``
-    rounds non-integer counts (see ``matrix_checks.integer_counts``); ``sample`` names the matrix to read of a tarball's
-    several (see ``archives.chosen_matrix``); cells labelled one of ``exclude_types`` are left out."""
+    table where there is one, else from an .h5ad's ``label_column``); ``round_counts`` rounds non-integer
+    counts (see ``matrix_checks.integer_counts``); ``sample`` names the matrix to read of a tarball's several
+    (see ``archives.chosen_matrix``); cells labelled one of ``exclude_types`` are left out."""
     if format not in FORMATS:
         raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
     if format in LABELLED_READERS and annotation is None:  # its cells carry their labels
@@ -174,15 +174,14 @@ def simulate(model_path: str, store: str, output: str, cells_per_type: int | dic
     """
     from .simulation import ExpectedExpression, Simulator
     from .training import use_threads
+    from .writers import write_expected, write_h5ad as write_stream
 
     if threads is not None:
         use_threads(threads)
-    from .writers import write_expected, write_h5ad as write_stream
-
     meta = ad.read_h5ad(store, backed="r")
+    plan = simulation_plan(meta, cells_per_type, cells, write_table)
     simulator = Simulator(load_model(model_path), meta, batch_size, count_sampling, library_sizes, latent, posteriors,
                           calibration, origins)
-    plan = simulation_plan(meta, cells_per_type, cells, write_table)
     meta.file.close()
     if cells is not None:
         left_out = [name for name in simulator.cell_types if name not in plan]
