@@ -206,7 +206,7 @@ def test_the_simulate_rule_takes_a_number_per_named_cell_type(trained, tmp_path)
         AWKWARD_TYPES[1]: 7}
     misspelt = AWKWARD_TYPES[1].upper()
     with pytest.raises(InputError, match=re.escape(f"simulate.cells_per_type: unknown cell types [{misspelt!r}] "
-                                                   f"(did you mean {AWKWARD_TYPES[1]!r}?); the model knows")):
+                                                   f"(did you mean {AWKWARD_TYPES[1]!r}?); the cell types are")):
         steps.simulate(model, store, str(tmp_path / "typo.h5ad"), {misspelt: 7}, **settings)
     with pytest.raises(InputError, match="simulate.cells_per_type: no cells asked for: every number is 0"):
         steps.simulate(model, store, str(tmp_path / "none.h5ad"), {AWKWARD_TYPES[1]: 0}, **settings)

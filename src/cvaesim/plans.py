@@ -21,8 +21,8 @@ def cell_plan(cell_types: list[str], real_counts: dict[str, int], per_type: int 
     plan = {str(name): n for name, n in per_type.items()}  # YAML reads Louvain clusters' names 0, 1, ... as numbers
     unknown = [name for name in plan if name not in cell_types]
     if unknown:
-        raise InputError(f"{asked_by}: unknown cell types {unknown}{did_you_mean(unknown, cell_types)}; the model "
-                         f"knows {cell_types}")
+        raise InputError(f"{asked_by}: unknown cell types {unknown}{did_you_mean(unknown, cell_types)}; the cell "
+                         f"types are {cell_types}")
     if not sum(plan.values()):
         raise InputError(f"{asked_by}: no cells asked for: every number is 0")
     return plan
