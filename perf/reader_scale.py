@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cvaesim.io import container_problem, read_h5ad_counts, read_loom_counts
+from cvaesim.download import container_problem
+from cvaesim.io import read_h5ad_counts, read_loom_counts
 from cvaesim.tables import read_counts_table
 
 GENES = 20_387

@@ -19,8 +19,8 @@ import cvaesim.io
 from cvaesim import InputError
 from cvaesim.filtering import attach_labels
 from cvaesim.archives import pack_10x_folder
-from cvaesim.io import (atomic_output, container_problem, read_10x_h5, read_10x_tarball, read_h5ad_counts,
-                        read_loom_counts)
+from cvaesim.download import container_problem
+from cvaesim.io import atomic_output, read_10x_h5, read_10x_tarball, read_h5ad_counts, read_loom_counts
 from cvaesim.matrix_checks import counts_problem
 from cvaesim.tables import read_annotation, read_counts_table
 

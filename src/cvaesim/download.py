@@ -4,7 +4,8 @@ folder of 10x matrix files is packed into a tarball).
 The file is written to ``<destination>.part`` and renamed into place only when it is
 complete (and matches the expected SHA-256), so a failed or killed download never
 leaves a file that looks finished. A ``.part`` left by an earlier attempt is resumed
-with an HTTP Range request.
+with an HTTP Range request. ``container_problem`` is the check the download step runs on
+a file before it is put in place.
 """
 
 from __future__ import annotations
@@ -16,18 +17,23 @@ import http.client
 import logging
 import re
 import shutil
+import tarfile
 import time
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, unquote, urlencode, urlparse
 
+import h5py
+
 from . import InputError, __version__
-from .archives import (MatrixChoiceError, extract_10x_h5, pack_10x_folder, untar_single_file, unzip_source,
-                       zip_of_files)
-from .formats import HDF5_FORMAT_OF_SUFFIX, gzipped_hdf5, is_web_page
+from .archives import (MatrixChoiceError, chosen_matrix, extract_10x_h5, pack_10x_folder, untar_single_file,
+                       unzip_source, zip_of_files)
+from .formats import (HDF5_FORMAT_OF_SUFFIX, TAR_OPEN_ERRORS, format_hint, gzipped_hdf5, is_gzipped, is_web_page,
+                      tar_problem)
+from .tables import annotation_problem, table_layout
 
 log = logging.getLogger(__name__)
 
@@ -322,3 +328,46 @@ def _download_once(url: str, partial: Path, timeout: float) -> None:
     if expected is not None and received < expected:
         raise http.client.IncompleteRead(b"", expected - received)
     log.info("%s: complete, %d bytes", url, received)
+
+
+def container_problem(path: str | Path, name: str, sample: str | None = None) -> str | None:
+    """Why ``path`` cannot be the file ``name`` says (HDF5 for .h5/.h5ad, a tar archive for .tar.gz holding
+    the 10x matrix to read, of several the one ``sample`` names, a complete text count table for .txt), or None.
+
+    Only the container and an archive's list of files are checked, in seconds; the content is the filter
+    step's. Run on a download before it is put in place, so that a truncated or wrong file is reported under
+    the source the user gave. A whole archive holding no one matrix that ``sample`` picks raises
+    MatrixChoiceError (see ``chosen_matrix``).
+    """
+    if Path(path).stat().st_size == 0:
+        return "an empty file (0 bytes)"
+    if name.endswith((".h5", ".h5ad", ".loom")):
+        try:
+            with h5py.File(path, "r"):
+                return None
+        except OSError as error:
+            return (f"not a readable HDF5 file, as {name} must be ({error})"
+                    f"{format_hint(path, HDF5_FORMAT_OF_SUFFIX[Path(name).suffix])}")
+    if name.endswith(".tsv"):
+        return annotation_problem(path)
+    if name.endswith(".txt"):
+        try:
+            table_layout(path)
+            if is_gzipped(path):
+                with gzip.open(path, "rb") as stream:  # read to the end, so a truncated download shows here
+                    while stream.read(1 << 24):
+                        pass
+        except InputError as error:
+            return str(error).removeprefix(f"{path}: ")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            return f"a truncated or corrupt gzip file ({error})"
+        return None
+    if name.endswith((".tar.gz", ".tar")):
+        try:
+            with tarfile.open(path, "r:*") as archive:
+                members = archive.getmembers()  # reads to the end, so a truncated archive shows here
+        except TAR_OPEN_ERRORS as error:
+            return (f"not a readable tar archive, as {name} must be ({tar_problem(error)})"
+                    f"{format_hint(path, '10x_tarball')}")
+        chosen_matrix([PurePosixPath(member.name) for member in members if member.isfile()], sample)
+    return None

@@ -1,6 +1,4 @@
-"""Read count matrices from 10x and HDF5 files (Cell Ranger, .h5ad, loom) and check downloads; write outputs
-atomically.
-"""
+"""Read count matrices from 10x and HDF5 files (Cell Ranger, .h5ad, loom); write outputs atomically."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ import os
 import shutil
 import tarfile
 import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -23,10 +21,9 @@ import scipy.sparse as sp
 
 from . import InputError, did_you_mean
 from .archives import CELL_RANGER, LIST_ROLES, chosen_matrix, list_file, safe_member_name
-from .formats import HDF5_FORMAT_OF_SUFFIX, TAR_OPEN_ERRORS, format_hint, is_gzipped, tar_problem
+from .formats import TAR_OPEN_ERRORS, format_hint, tar_problem
 from .matrix_checks import (as_int32_counts, counts_problem, gene_expression_features, integer_counts,
                             with_unique_gene_names)
-from .tables import annotation_problem, table_layout
 
 log = logging.getLogger(__name__)
 
@@ -66,49 +63,6 @@ def atomic_output(path: str | Path):
 def write_h5ad(adata: ad.AnnData, path: str | Path) -> None:
     with atomic_output(path) as temporary:
         adata.write_h5ad(temporary, compression="gzip")
-
-
-def container_problem(path: str | Path, name: str, sample: str | None = None) -> str | None:
-    """Why ``path`` cannot be the file ``name`` says (HDF5 for .h5/.h5ad, a tar archive for .tar.gz holding
-    the 10x matrix to read, of several the one ``sample`` names, a complete text count table for .txt), or None.
-
-    Only the container and an archive's list of files are checked, in seconds; the content is the filter
-    step's. Run on a download before it is put in place, so that a truncated or wrong file is reported under
-    the source the user gave. A whole archive holding no one matrix that ``sample`` picks raises
-    MatrixChoiceError (see ``chosen_matrix``).
-    """
-    if Path(path).stat().st_size == 0:
-        return "an empty file (0 bytes)"
-    if name.endswith((".h5", ".h5ad", ".loom")):
-        try:
-            with h5py.File(path, "r"):
-                return None
-        except OSError as error:
-            return (f"not a readable HDF5 file, as {name} must be ({error})"
-                    f"{format_hint(path, HDF5_FORMAT_OF_SUFFIX[Path(name).suffix])}")
-    if name.endswith(".tsv"):
-        return annotation_problem(path)
-    if name.endswith(".txt"):
-        try:
-            table_layout(path)
-            if is_gzipped(path):
-                with gzip.open(path, "rb") as stream:  # read to the end, so a truncated download shows here
-                    while stream.read(1 << 24):
-                        pass
-        except InputError as error:
-            return str(error).removeprefix(f"{path}: ")
-        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
-            return f"a truncated or corrupt gzip file ({error})"
-        return None
-    if name.endswith((".tar.gz", ".tar")):
-        try:
-            with tarfile.open(path, "r:*") as archive:
-                members = archive.getmembers()  # reads to the end, so a truncated archive shows here
-        except TAR_OPEN_ERRORS as error:
-            return (f"not a readable tar archive, as {name} must be ({tar_problem(error)})"
-                    f"{format_hint(path, '10x_tarball')}")
-        chosen_matrix([PurePosixPath(member.name) for member in members if member.isfile()], sample)
-    return None
 
 
 def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str | None = None) -> ad.AnnData:

@@ -18,13 +18,13 @@ import anndata as ad
 import pandas as pd
 
 from . import InputError
-from .download import fetch, sha256_of
+from .download import container_problem, fetch, sha256_of
 from .clustering import leiden_clusters
 from .filtering import FilterThresholds, attach_labels, check_labels_are_types, filter_cells_and_genes
 from .images import build_image_store, layout_table
 from .formats import model_file_problem
-from .io import (IMAGE_STORE, atomic_output, container_problem, open_h5ad, read_10x_h5, read_10x_tarball,
-                 read_h5ad_counts, read_loom_counts, write_h5ad)
+from .io import (IMAGE_STORE, atomic_output, open_h5ad, read_10x_h5, read_10x_tarball, read_h5ad_counts,
+                 read_loom_counts, write_h5ad)
 from .tables import read_annotation, read_counts_table
 
 log = logging.getLogger(__name__)
