@@ -261,8 +261,8 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
     kept = labels.to_numpy()[keep_cells].astype(str)
     filtered.obs["cell_type"] = pd.Categorical(kept, categories=type_order(adata.obs["cell_type"], kept))
     filtered.X = filtered.X.astype(np.int32)
-    log.info("%s: kept %d of %d cells and %d of %d genes; %d cell types", source, filtered.n_obs, adata.n_obs,
-             filtered.n_vars, adata.n_vars, filtered.obs["cell_type"].cat.categories.size)
+    log.info("%s: kept %d of %d cells and %d of %d genes", source, filtered.n_obs, adata.n_obs, filtered.n_vars,
+             adata.n_vars)
     return filtered
 
 

@@ -69,6 +69,8 @@ def filter_dataset(
     check_labels_are_types(adata.obs["cell_type"].dropna(), label_column, annotation or matrix)
     filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix,
                                       exclude_types)
+    log.info("%d cell types: %s", filtered.obs["cell_type"].cat.categories.size,
+             ", ".join(f"{name}: {n}" for name, n in filtered.obs["cell_type"].value_counts(sort=False).items()))
     write_h5ad(filtered, output)
 
 
