@@ -404,7 +404,7 @@ def test_evaluate_scores_cells_from_the_command_line_as_the_rule_does(trained, t
     assert run(trained, "--output", str(tmp_path / "table.h5"), "--cells-per-type", "5") == 0
     (tmp_path / "images.h5ad").write_bytes((trained / "images.h5ad").read_bytes())  # scaled values, not counts
     capsys.readouterr()
-    for simulated, message in [("fewer_genes.h5ad", "fewer_genes.h5ad: its genes are not those of"),
+    for simulated, message in [("fewer_genes.h5ad", "fewer_genes.h5ad: 10 of the 50 genes of"),
                                ("renamed.h5ad", "renamed.h5ad: cell types ['Platelet'] are not among those of"),
                                ("tenx", "tenx: a folder, not simulated cells as .h5ad; give an .h5ad of simulated "
                                         "cells (a 10x folder or the original's .h5 table cannot be scored"),
@@ -415,6 +415,43 @@ def test_evaluate_scores_cells_from_the_command_line_as_the_rule_does(trained, t
                      "--output", str(tmp_path / f"{simulated}_scores")]) == 2
         assert message in capsys.readouterr().err, simulated
         assert not (tmp_path / f"{simulated}_scores" / "overall.tsv").exists()
+
+def test_evaluate_scores_another_simulators_cells_as_it_scores_its_own(trained, tmp_path, capsys):
+    """Cells as R simulators leave them: counts stored as doubles, genes in another order beside others, and
+    the types in a column of another name."""
+    cells = tmp_path / "cells.h5ad"
+    assert run(trained, "--output", str(cells), "--cells-per-type", "15") == 0
+    real, store = str(trained / "filtered.h5ad"), str(trained / "images.h5ad")
+    own = ad.read_h5ad(cells)
+    genes = np.random.default_rng(0).permutation(own.n_vars)
+    other = ad.AnnData(np.hstack([own.X.toarray()[:, genes], np.ones((own.n_obs, 3))]).astype(np.float64),
+                       obs=pd.DataFrame({"Group": own.obs["cell_type"].astype(str).to_numpy()}, index=own.obs_names),
+                       var=pd.DataFrame(index=[*own.var_names[genes], "extra1", "extra2", "extra3"]))
+    other.write_h5ad(tmp_path / "other.h5ad")
+    common = ["--real", real, "--store", store, "--seed", "1", "--max-cells-per-type", "40"]
+    assert main(["evaluate", *common, "--simulated", str(cells), "--output", str(tmp_path / "own_scores")]) == 0
+    assert main(["evaluate", *common, "--simulated", str(tmp_path / "other.h5ad"), "--label-column", "Group",
+                 "--output", str(tmp_path / "other_scores")]) == 0
+    for name in ("overall.tsv", "metrics.tsv", "metrics.json", "confusion.tsv"):
+        assert (tmp_path / "own_scores" / name).read_bytes() == (tmp_path / "other_scores" / name).read_bytes(), name
+    # What cannot be scored so is refused, naming the file.
+    normalised = other.copy()
+    normalised.X = normalised.X / normalised.X.sum(axis=1, keepdims=True)
+    normalised.write_h5ad(tmp_path / "normalised.h5ad")
+    other[:, 2:].copy().write_h5ad(tmp_path / "fewer.h5ad")
+    capsys.readouterr()
+    for simulated, label_column, message in [
+        ("other.h5ad", "cell_type", "other.h5ad: obs has no label column 'cell_type'; its columns are 'Group' "
+                                    "(--label-column names it)"),
+        ("normalised.h5ad", "Group", "normalised.h5ad: holds no counts (its values are float64, not whole numbers"),
+        ("fewer.h5ad", "Group", f"fewer.h5ad: 2 of the 50 genes of {real} are missing (e.g. "
+                                f"{own.var_names[genes[0]]!r}, {own.var_names[genes[1]]!r})"),
+    ]:
+        assert main(["evaluate", *common, "--simulated", str(tmp_path / simulated), "--label-column", label_column,
+                     "--output", str(tmp_path / f"{simulated}_scores")]) == 2
+        assert message in capsys.readouterr().err, simulated
+        assert not (tmp_path / f"{simulated}_scores" / "overall.tsv").exists()
+
 
 def test_help_and_refused_requests_come_without_loading_tensorflow(tmp_path):
     # TensorFlow takes seconds to load; the command line loads it only to simulate.

@@ -122,7 +122,7 @@ def evaluate_command(arguments: argparse.Namespace) -> None:
                 "max_cells_per_type": arguments.max_cells_per_type}
     evaluate(str(arguments.real), str(arguments.store), str(arguments.simulated),
              {name: str(arguments.output / file) for name, file in EVALUATION_FILES.items()}, settings,
-             arguments.seed, arguments.threads)
+             arguments.seed, arguments.threads, arguments.label_column)
     log.info("scores in %s (overall.tsv: the model beside the baselines and the real-vs-real control)",
              arguments.output)
 
@@ -185,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--max-cells-per-type", type=at_least_one, default=250,
                          help="real and simulated cells per type for the forest, MMD and memorisation")
     command.add_argument("--threads", type=at_least_one, default=1, help="cores for the random forests")
+    command.add_argument("--label-column", default="cell_type",
+                         help="the obs column with the simulated cells' types (another simulator's, such as 'Group')")
     command.set_defaults(run=evaluate_command)
     return main
 

@@ -15,16 +15,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
-from . import InputError
-from .download import container_problem, fetch, sha256_of
+from . import InputError, did_you_mean
 from .clustering import leiden_clusters
+from .download import container_problem, fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, check_labels_are_types, filter_cells_and_genes
-from .images import build_image_store, layout_table
 from .formats import model_file_problem
+from .images import build_image_store, layout_table
 from .io import (IMAGE_STORE, atomic_output, open_h5ad, read_10x_h5, read_10x_tarball, read_h5ad_counts,
                  read_loom_counts, write_h5ad)
+from .matrix_checks import counts_problem
 from .tables import read_annotation, read_counts_table
 
 log = logging.getLogger(__name__)
@@ -263,8 +266,13 @@ EVALUATION_FILES = {"overall": "overall.tsv", "metrics": "metrics.tsv", "json": 
                     "confusion": "confusion.tsv", "per_type": "per_type.png", "mean_variance": "mean_variance.png"}
 
 
-def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dict, seed: int, threads: int = 1) -> None:
-    """Realism metrics of the simulated cells against the held-out test cells, with baselines and control."""
+def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dict, seed: int, threads: int = 1,
+             label_column: str = "cell_type") -> None:
+    """Realism metrics of the simulated cells against the held-out test cells, with baselines and control.
+
+    The simulated cells may come from another simulator: their types in the obs column ``label_column``, their
+    counts whole numbers of any type (R writes doubles), their genes those of the real cells in any order (or
+    more: the others are left out)."""
     from .evaluation import EvaluationSettings, evaluate as score, overall_table
     from .plots import plot_mean_variance, plot_per_type
 
@@ -278,16 +286,10 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
         raise InputError(f"{store}: its cells are not those of {real}; rerun the reshape rule")
     cells = open_h5ad(simulated, "simulated cells as .h5ad", "an .h5ad of simulated cells (a 10x folder or the "
                       "original's .h5 table cannot be scored: simulate with --output cells.h5ad)", backed=None)
-    for path, data in ((real, counts), (simulated, cells)):
-        if data.X.dtype.kind not in "iu":  # the filter and the simulation both write integer counts
-            raise InputError(f"{path}: holds no counts (its values are {data.X.dtype}, as an image store's scaled "
-                             f"values are); give the filter rule's filtered.h5ad and the simulated .h5ad")
-    if not cells.var_names.equals(counts.var_names):
-        raise InputError(f"{simulated}: its genes are not those of {real} ({cells.n_vars} against {counts.n_vars}, "
-                         "or in another order); simulate from the model trained on these cells")
-    unknown = sorted(set(cells.obs["cell_type"].astype(str)) - set(counts.obs["cell_type"].astype(str)))
-    if unknown:
-        raise InputError(f"{simulated}: cell types {unknown} are not among those of {real}")
+    if counts.X.dtype.kind not in "iu":  # the filter writes integer counts
+        raise InputError(f"{real}: holds no counts (its values are {counts.X.dtype}, as an image store's scaled "
+                         f"values are); give the filter rule's filtered.h5ad")
+    cells = comparable_cells(cells, simulated, counts, real, label_column)
     result = score(counts, (split == "test").to_numpy(), cells,
                    EvaluationSettings(**settings, seed=seed, n_jobs=threads))
     tables = {"metrics": result.metrics, "confusion": result.confusion,
@@ -305,6 +307,39 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
         plot_per_type(result.metrics, temporary, result.cells)
     with atomic_output(outputs["mean_variance"]) as temporary:
         plot_mean_variance(result.gene_statistics, temporary)
+
+
+def comparable_cells(cells: ad.AnnData, simulated: str, counts: ad.AnnData, real: str,
+                     label_column: str) -> ad.AnnData:
+    """The simulated ``cells`` as integer counts over the real cells' genes, in their order, typed in
+    ``obs['cell_type']``; refused, naming the file, where they hold no counts, lack genes or types, or
+    have types the real cells lack."""
+    if label_column not in cells.obs.columns:
+        raise InputError(f"{simulated}: obs has no label column {label_column!r}; its columns are "
+                         f"{', '.join(map(repr, cells.obs.columns)) or 'none'}"
+                         f"{did_you_mean([label_column], cells.obs.columns)} (--label-column names it)")
+    if cells.X.dtype.kind not in "iu" and (cells.X.dtype.kind != "f" or counts_problem(cells.X) is not None):
+        raise InputError(f"{simulated}: holds no counts (its values are {cells.X.dtype}, not whole numbers, as "
+                         f"an image store's scaled values or normalised data are); give simulated counts")
+    # Sparse int32, as the workflow's own cells are; another simulator's may be dense, or doubles as R writes counts.
+    cells.X = sp.csr_matrix(cells.X).astype(np.int32, copy=False)
+    missing = counts.var_names.difference(cells.var_names, sort=False)
+    if len(missing):
+        raise InputError(f"{simulated}: {len(missing)} of the {counts.n_vars} genes of {real} are missing (e.g. "
+                         f"{', '.join(map(repr, missing[:3]))}); simulated cells are scored over the real cells' genes")
+    if cells.var_names.has_duplicates:
+        raise InputError(f"{simulated}: gene names appear more than once (e.g. "
+                         f"{cells.var_names[cells.var_names.duplicated()][0]!r})")
+    if not cells.var_names.equals(counts.var_names):
+        log.info("%s: %d genes taken in the order of %s, of its %d", simulated, counts.n_vars, real, cells.n_vars)
+        cells = cells[:, counts.var_names].copy()
+        cells.X.sort_indices()  # as the cells' own order leaves them, so that every sum adds in the same order
+    if label_column != "cell_type":
+        cells.obs["cell_type"] = cells.obs[label_column].astype(str)
+    unknown = sorted(set(cells.obs["cell_type"].astype(str)) - set(counts.obs["cell_type"].astype(str)))
+    if unknown:
+        raise InputError(f"{simulated}: cell types {unknown} are not among those of {real}")
+    return cells
 
 
 def compare_datasets(overall_tables: Sequence[str], datasets: Sequence[str], outputs: dict) -> None:
