@@ -453,7 +453,7 @@ def test_evaluate_scores_another_simulators_cells_as_it_scores_its_own(trained, 
         assert not (tmp_path / f"{simulated}_scores" / "overall.tsv").exists()
 
 
-def test_help_and_refused_requests_come_without_loading_tensorflow(tmp_path):
+def test_help_and_refused_requests_come_without_loading_tensorflow(trained, tmp_path):
     # TensorFlow takes seconds to load; the command line loads it only to simulate.
     def run(arguments: list[str]) -> subprocess.CompletedProcess:
         script = ("import sys\nfrom cvaesim.cli import main\n"
@@ -476,3 +476,10 @@ def test_help_and_refused_requests_come_without_loading_tensorflow(tmp_path):
     assert result.stdout.split() == ["2", "False"] and "absent.keras: no such file" in result.stderr
     result = run(["simulate", *paths, "--output", "o.h5ad"])
     assert result.stdout.split() == ["2", "False"] and "m.keras: not a trained model" in result.stderr
+    # A cell type the model does not know, or a table too large, is told before the model loads.
+    model = ["--model", str(trained / "cvae.keras"), "--store", str(trained / "images.h5ad")]
+    result = run(["simulate", *model, "--output", "o.h5ad", "--cell-type", "Platelet=5"])
+    assert result.stdout.split() == ["2", "False"] and "--cell-type: unknown cell types ['Platelet']" in result.stderr
+    result = run(["simulate", *model, "--output", "o.h5", "--cells-per-type", "2000000"])
+    assert result.stdout.split() == ["2", "False"] and "too large for the original's dense table" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.keras", "s.h5ad"]

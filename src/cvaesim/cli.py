@@ -19,6 +19,7 @@ from .counts import COUNT_SAMPLING
 from .formats import model_file_problem
 from .io import IMAGE_STORE, TENX_OUTPUT_FILES, open_h5ad
 from .plans import cell_plan
+from .writers import table_problem
 
 log = logging.getLogger("cvaesim")
 
@@ -82,10 +83,15 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     if problem := model_file_problem(arguments.model):
         raise InputError(f"{arguments.model}: {problem}")
     meta = open_h5ad(arguments.store, *IMAGE_STORE)
+    plan = cell_plan(list(meta.obs["cell_type"].cat.categories), meta.obs["cell_type"].value_counts().to_dict(),
+                     requested, arguments.cells, asked_by="--cell-type")
+    n_cells = sum(plan.values())
+    if output_format == "table" and (problem := table_problem(n_cells, meta.n_vars)):
+        raise InputError(f"{arguments.output}: {problem}; write .h5ad or 10x")
     # Only now, with the request checked: these load TensorFlow, which takes seconds.
     from .simulation import ExpectedExpression, Simulator
     from .steps import load_model
-    from .writers import table_problem, write_10x, write_expected, write_h5ad, write_table
+    from .writers import write_10x, write_expected, write_h5ad, write_table
 
     posteriors = arguments.posteriors
     if posteriors is None and (arguments.model.parent / "posteriors.npz").is_file():
@@ -93,12 +99,7 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     library_sizes = arguments.library_sizes or ("paired" if arguments.latent == "posterior" else "resampled")
     simulator = Simulator(load_model(str(arguments.model)), meta, arguments.batch_size, arguments.count_sampling,
                           library_sizes, arguments.latent, posteriors, arguments.calibration, arguments.origins)
-    real_counts = meta.obs["cell_type"].value_counts().to_dict()
     meta.file.close()
-    plan = cell_plan(simulator.cell_types, real_counts, requested, arguments.cells, asked_by="--cell-type")
-    n_cells = sum(plan.values())
-    if output_format == "table" and (problem := table_problem(n_cells, len(simulator.var))):
-        raise InputError(f"{arguments.output}: {problem}; write .h5ad or 10x")
     log.info("simulating %d cells (%s) to %s as %s", n_cells,
              ", ".join(f"{name}: {n}" for name, n in plan.items()), arguments.output, output_format)
     truth = ExpectedExpression(simulator.var.index) if arguments.expected else None
