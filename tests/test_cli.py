@@ -453,6 +453,17 @@ def test_evaluate_scores_another_simulators_cells_as_it_scores_its_own(trained, 
         assert not (tmp_path / f"{simulated}_scores" / "overall.tsv").exists()
 
 
+def test_simulate_takes_the_threads_it_is_given_and_the_same_cells_come_out(trained, tmp_path):
+    assert run(trained, "--output", str(tmp_path / "here.h5ad"), "--cells-per-type", "20") == 0
+    limited = subprocess.run([sys.executable, "-m", "cvaesim.cli", "simulate", "--model", str(trained / "cvae.keras"),
+                              "--store", str(trained / "images.h5ad"), "--output", str(tmp_path / "one.h5ad"),
+                              "--cells-per-type", "20", "--threads", "1"], capture_output=True, text=True)
+    assert limited.returncode == 0, limited.stderr
+    assert "could not be limited" not in limited.stderr
+    here, one = ad.read_h5ad(tmp_path / "here.h5ad"), ad.read_h5ad(tmp_path / "one.h5ad")
+    assert (here.X != one.X).nnz == 0 and here.obs.equals(one.obs)
+
+
 def test_help_and_refused_requests_come_without_loading_tensorflow(trained, tmp_path):
     # TensorFlow takes seconds to load; the command line loads it only to simulate.
     def run(arguments: list[str]) -> subprocess.CompletedProcess:

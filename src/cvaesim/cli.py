@@ -91,8 +91,11 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     # Only now, with the request checked: these load TensorFlow, which takes seconds.
     from .simulation import ExpectedExpression, Simulator
     from .steps import load_model
+    from .training import use_threads
     from .writers import write_10x, write_expected, write_h5ad, write_table
 
+    if arguments.threads is not None:
+        use_threads(arguments.threads)
     posteriors = arguments.posteriors
     if posteriors is None and (arguments.model.parent / "posteriors.npz").is_file():
         posteriors = arguments.model.parent / "posteriors.npz"
@@ -166,6 +169,8 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--expected", type=Path, metavar="FILE.tsv",
                          help="also write the known truth: per cell type and gene, the mean count the cells' counts "
                               "were drawn around (mean_count) and per 10,000 counts (mean_per_10k)")
+    command.add_argument("--threads", type=at_least_one,
+                         help="cores TensorFlow may use (default: every core, TensorFlow's own choice)")
     command.add_argument("--posteriors", type=Path,
                          help="the training cells' posteriors from the train rule (default: posteriors.npz beside "
                               "the model, when there; without them, drawn training cells are encoded here)")
