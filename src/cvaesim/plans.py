@@ -22,7 +22,7 @@ def cell_plan(cell_types: list[str], real_counts: dict[str, int], per_type: int 
     unknown = [name for name in plan if name not in cell_types]
     if unknown:
         raise InputError(f"{asked_by}: unknown cell types {unknown}{did_you_mean(unknown, cell_types)}; the cell "
-                         f"types are {cell_types}")
+                         f"types are {cell_types} (types the filter dropped, as its log says, are not among them)")
     if not sum(plan.values()):
         raise InputError(f"{asked_by}: no cells asked for: every number is 0")
     return plan

@@ -81,7 +81,7 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int, list[str]]:
 
     def first_two_lines(encoding: str) -> tuple[str, str]:
         with _open_table_text(path, encoding) as handle:
-            return header_line(handle)[0].rstrip("\r\n"), handle.readline().rstrip("\r\n")
+            return _header_line(handle)[0].rstrip("\r\n"), handle.readline().rstrip("\r\n")
 
     with (gzip.open if is_gzipped(path) else open)(path, "rb") as handle:
         encodings = text_encodings(handle.read(2))
@@ -117,7 +117,7 @@ def table_layout(path: str | Path) -> tuple[str, list[str], int, list[str]]:
     return separator, columns, n_names, encodings[encodings.index(encoding):]
 
 
-def header_line(handle) -> tuple[str, int]:
+def _header_line(handle) -> tuple[str, int]:
     """A table's header line and its number, after the comment lines ('##') that BD Rhapsody's pipeline opens its
     tables with."""
     number, line = 1, handle.readline()
@@ -193,7 +193,7 @@ def _table_rows(path: Path, encoding: str, separator: str, columns: list[str],
     row_names, row_lengths, indices, values = [], [], [], []
     with _open_table_text(path, encoding) as handle, warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # numpy's word for a field it cannot read
-        header_number = header_line(handle)[1]
+        header_number = _header_line(handle)[1]
         for number, line in enumerate(handle, start=header_number + 1):
             if not line.strip():
                 continue
@@ -300,7 +300,7 @@ def read_annotation(path: str | Path, barcode_column: str, label_column: str) ->
     try:
         # The separators are ASCII, so the header finds them in any of the encodings.
         with (gzip.open if gzipped else open)(path, "rt", encoding=encodings[0], errors="replace") as handle:
-            header, header_number = header_line(handle)  # after comment lines, as BD Rhapsody's tables have
+            header, header_number = _header_line(handle)  # after comment lines, as BD Rhapsody's tables have
         separator = next((candidate for candidate in "\t,;" if candidate in header), "\t")
         table, encoding = decoded(path, encodings, lambda encoding: pd.read_csv(
             path, sep=separator, dtype=str, keep_default_na=False, na_values=[""], skiprows=header_number - 1,
