@@ -18,7 +18,7 @@ from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
 from .counts import COUNT_SAMPLING
 from .formats import model_file_problem
 from .io import IMAGE_STORE, TENX_OUTPUT_FILES, open_h5ad
-from .plans import cell_plan
+from .plans import store_cell_plan
 from .writers import table_problem
 
 log = logging.getLogger("cvaesim")
@@ -83,8 +83,7 @@ def simulate_command(arguments: argparse.Namespace) -> None:
     if problem := model_file_problem(arguments.model):
         raise InputError(f"{arguments.model}: {problem}")
     meta = open_h5ad(arguments.store, *IMAGE_STORE)
-    plan = cell_plan(list(meta.obs["cell_type"].cat.categories), meta.obs["cell_type"].value_counts().to_dict(),
-                     requested, arguments.cells, asked_by="--cell-type")
+    plan = store_cell_plan(meta.obs["cell_type"], requested, arguments.cells, asked_by="--cell-type")
     n_cells = sum(plan.values())
     if output_format == "table" and (problem := table_problem(n_cells, meta.n_vars)):
         raise InputError(f"{arguments.output}: {problem}; write .h5ad or 10x")

@@ -380,10 +380,10 @@ def _in_memory(matrix):
     return matrix.to_memory() if hasattr(matrix, "to_memory") else matrix
 
 
-def check_label_column(path: Path, label_column: str | None, columns, where: str) -> None:
+def check_label_column(path: Path, label_column: str | None, columns, where: str, hint: str = "") -> None:
     if label_column is not None and label_column not in columns:
         raise InputError(f"{path}: {where} has no label column {label_column!r}; its columns are "
-                         f"{', '.join(map(repr, columns)) or 'none'}{did_you_mean([label_column], columns)}")
+                         f"{', '.join(map(repr, columns)) or 'none'}{did_you_mean([label_column], columns)}{hint}")
 
 
 def _counts_of(path: Path, matrices: dict, counts_layer: str | None, round_counts: bool) -> sp.csr_matrix:

@@ -28,6 +28,11 @@ def cell_plan(cell_types: list[str], real_counts: dict[str, int], per_type: int 
     return plan
 
 
+def store_cell_plan(cell_types, per_type: int | Mapping[str, int], total: int | None, asked_by: str) -> dict[str, int]:
+    """``cell_plan`` for the cells of an image store, given its categorical ``obs['cell_type']``."""
+    return cell_plan(list(cell_types.cat.categories), cell_types.value_counts().to_dict(), per_type, total, asked_by)
+
+
 def proportional_plan(cell_types: list[str], real_counts: dict[str, int], total: int) -> dict[str, int]:
     """``total`` cells split across the types as the real cells are, by largest remainders so that the
     parts add up to the total; types whose share rounds to no cell are left out."""

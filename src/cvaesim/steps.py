@@ -19,14 +19,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from . import InputError, did_you_mean
+from . import InputError
 from .clustering import leiden_clusters
 from .download import container_problem, fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, check_labels_are_types, filter_cells_and_genes
 from .formats import model_file_problem
 from .images import build_image_store, layout_table
-from .io import (IMAGE_STORE, atomic_output, open_h5ad, read_10x_h5, read_10x_tarball, read_h5ad_counts,
-                 read_loom_counts, write_h5ad)
+from .io import (IMAGE_STORE, atomic_output, check_label_column, open_h5ad, read_10x_h5, read_10x_tarball,
+                 read_h5ad_counts, read_loom_counts, write_h5ad)
 from .matrix_checks import counts_problem
 from .tables import read_annotation, read_counts_table
 
@@ -205,12 +205,10 @@ def simulation_plan(images: ad.AnnData, cells_per_type: int | dict[str, int], ce
                     write_table: bool) -> dict[str, int]:
     """How many cells of each of the image store's cell types the simulate settings ask for; refuses
     unknown types, and a number of cells the original's dense table cannot hold where one is wanted."""
-    from .plans import cell_plan
+    from .plans import store_cell_plan
     from .writers import table_problem
 
-    real_counts = images.obs["cell_type"].value_counts().to_dict()
-    plan = cell_plan(list(images.obs["cell_type"].cat.categories), real_counts, cells_per_type, cells,
-                     asked_by="simulate.cells_per_type")
+    plan = store_cell_plan(images.obs["cell_type"], cells_per_type, cells, asked_by="simulate.cells_per_type")
     if write_table and (problem := table_problem(sum(plan.values()), images.n_vars)):
         raise InputError(f"simulate.write_table is true, but {problem}; set simulate.write_table: false "
                          f"(the .h5ad is written either way) or lower simulate.{'cells_per_type' if cells is None else 'cells'}")
@@ -314,10 +312,7 @@ def comparable_cells(cells: ad.AnnData, simulated: str, counts: ad.AnnData, real
     """The simulated ``cells`` as integer counts over the real cells' genes, in their order, typed in
     ``obs['cell_type']``; refused, naming the file, where they hold no counts, lack genes or types, or
     have types the real cells lack."""
-    if label_column not in cells.obs.columns:
-        raise InputError(f"{simulated}: obs has no label column {label_column!r}; its columns are "
-                         f"{', '.join(map(repr, cells.obs.columns)) or 'none'}"
-                         f"{did_you_mean([label_column], cells.obs.columns)} (--label-column names it)")
+    check_label_column(simulated, label_column, cells.obs.columns, "obs", hint=" (--label-column names it)")
     if cells.X.dtype.kind not in "iu" and (cells.X.dtype.kind != "f" or counts_problem(cells.X) is not None):
         raise InputError(f"{simulated}: holds no counts (its values are {cells.X.dtype}, not whole numbers, as "
                          f"an image store's scaled values or normalised data are); give simulated counts")
