@@ -240,6 +240,7 @@ def test_one_cell_type_leaves_fidelity_and_markers_undefined_and_says_so(caplog)
     simulated.obs_names = [f"sim_{i}" for i in range(simulated.n_obs)]
     with warnings.catch_warnings(), caplog.at_level("WARNING"):
         warnings.simplefilter("error")  # scikit-learn's "A single label was found" among them
+        warnings.simplefilter("ignore", DeprecationWarning)  # anndata 0.13's own, under pandas 3
         result = evaluate(real, is_test, simulated, EvaluationSettings(n_trees=10, n_components=5, n_markers=5))
     assert "one cell type in the training cells: cell-type fidelity and marker agreement are not defined" in caplog.text
     overall = overall_table(result.metrics)

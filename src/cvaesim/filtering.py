@@ -231,7 +231,7 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
     if excluded.any():
         log.info("%s: %d cells of the excluded types (%s) dropped", source, excluded.sum(),
                  ", ".join(map(repr, excluded_types)))
-        labelled &= ~excluded
+        labelled = labelled & ~excluded  # a new array: pandas 3 hands out read-only views
     totals = np.asarray(counts.sum(axis=1)).ravel()
     # A barcode without a single count has no expression profile to learn, whatever the thresholds say.
     empty = labelled & (totals == 0)

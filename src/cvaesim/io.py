@@ -364,8 +364,10 @@ def _h5ad_counts(path: Path, source: ad.AnnData, label_column: str | None, count
     check_label_column(path, label_column, source.obs.columns, "obs")
     if counts_layer == "raw" and source.raw is None:
         raise InputError(f"{path}: counts_layer is 'raw' but the file has no .raw")
+    # anndata 0.13 lists X among a backed file's layers (as None) and reads a layer only when asked for it.
+    layers = [name for name in source.layers if name is not None]
     matrices = {None: lambda: _in_memory(source.X) if "X" in source.file else None,
-                **{name: (lambda layer=layer: layer) for name, layer in source.layers.items()}}
+                **{name: (lambda name=name: _in_memory(source.layers[name])) for name in layers}}
     if source.raw is not None:
         matrices["raw"] = lambda: _in_memory(source.raw.X)
     counts = _counts_of(path, matrices, counts_layer, round_counts)
