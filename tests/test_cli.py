@@ -1,7 +1,9 @@
 """On-demand simulation from the command line, in every output format."""
 
+import csv
 import gzip
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -394,20 +396,17 @@ def test_evaluate_scores_cells_from_the_command_line_as_the_rule_does(trained, t
     overall = pd.read_csv(scores / "overall.tsv", sep="\t", index_col="metric")
     assert list(overall.columns) == ["cvae", "nb", "poisson", "training_cells", "real_vs_real"]
 
-    # Cells of another gene set or of unknown types are refused, naming the file; a 10x folder too.
+    # Cells of another gene set or of unknown types are refused, naming the file.
     fewer_genes = ad.read_h5ad(cells)[:, :40].copy()
     fewer_genes.write_h5ad(tmp_path / "fewer_genes.h5ad")
     renamed = ad.read_h5ad(cells)
     renamed.obs["cell_type"] = "Platelet"
     renamed.write_h5ad(tmp_path / "renamed.h5ad")
-    assert run(trained, "--output", str(tmp_path / "tenx"), "--cells-per-type", "5") == 0
     assert run(trained, "--output", str(tmp_path / "table.h5"), "--cells-per-type", "5") == 0
     (tmp_path / "images.h5ad").write_bytes((trained / "images.h5ad").read_bytes())  # scaled values, not counts
     capsys.readouterr()
     for simulated, message in [("fewer_genes.h5ad", "fewer_genes.h5ad: 10 of the 50 genes of"),
                                ("renamed.h5ad", "renamed.h5ad: cell types ['Platelet'] are not among those of"),
-                               ("tenx", "tenx: a folder, not simulated cells as .h5ad; give an .h5ad of simulated "
-                                        "cells (a 10x folder or the original's .h5 table cannot be scored"),
                                ("table.h5", "table.h5: not readable as an AnnData .h5ad file, as simulated cells as "
                                             ".h5ad is"),
                                ("images.h5ad", "images.h5ad: holds no counts (its values are float32")]:
@@ -451,6 +450,51 @@ def test_evaluate_scores_another_simulators_cells_as_it_scores_its_own(trained, 
                      "--output", str(tmp_path / f"{simulated}_scores")]) == 2
         assert message in capsys.readouterr().err, simulated
         assert not (tmp_path / f"{simulated}_scores" / "overall.tsv").exists()
+
+
+def test_evaluate_reads_simulated_cells_in_any_format_a_dataset_may_have(trained, tmp_path, capsys):
+    """A 10x folder (cvaesim's own, typed by its cell_types.tsv) and a genes x cells table as R's write.csv
+    leaves one, typed by a table of another column name, score as the same cells in an .h5ad do."""
+    real, store = str(trained / "filtered.h5ad"), str(trained / "images.h5ad")
+    assert run(trained, "--output", str(tmp_path / "cells.h5ad"), "--cells-per-type", "15") == 0
+    assert run(trained, "--output", str(tmp_path / "tenx"), "--cells-per-type", "15") == 0
+    own = ad.read_h5ad(tmp_path / "cells.h5ad")
+    # R: write.csv(counts) (genes x cells, an empty first header) and write.csv(data.frame(Group = types)).
+    pd.DataFrame(own.X.toarray().T, index=own.var_names, columns=own.obs_names).to_csv(
+        tmp_path / "counts.csv", index_label="", quoting=csv.QUOTE_NONNUMERIC)
+    pd.DataFrame({"Group": own.obs["cell_type"].astype(str).to_numpy()}, index=own.obs_names).to_csv(
+        tmp_path / "groups.csv", index_label="", quoting=csv.QUOTE_NONNUMERIC)
+    common = ["--real", real, "--store", store, "--seed", "1", "--max-cells-per-type", "40"]
+    assert main(["evaluate", *common, "--simulated", str(tmp_path / "cells.h5ad"),
+                 "--output", str(tmp_path / "h5ad_scores")]) == 0
+    assert main(["evaluate", *common, "--simulated", str(tmp_path / "tenx"),
+                 "--output", str(tmp_path / "tenx_scores")]) == 0
+    assert main(["evaluate", *common, "--simulated", str(tmp_path / "counts.csv"), "--annotation",
+                 str(tmp_path / "groups.csv"), "--label-column", "Group", "--output", str(tmp_path / "csv_scores")]) == 0
+    for name in ("overall.tsv", "metrics.tsv", "metrics.json", "confusion.tsv"):
+        expected = (tmp_path / "h5ad_scores" / name).read_bytes()
+        assert (tmp_path / "tenx_scores" / name).read_bytes() == expected, name
+        assert (tmp_path / "csv_scores" / name).read_bytes() == expected, name
+
+    # Without types, or with types of other cells, refused naming what was given (not a packed copy).
+    untyped = tmp_path / "untyped"
+    shutil.copytree(tmp_path / "tenx", untyped)
+    (untyped / "cell_types.tsv").unlink()
+    pd.DataFrame({"barcode": [f"other_{i}" for i in range(own.n_obs)], "cell_type": "T cell"}).to_csv(
+        tmp_path / "others.tsv", sep="\t", index=False)
+    capsys.readouterr()
+    for simulated, extra, message in [
+        ("untyped", [], "untyped: a 10x_tarball matrix carries no cell types; give a table of them (--annotation)"),
+        ("counts.csv", [], "counts.csv: a counts_table matrix carries no cell types"),
+        ("untyped", ["--annotation", str(tmp_path / "others.tsv")], f"none of its {own.n_obs} labelled barcodes is in {untyped} "),
+        ("counts.csv", ["--format", "h5ad"], "counts.csv: not readable as an AnnData .h5ad file"),
+    ]:
+        output = tmp_path / f"refused_{simulated}"
+        assert main(["evaluate", *common, "--simulated", str(tmp_path / simulated), *extra,
+                     "--output", str(output)]) == 2
+        error = capsys.readouterr().err
+        assert message in error and ".tar.gz" not in error, (simulated, error)
+        assert not (output / "overall.tsv").exists()
 
 
 def test_simulate_takes_the_threads_it_is_given_and_the_same_cells_come_out(trained, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import InputError
 from .choices import CALIBRATIONS, LATENT_DRAWS, LIBRARY_SIZES, ORIGINS
 from .counts import COUNT_SAMPLING
-from .formats import model_file_problem
+from .formats import FORMATS, model_file_problem
 from .io import IMAGE_STORE, TENX_OUTPUT_FILES, open_h5ad
 from .plans import store_cell_plan
 from .writers import table_problem
@@ -125,7 +125,8 @@ def evaluate_command(arguments: argparse.Namespace) -> None:
                 "max_cells_per_type": arguments.max_cells_per_type}
     evaluate(str(arguments.real), str(arguments.store), str(arguments.simulated),
              {name: str(arguments.output / file) for name, file in EVALUATION_FILES.items()}, settings,
-             arguments.seed, arguments.threads, arguments.label_column)
+             arguments.seed, arguments.threads, arguments.label_column, arguments.format,
+             arguments.annotation and str(arguments.annotation), arguments.barcode_column)
     log.info("scores in %s (overall.tsv: the model beside the baselines and the real-vs-real control)",
              arguments.output)
 
@@ -179,7 +180,9 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--real", type=Path, required=True, help="the dataset's filtered cells (filtered.h5ad)")
     command.add_argument("--store", type=Path, required=True,
                          help="its image store (images.h5ad), which says which cells were held out")
-    command.add_argument("--simulated", type=Path, required=True, help="the simulated cells (.h5ad)")
+    command.add_argument("--simulated", type=Path, required=True,
+                         help="the simulated cells: an .h5ad, or another simulator's in any format a dataset may "
+                              "have (a 10x folder, a count table, ...; see --format and --annotation)")
     command.add_argument("--output", type=Path, required=True,
                          help="a folder for overall.tsv, metrics.tsv, metrics.json, confusion.tsv and the figures")
     command.add_argument("--seed", type=int, default=0)
@@ -191,7 +194,17 @@ def parser() -> argparse.ArgumentParser:
                          help="real and simulated cells per type for the forest, MMD and memorisation")
     command.add_argument("--threads", type=at_least_one, default=1, help="cores for the random forests")
     command.add_argument("--label-column", default="cell_type",
-                         help="the obs column with the simulated cells' types (another simulator's, such as 'Group')")
+                         help="the column with the simulated cells' types: of an .h5ad's obs, a loom file's column "
+                              "attributes, or the --annotation table (another simulator's, such as 'Group')")
+    command.add_argument("--format", choices=FORMATS,
+                         help="the simulated cells' format, as a dataset's in the config (default: told by the "
+                              "file's bytes; a folder is a 10x matrix folder)")
+    command.add_argument("--annotation", type=Path,
+                         help="a table of the simulated cells' types, for a format that does not carry them "
+                              "(default for a folder: its cell_types.tsv, as cvaesim simulate writes)")
+    command.add_argument("--barcode-column", default="barcode",
+                         help="the --annotation table's column of cell names (default 'barcode'; a first column "
+                              "without header, as R's write.csv leaves, is taken too)")
     command.set_defaults(run=evaluate_command)
     return main
 

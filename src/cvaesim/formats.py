@@ -12,8 +12,8 @@ from pathlib import Path
 
 import h5py
 
-
-
+# The formats a dataset's matrix may have (the config's datasets.<name>.format).
+FORMATS = ("10x_tarball", "10x_h5", "counts_table", "h5ad", "loom")
 TABLE_SEPARATORS = ("\t", ",", ";", " ")
 TEXT_SAMPLE_BYTES = 65536
 

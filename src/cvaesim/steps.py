@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -20,10 +21,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import InputError
+from .archives import pack_10x_folder
 from .clustering import leiden_clusters
 from .download import container_problem, fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, check_labels_are_types, filter_cells_and_genes
-from .formats import model_file_problem
+from .formats import FORMATS, detected_format, model_file_problem
 from .images import build_image_store, layout_table
 from .io import (IMAGE_STORE, atomic_output, check_label_column, open_h5ad, read_10x_h5, read_10x_tarball,
                  read_h5ad_counts, read_loom_counts, write_h5ad)
@@ -32,7 +34,6 @@ from .tables import read_annotation, read_counts_table
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("10x_tarball", "10x_h5", "counts_table", "h5ad", "loom")
 # The formats whose cells may carry their labels (an .h5ad's obs column, a loom file's column attribute).
 LABELLED_READERS = {"h5ad": read_h5ad_counts, "loom": read_loom_counts}
 
@@ -59,22 +60,29 @@ def filter_dataset(
     table where there is one, else from an .h5ad's ``label_column``); ``round_counts`` rounds non-integer
     counts (see ``matrix_checks.integer_counts``); ``sample`` names the matrix to read of a tarball's several
     (see ``archives.chosen_matrix``); cells labelled one of ``exclude_types`` are left out."""
-    if format not in FORMATS:
-        raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
-    if format in LABELLED_READERS and annotation is None:  # its cells carry their labels
-        adata = LABELLED_READERS[format](matrix, label_column, counts_layer, round_counts)
-    else:
-        if annotation is None:
-            raise InputError(f"{matrix}: a {format} matrix needs an annotation file with the cell types")
-        labels = read_annotation(annotation, barcode_column, label_column)
-        adata = attach_labels(read_counts(matrix, format, round_counts, sample, counts_layer, labels.index), labels,
-                              matrix, annotation)
+    adata = read_labelled(matrix, format, label_column, annotation, barcode_column, counts_layer, round_counts, sample)
     check_labels_are_types(adata.obs["cell_type"].dropna(), label_column, annotation or matrix)
     filtered = filter_cells_and_genes(adata, FilterThresholds(**(thresholds or {})), annotation or matrix,
                                       exclude_types)
     log.info("%d cell types: %s", filtered.obs["cell_type"].cat.categories.size,
              ", ".join(f"{name}: {n}" for name, n in filtered.obs["cell_type"].value_counts(sort=False).items()))
     write_h5ad(filtered, output)
+
+
+def read_labelled(matrix: str, format: str, label_column: str, annotation: str | None = None,
+                  barcode_column: str = "barcodes", counts_layer: str | None = None, round_counts: bool = False,
+                  sample: str | None = None) -> ad.AnnData:
+    """A dataset's counts with its cells' types in ``obs['cell_type']``: from the ``annotation`` table where
+    there is one, else from an .h5ad's obs column or a loom file's column attribute ``label_column``."""
+    if format not in FORMATS:
+        raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
+    if format in LABELLED_READERS and annotation is None:  # its cells carry their labels
+        return LABELLED_READERS[format](matrix, label_column, counts_layer, round_counts)
+    if annotation is None:
+        raise InputError(f"{matrix}: a {format} matrix needs an annotation file with the cell types")
+    labels = read_annotation(annotation, barcode_column, label_column)
+    return attach_labels(read_counts(matrix, format, round_counts, sample, counts_layer, labels.index), labels,
+                         matrix, annotation)
 
 
 def read_counts(matrix: str, format: str, round_counts: bool, sample: str | None, counts_layer: str | None,
@@ -265,12 +273,13 @@ EVALUATION_FILES = {"overall": "overall.tsv", "metrics": "metrics.tsv", "json": 
 
 
 def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dict, seed: int, threads: int = 1,
-             label_column: str = "cell_type") -> None:
+             label_column: str = "cell_type", simulated_format: str | None = None, annotation: str | None = None,
+             barcode_column: str = "barcode") -> None:
     """Realism metrics of the simulated cells against the held-out test cells, with baselines and control.
 
-    The simulated cells may come from another simulator: their types in the obs column ``label_column``, their
-    counts whole numbers of any type (R writes doubles), their genes those of the real cells in any order (or
-    more: the others are left out)."""
+    The simulated cells may come from another simulator (see ``read_simulated`` for the formats): their counts
+    whole numbers of any type (R writes doubles), their genes those of the real cells in any order (or more: the
+    others are left out)."""
     from .evaluation import EvaluationSettings, evaluate as score, overall_table
     from .plots import plot_mean_variance, plot_per_type
 
@@ -282,12 +291,11 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
     counts = open_h5ad(real, "a dataset's filtered cells", "the filtered.h5ad the filter rule wrote", backed=None)
     if not split.index.equals(counts.obs_names):
         raise InputError(f"{store}: its cells are not those of {real}; rerun the reshape rule")
-    cells = open_h5ad(simulated, "simulated cells as .h5ad", "an .h5ad of simulated cells (a 10x folder or the "
-                      "original's .h5 table cannot be scored: simulate with --output cells.h5ad)", backed=None)
     if counts.X.dtype.kind not in "iu":  # the filter writes integer counts
         raise InputError(f"{real}: holds no counts (its values are {counts.X.dtype}, as an image store's scaled "
                          f"values are); give the filter rule's filtered.h5ad")
-    cells = comparable_cells(cells, simulated, counts, real, label_column)
+    cells = comparable_cells(read_simulated(simulated, simulated_format, label_column, annotation, barcode_column),
+                             simulated, counts, real)
     result = score(counts, (split == "test").to_numpy(), cells,
                    EvaluationSettings(**settings, seed=seed, n_jobs=threads))
     tables = {"metrics": result.metrics, "confusion": result.confusion,
@@ -307,12 +315,46 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
         plot_mean_variance(result.gene_statistics, temporary)
 
 
-def comparable_cells(cells: ad.AnnData, simulated: str, counts: ad.AnnData, real: str,
-                     label_column: str) -> ad.AnnData:
-    """The simulated ``cells`` as integer counts over the real cells' genes, in their order, typed in
-    ``obs['cell_type']``; refused, naming the file, where they hold no counts, lack genes or types, or
-    have types the real cells lack."""
-    check_label_column(simulated, label_column, cells.obs.columns, "obs", hint=" (--label-column names it)")
+def read_simulated(simulated: str, format: str | None, label_column: str, annotation: str | None,
+                   barcode_column: str) -> ad.AnnData:
+    """Simulated cells with their types in ``obs['cell_type']``, from an .h5ad (types in its obs column
+    ``label_column``) or, as other simulators leave them, from any format a dataset may have, typed by the
+    ``annotation`` table's ``label_column`` (see ``read_labelled``).
+
+    ``format`` None: told by the file's bytes, a folder being a 10x matrix folder, whose ``cell_types.tsv`` (as
+    ``cvaesim simulate`` writes one) is its annotation unless another is given."""
+    path = Path(simulated)
+    if format is None:
+        format = "10x_tarball" if path.is_dir() else (detected_format(path) or (None,))[0] or "h5ad"
+    if format == "h5ad" and annotation is None:
+        cells = open_h5ad(simulated, "simulated cells as .h5ad", "an .h5ad of simulated cells, or another format "
+                          "with --format (the original's .h5 table cannot be scored)", backed=None)
+        check_label_column(simulated, label_column, cells.obs.columns, "obs", hint=" (--label-column names it)")
+        if label_column != "cell_type":
+            cells.obs["cell_type"] = cells.obs[label_column].astype(str)
+        return cells
+    if path.is_dir() and annotation is None and (path / "cell_types.tsv").is_file():
+        annotation = str(path / "cell_types.tsv")
+    if annotation is None and format not in LABELLED_READERS:
+        raise InputError(f"{simulated}: a {format} matrix carries no cell types; give a table of them (--annotation)")
+    if not path.is_dir():
+        return read_labelled(simulated, format, label_column, annotation, barcode_column)
+    if format != "10x_tarball":
+        raise InputError(f"{simulated}: a folder, which is read as a 10x matrix folder (format 10x_tarball), "
+                         f"not as {format}")
+    with tempfile.TemporaryDirectory() as folder:
+        packed = Path(folder) / f"{path.name}.tar.gz"
+        pack_10x_folder(path, packed, compresslevel=1)  # read as the download reads a folder it packed
+        try:
+            return read_labelled(str(packed), format, label_column, annotation, barcode_column)
+        except InputError as error:  # named by the folder given, not its packed copy
+            raise InputError(str(error).replace(str(packed), simulated)) from None
+
+
+def comparable_cells(cells: ad.AnnData, simulated: str, counts: ad.AnnData, real: str) -> ad.AnnData:
+    """The simulated ``cells`` (typed in ``obs['cell_type']``) as integer counts over the real cells' genes, in
+    their order; refused, naming the file, where they hold no counts, lack genes, or have types the real cells
+    lack."""
     if cells.X.dtype.kind not in "iu" and (cells.X.dtype.kind != "f" or counts_problem(cells.X) is not None):
         raise InputError(f"{simulated}: holds no counts (its values are {cells.X.dtype}, not whole numbers, as "
                          f"an image store's scaled values or normalised data are); give simulated counts")
@@ -329,8 +371,6 @@ def comparable_cells(cells: ad.AnnData, simulated: str, counts: ad.AnnData, real
         log.info("%s: %d genes taken in the order of %s, of its %d", simulated, counts.n_vars, real, cells.n_vars)
         cells = cells[:, counts.var_names].copy()
         cells.X.sort_indices()  # as the cells' own order leaves them, so that every sum adds in the same order
-    if label_column != "cell_type":
-        cells.obs["cell_type"] = cells.obs[label_column].astype(str)
     unknown = sorted(set(cells.obs["cell_type"].astype(str)) - set(counts.obs["cell_type"].astype(str)))
     if unknown:
         raise InputError(f"{simulated}: cell types {unknown} are not among those of {real}")
