@@ -452,7 +452,7 @@ def test_evaluate_scores_another_simulators_cells_as_it_scores_its_own(trained, 
         assert not (tmp_path / f"{simulated}_scores" / "overall.tsv").exists()
 
 
-def test_evaluate_reads_simulated_cells_in_any_format_a_dataset_may_have(trained, tmp_path, capsys):
+def test_evaluate_reads_simulated_cells_in_any_format_a_dataset_may_have(trained, tmp_path, capsys, caplog):
     """A 10x folder (cvaesim's own, typed by its cell_types.tsv) and a genes x cells table as R's write.csv
     leaves one, typed by a table of another column name, score as the same cells in an .h5ad do."""
     real, store = str(trained / "filtered.h5ad"), str(trained / "images.h5ad")
@@ -495,6 +495,13 @@ def test_evaluate_reads_simulated_cells_in_any_format_a_dataset_may_have(trained
         error = capsys.readouterr().err
         assert message in error and ".tar.gz" not in error, (simulated, error)
         assert not (output / "overall.tsv").exists()
+    # A table that types some of the cells: the others are left out, saying so.
+    pd.read_csv(tmp_path / "tenx" / "cell_types.tsv", sep="\t")[::2].to_csv(tmp_path / "half.tsv", sep="\t",
+                                                                             index=False)
+    with caplog.at_level("WARNING"):
+        assert main(["evaluate", *common, "--simulated", str(untyped), "--annotation", str(tmp_path / "half.tsv"),
+                     "--output", str(tmp_path / "half_scores")]) == 0
+    assert f"{own.n_obs // 2} of {own.n_obs} cells in {untyped} have no label and are dropped" in caplog.text
 
 
 def test_simulate_takes_the_threads_it_is_given_and_the_same_cells_come_out(trained, tmp_path):

@@ -3,6 +3,7 @@ import gzip
 import io
 import itertools
 import logging
+import re
 import tarfile
 import zipfile
 from pathlib import Path
@@ -329,6 +330,36 @@ def test_kallisto_bustools_folders_are_read(tmp_path, small_cells, caplog, suffi
     assert list(renamed.obs_names) == list(small_cells.obs_names) and (renamed.X != small_cells.X).nnz == 0
 
 
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_a_matrix_folder_is_read_in_place_as_its_packed_tarball_is(tmp_path, small_cells, suffix):
+    """As `cvaesim evaluate` reads a folder of simulated cells; a dataset's folder is packed by its download."""
+    folder = tmp_path / "outs" / "filtered_feature_bc_matrix"
+    folder.mkdir(parents=True)
+    write_mtx(folder / f"matrix.mtx{suffix}", small_cells.X.T)
+    features = [f"ENSG{i:011d}\t{gene}\tGene Expression" for i, gene in enumerate(small_cells.var_names)]
+    for name, lines in (("features.tsv", features), ("barcodes.tsv", small_cells.obs_names)):
+        text = "".join(f"{line}\n" for line in lines).encode()
+        (folder / f"{name}{suffix}").write_bytes(gzip.compress(text) if suffix else text)
+    (tmp_path / "outs" / "web_summary.html").write_text("<html></html>")
+    pack_10x_folder(tmp_path / "outs", tmp_path / "packed.tar.gz")
+    packed, in_place = read_10x_tarball(tmp_path / "packed.tar.gz"), read_10x_tarball(tmp_path / "outs")
+    assert in_place.obs_names.equals(packed.obs_names) and in_place.var.equals(packed.var)
+    assert (in_place.X != packed.X).nnz == 0 and (in_place.X != small_cells.X).nnz == 0
+    assert list(in_place.var_names) == list(small_cells.var_names)
+    # What is refused is named by the folder.
+    text = "".join(f"{barcode}\n" for barcode in small_cells.obs_names[1:]).encode()
+    (folder / f"barcodes.tsv{suffix}").write_bytes(gzip.compress(text) if suffix else text)
+    with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'outs'))}: matrix.mtx{suffix} is "
+                                         f"{small_cells.n_vars} genes x {small_cells.n_obs} cells but its lists name "
+                                         f"{small_cells.n_vars} genes and {small_cells.n_obs - 1} barcodes"):
+        read_10x_tarball(tmp_path / "outs")
+    if suffix:  # a gzip file cut off, as an interrupted copy leaves it
+        (folder / "barcodes.tsv.gz").write_bytes(gzip.compress(text)[:-12])
+        with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'outs'))}: a file in it is truncated or "
+                                             f"corrupt"):
+            read_10x_tarball(tmp_path / "outs")
+
+
 def test_parse_biosciences_folders_are_read(tmp_path, small_cells):
     """split-pipe's output: DGE_filtered/ and DGE_unfiltered/ folders per sample and for all of them, each matrix
     a row per cell, with CSV tables of the cells and the genes (their genome beside them)."""
@@ -395,7 +426,7 @@ def test_hand_made_matrix_folders_that_do_not_fit_their_lists_say_why(tmp_path, 
     with pytest.raises(InputError, match=r"the gene and barcode lists have one line too many: a header line\?"):
         headed = {**members, genes: b"Accession\tSymbol\tType\n" + members[genes], barcodes: b"cell barcode\n" + members[barcodes]}
         read_10x_tarball(tarball_of(tmp_path / "headed.tar.gz", headed))  # header words not recognised: refused
-    with pytest.raises(InputError, match=r"lists 7 genes and 12 barcodes$"):  # no guess for other differences
+    with pytest.raises(InputError, match=r"lists name 7 genes and 12 barcodes$"):  # no guess for other differences
         read_10x_tarball(tarball_of(tmp_path / "other.tar.gz", {**members, barcodes: members[barcodes] + b"A\nB\n"}))
     gene_lines = members[genes].split(b"\n")
     gene_lines[3] += b"\tGene Expression"  # a row longer than those above it

@@ -11,7 +11,7 @@ import os
 import shutil
 import tarfile
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import anndata as ad
 import h5py
@@ -66,8 +66,8 @@ def write_h5ad(adata: ad.AnnData, path: str | Path) -> None:
 
 
 def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str | None = None) -> ad.AnnData:
-    """Read a Matrix Market matrix folder from a tarball: 10x Genomics' (v2 ``genes.tsv`` or v3
-    ``features.tsv.gz``), or another tool's (see MATRIX_LAYOUTS); of several, the one ``sample`` names (see
+    """Read a Matrix Market matrix folder from a tarball, or from a folder itself: 10x Genomics' (v2 ``genes.tsv``
+    or v3 ``features.tsv.gz``), or another tool's (see MATRIX_LAYOUTS); of several, the one ``sample`` names (see
     ``chosen_matrix``).
 
     Members are read in memory, never extracted, and unsafe members (absolute paths,
@@ -75,49 +75,73 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
     """
     path = Path(path)
     try:
-        archive = tarfile.open(path, "r:*")
-    except TAR_OPEN_ERRORS as error:
-        raise InputError(f"{path}: not a readable tar archive ({tar_problem(error)})"
-                         f"{format_hint(path, '10x_tarball') or '; is the download complete?'}") from error
-    try:
-        with archive:
-            members = {}
-            for member in archive:
-                name = safe_member_name(path, member)
-                if member.isfile():
-                    members[name] = member
+        if path.is_dir():  # as `cvaesim evaluate` is given one (a dataset's folder is packed by its download)
+            files = {file.relative_to(path): file for file in sorted(path.rglob("*")) if file.is_file()}
+
+            def open_file(name: PurePath):
+                return gzip.open(files[name]) if name.suffix == ".gz" else open(files[name], "rb")
+
+            read = _read_10x_files(path, list(files), open_file, round_counts, sample)
+        else:
             try:
-                matrix = chosen_matrix(list(members), sample)
-            except ValueError as error:
-                raise InputError(f"{path}: {error}") from None
-            layout = matrix.layout
-            in_folder = {name.name for name in members if name.parent == matrix.folder}
+                archive = tarfile.open(path, "r:*")
+            except TAR_OPEN_ERRORS as error:
+                raise InputError(f"{path}: not a readable tar archive ({tar_problem(error)})"
+                                 f"{format_hint(path, '10x_tarball') or '; is the download complete?'}") from error
+            with archive:
+                members = {}
+                for member in archive:
+                    name = safe_member_name(path, member)
+                    if member.isfile():
+                        members[name] = member
 
-            def open_member(name: str):
-                stream = archive.extractfile(members[matrix.folder / name])
-                return gzip.GzipFile(fileobj=stream) if name.endswith(".gz") else stream
+                def open_member(name: PurePath):
+                    stream = archive.extractfile(members[name])
+                    return gzip.GzipFile(fileobj=stream) if name.suffix == ".gz" else stream
 
-            def read_list(role: tuple[str, str, bool]) -> pd.DataFrame | None:
-                name = list_file(matrix, role, in_folder, f"{path}: {matrix.folder}/ has")
-                if name is None:
-                    return None
-                listed = open_member(name).read()
-                skipped = 0 if layout.tables else _header_lines(listed, f"{path}: {matrix.folder}/{name}")
-                try:
-                    return pd.read_csv(io.BytesIO(listed), sep="," if layout.tables else "\t",
-                                       header=0 if layout.tables else None, skiprows=skipped, dtype=str)
-                except pd.errors.EmptyDataError as error:
-                    raise InputError(f"{path}: the {role[1]} list in {matrix.folder}/ is empty") from error
-                except pd.errors.ParserError as error:  # rows of different lengths, as hand-made lists can have
-                    raise InputError(f"{path}: the {role[1]} list in {matrix.folder}/ could not be read as a table "
-                                     f"({error})") from error
-
-            matrix_name = next(name for name in matrix.matrix_names if name in in_folder)
-            counts = _read_matrix_market(open_member(matrix_name), path, round_counts, matrix_name)
-            barcodes, genes, symbols = (read_list(role) for role in LIST_ROLES)
+                read = _read_10x_files(path, list(members), open_member, round_counts, sample)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise InputError(f"{path}: the archive is truncated or corrupt ({error})") from error
+        raise InputError(f"{path}: {'a file in it' if path.is_dir() else 'the archive'} is truncated or corrupt "
+                         f"({error})") from error
+    return _matrix_folder_counts(path, *read)
 
+
+def _read_10x_files(path: Path, names: list[PurePath], open_file, round_counts: bool, sample: str | None):
+    """The matrix ``chosen_matrix`` picks of the files ``names`` (each opened by ``open_file``) as it is read: its
+    files, the counts, and the barcode, gene and gene-name lists (None where absent)."""
+    try:
+        matrix = chosen_matrix(names, sample)
+    except ValueError as error:
+        raise InputError(f"{path}: {error}") from None
+    layout = matrix.layout
+    in_folder = {name.name for name in names if name.parent == matrix.folder}
+
+    def read_list(role: tuple[str, str, bool]) -> pd.DataFrame | None:
+        name = list_file(matrix, role, in_folder, f"{path}: {matrix.folder}/ has")
+        if name is None:
+            return None
+        with open_file(matrix.folder / name) as stream:
+            listed = stream.read()
+        skipped = 0 if layout.tables else _header_lines(listed, f"{path}: {matrix.folder}/{name}")
+        try:
+            return pd.read_csv(io.BytesIO(listed), sep="," if layout.tables else "\t",
+                               header=0 if layout.tables else None, skiprows=skipped, dtype=str)
+        except pd.errors.EmptyDataError as error:
+            raise InputError(f"{path}: the {role[1]} list in {matrix.folder}/ is empty") from error
+        except pd.errors.ParserError as error:  # rows of different lengths, as hand-made lists can have
+            raise InputError(f"{path}: the {role[1]} list in {matrix.folder}/ could not be read as a table "
+                             f"({error})") from error
+
+    matrix_name = next(name for name in matrix.matrix_names if name in in_folder)
+    with open_file(matrix.folder / matrix_name) as stream:
+        counts = _read_matrix_market(stream, path, round_counts, matrix_name)
+    return (matrix, matrix_name, counts, *(read_list(role) for role in LIST_ROLES))
+
+
+def _matrix_folder_counts(path: Path, matrix, matrix_name: str, counts: sp.csr_matrix, barcodes: pd.DataFrame,
+                          genes: pd.DataFrame, symbols: pd.DataFrame | None) -> ad.AnnData:
+    """Cells x genes of a matrix folder's files as ``_read_10x_files`` read them."""
+    layout = matrix.layout
     barcodes = barcodes.iloc[:, 0]
     as_cells_by_genes = (len(barcodes), len(genes))
     if counts.shape == as_cells_by_genes[::-1] and (layout.cells_in_rows or counts.shape != as_cells_by_genes):
@@ -129,7 +153,7 @@ def read_10x_tarball(path: str | Path, round_counts: bool = False, sample: str |
         counts = counts.T.tocsr()
     if counts.shape != as_cells_by_genes:
         raise InputError(
-            f"{path}: {matrix_name} is {counts.shape[1]} genes x {counts.shape[0]} cells but the archive lists "
+            f"{path}: {matrix_name} is {counts.shape[1]} genes x {counts.shape[0]} cells but its lists name "
             f"{len(genes)} genes and {len(barcodes)} barcodes{listing_hint(counts.shape, len(genes), len(barcodes))}"
         )
     if symbols is not None and len(symbols) != len(genes):

@@ -10,7 +10,6 @@ import functools
 import hashlib
 import json
 import logging
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +20,6 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import InputError
-from .archives import pack_10x_folder
 from .clustering import leiden_clusters
 from .download import container_problem, fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, check_labels_are_types, filter_cells_and_genes
@@ -337,18 +335,10 @@ def read_simulated(simulated: str, format: str | None, label_column: str, annota
         annotation = str(path / "cell_types.tsv")
     if annotation is None and format not in LABELLED_READERS:
         raise InputError(f"{simulated}: a {format} matrix carries no cell types; give a table of them (--annotation)")
-    if not path.is_dir():
-        return read_labelled(simulated, format, label_column, annotation, barcode_column)
-    if format != "10x_tarball":
+    if path.is_dir() and format != "10x_tarball":
         raise InputError(f"{simulated}: a folder, which is read as a 10x matrix folder (format 10x_tarball), "
                          f"not as {format}")
-    with tempfile.TemporaryDirectory() as folder:
-        packed = Path(folder) / f"{path.name}.tar.gz"
-        pack_10x_folder(path, packed, compresslevel=1)  # read as the download reads a folder it packed
-        try:
-            return read_labelled(str(packed), format, label_column, annotation, barcode_column)
-        except InputError as error:  # named by the folder given, not its packed copy
-            raise InputError(str(error).replace(str(packed), simulated)) from None
+    return read_labelled(simulated, format, label_column, annotation, barcode_column)
 
 
 def comparable_cells(cells: ad.AnnData, simulated: str, counts: ad.AnnData, real: str) -> ad.AnnData:
