@@ -407,9 +407,8 @@ def test_evaluate_scores_cells_from_the_command_line_as_the_rule_does(trained, t
     capsys.readouterr()
     for simulated, message in [("fewer_genes.h5ad", "fewer_genes.h5ad: 10 of the 50 genes of"),
                                ("renamed.h5ad", "renamed.h5ad: cell types ['Platelet'] are not among those of"),
-                               ("table.h5", "table.h5: not readable as an AnnData .h5ad file, as simulated cells as "
-                                            ".h5ad is"),
-                               ("images.h5ad", "images.h5ad: holds no counts (its values are float32")]:
+                               ("table.h5", "table.h5: not a readable .h5ad file ("),
+                               ("images.h5ad", "images.h5ad: X holds non-integer values (e.g. ")]:
         assert main(["evaluate", "--real", real, "--store", store, "--simulated", str(tmp_path / simulated),
                      "--output", str(tmp_path / f"{simulated}_scores")]) == 2
         assert message in capsys.readouterr().err, simulated
@@ -431,9 +430,22 @@ def test_evaluate_scores_another_simulators_cells_as_it_scores_its_own(trained, 
     assert main(["evaluate", *common, "--simulated", str(cells), "--output", str(tmp_path / "own_scores")]) == 0
     assert main(["evaluate", *common, "--simulated", str(tmp_path / "other.h5ad"), "--label-column", "Group",
                  "--output", str(tmp_path / "other_scores")]) == 0
-    for name in ("overall.tsv", "metrics.tsv", "metrics.json", "confusion.tsv"):
-        assert (tmp_path / "own_scores" / name).read_bytes() == (tmp_path / "other_scores" / name).read_bytes(), name
-    # What cannot be scored so is refused, naming the file.
+    # Log-normalised values in X beside the counts in a layer, and expected counts (each off by less than 0.5).
+    logged = other.copy()
+    logged.layers["counts"] = other.X
+    logged.X = np.log1p(other.X / other.X.sum(axis=1, keepdims=True) * 1e4)
+    logged.write_h5ad(tmp_path / "logged.h5ad")
+    expected = other.copy()
+    expected.X = np.where(other.X > 0, other.X + np.random.default_rng(1).uniform(-0.4, 0.4, other.shape), 0)
+    expected.write_h5ad(tmp_path / "expected.h5ad")
+    for simulated, options in [("logged", ["--counts-layer", "counts"]), ("expected", ["--round-counts"])]:
+        assert main(["evaluate", *common, "--simulated", str(tmp_path / f"{simulated}.h5ad"), "--label-column",
+                     "Group", *options, "--output", str(tmp_path / f"{simulated}_scores")]) == 0
+    for simulated in ("other", "logged", "expected"):
+        for name in ("overall.tsv", "metrics.tsv", "metrics.json", "confusion.tsv"):
+            assert ((tmp_path / "own_scores" / name).read_bytes()
+                    == (tmp_path / f"{simulated}_scores" / name).read_bytes()), (simulated, name)
+    # What cannot be scored so is refused, naming the file and the option that would read it.
     normalised = other.copy()
     normalised.X = normalised.X / normalised.X.sum(axis=1, keepdims=True)
     normalised.write_h5ad(tmp_path / "normalised.h5ad")
@@ -441,8 +453,12 @@ def test_evaluate_scores_another_simulators_cells_as_it_scores_its_own(trained, 
     capsys.readouterr()
     for simulated, label_column, message in [
         ("other.h5ad", "cell_type", "other.h5ad: obs has no label column 'cell_type'; its columns are 'Group' "
-                                    "(--label-column names it)"),
-        ("normalised.h5ad", "Group", "normalised.h5ad: holds no counts (its values are float64, not whole numbers"),
+                                    "(the dataset's label_column, or evaluate's --label-column, names it)"),
+        ("normalised.h5ad", "Group", "normalised.h5ad: X holds non-integer values (e.g. "),
+        ("logged.h5ad", "Group", "logged.h5ad: X holds non-integer values (e.g. "),
+        ("logged.h5ad", "Group", "'counts' of this file holds integer counts: name it as the dataset's counts_layer "
+                                 "(or evaluate's --counts-layer)"),
+        ("expected.h5ad", "Group", "the dataset's round_counts: true, or evaluate's --round-counts"),
         ("fewer.h5ad", "Group", f"fewer.h5ad: 2 of the 50 genes of {real} are missing (e.g. "
                                 f"{own.var_names[genes[0]]!r}, {own.var_names[genes[1]]!r})"),
     ]:
@@ -487,7 +503,7 @@ def test_evaluate_reads_simulated_cells_in_any_format_a_dataset_may_have(trained
         ("untyped", [], "untyped: a 10x_tarball matrix carries no cell types; give a table of them (--annotation)"),
         ("counts.csv", [], "counts.csv: a counts_table matrix carries no cell types"),
         ("untyped", ["--annotation", str(tmp_path / "others.tsv")], f"none of its {own.n_obs} labelled barcodes is in {untyped} "),
-        ("counts.csv", ["--format", "h5ad"], "counts.csv: not readable as an AnnData .h5ad file"),
+        ("counts.csv", ["--format", "h5ad"], "counts.csv: not a readable .h5ad file ("),
     ]:
         output = tmp_path / f"refused_{simulated}"
         assert main(["evaluate", *common, "--simulated", str(tmp_path / simulated), *extra,

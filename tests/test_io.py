@@ -137,7 +137,12 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
         h5.attrs["encoding-type"], h5.attrs["encoding-version"] = "MuData", "0.1.0"
         rna.copy(rna["/"], h5, "mod/rna")
         rna.copy(rna["obs"], h5, "obs")
+    # A pandas table (the original's simulated_table.h5 is one), written by pandas through PyTables.
+    table = tmp_path / "cells.h5"
+    small_cells.to_df().to_hdf(table, key="counts", format="fixed")
     for path, advice in [(loom, r"it is a loom file, so the dataset's format may be loom$"),
+                         (table, r"it is a pandas HDF5 table \(as DataFrame.to_hdf writes one, .*\): read it with "
+                                 r"pandas.read_hdf and write its counts as an .h5ad or a CSV \(a counts_table\)$"),
                          (h5seurat, r"it is a Seurat .h5Seurat file: convert it to an .h5ad \(SeuratDisk"),
                          (h5mu, r"it is a MuData .h5mu file: write its RNA modality as an .h5ad \(mudata: "
                                 r"mudata.read_h5mu\(path\)\[\"rna\"\].write_h5ad")]:
@@ -568,7 +573,7 @@ def test_loom_layers_labels_and_names_are_checked(tmp_path, small_cells, caplog,
                                                                           obs=small_cells.obs, var=small_cells.var),
                                  layers={"counts": counts})
     with pytest.raises(InputError, match=r"normalised.loom: X holds .*; raw counts are needed; 'counts' of this file "
-                                         r"holds integer counts: name it as counts_layer"):
+                                         r"holds integer counts: name it as the dataset.s counts_layer"):
         read_loom_counts(normalised_loom, "ClusterName", None)
     assert (read_loom_counts(normalised_loom, "ClusterName", "counts").X != small_cells.X).nnz == 0
     nameless = write_loom(tmp_path / "nameless.loom", small_cells)
@@ -594,7 +599,7 @@ def test_h5ad_must_hold_counts(tmp_path, small_cells):
     logged.write_h5ad(path)
     # The usual scanpy file: log-normalised X, counts kept in a layer; the error says which one.
     with pytest.raises(InputError, match="logged.h5ad: X holds non-integer values .*; 'counts' of this file holds "
-                                         "integer counts: name it as counts_layer"):
+                                         "integer counts: name it as the dataset.s counts_layer"):
         read_h5ad_counts(path, "cell_type", None)
     adata = read_h5ad_counts(path, "cell_type", "counts")
     assert adata.X.dtype == np.int32 and adata.shape == small_cells.shape

@@ -126,7 +126,8 @@ def evaluate_command(arguments: argparse.Namespace) -> None:
     evaluate(str(arguments.real), str(arguments.store), str(arguments.simulated),
              {name: str(arguments.output / file) for name, file in EVALUATION_FILES.items()}, settings,
              arguments.seed, arguments.threads, arguments.label_column, arguments.format,
-             arguments.annotation and str(arguments.annotation), arguments.barcode_column)
+             arguments.annotation and str(arguments.annotation), arguments.barcode_column, arguments.counts_layer,
+             arguments.round_counts)
     log.info("scores in %s (overall.tsv: the model beside the baselines and the real-vs-real control)",
              arguments.output)
 
@@ -205,6 +206,11 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--barcode-column", default="barcode",
                          help="the --annotation table's column of cell names (default 'barcode'; a first column "
                               "without header, as R's write.csv leaves, is taken too)")
+    command.add_argument("--counts-layer",
+                         help="the layer of an .h5ad or loom file that holds the counts, or 'raw' (default: X, or "
+                              "loom's main matrix), for a file that keeps normalised values in X")
+    command.add_argument("--round-counts", action="store_true",
+                         help="round counts that are not whole numbers (expected counts) to the nearest integer")
     command.set_defaults(run=evaluate_command)
     return main
 

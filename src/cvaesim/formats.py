@@ -109,6 +109,10 @@ def detected_format(path: str | Path) -> tuple[str | None, str] | None:
                 if "assays" in h5 and "meta.data" in h5:
                     return None, ("a Seurat .h5Seurat file: convert it to an .h5ad (SeuratDisk: Convert(path, "
                                   "dest = \"h5ad\")) and give that file as the source")
+                if any("pandas_type" in group.attrs for group in h5.values() if isinstance(group, h5py.Group)):
+                    return None, ("a pandas HDF5 table (as DataFrame.to_hdf writes one, and the simulate rule's "
+                                  "original-style simulated_table.h5): read it with pandas.read_hdf and write its "
+                                  "counts as an .h5ad or a CSV (a counts_table)")
             return None
         return text_kind(head)
     except OSError:

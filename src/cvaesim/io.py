@@ -406,10 +406,11 @@ def _in_memory(matrix):
     return matrix.to_memory() if hasattr(matrix, "to_memory") else matrix
 
 
-def check_label_column(path: Path, label_column: str | None, columns, where: str, hint: str = "") -> None:
+def check_label_column(path: Path, label_column: str | None, columns, where: str) -> None:
     if label_column is not None and label_column not in columns:
         raise InputError(f"{path}: {where} has no label column {label_column!r}; its columns are "
-                         f"{', '.join(map(repr, columns)) or 'none'}{did_you_mean([label_column], columns)}{hint}")
+                         f"{', '.join(map(repr, columns)) or 'none'}{did_you_mean([label_column], columns)} "
+                         "(the dataset's label_column, or evaluate's --label-column, names it)")
 
 
 def _counts_of(path: Path, matrices: dict, counts_layer: str | None, round_counts: bool) -> sp.csr_matrix:
@@ -426,8 +427,8 @@ def _counts_of(path: Path, matrices: dict, counts_layer: str | None, round_count
         holding_counts = [repr(name) for name, read in matrices.items()
                           if name not in (None, counts_layer) and counts_problem(read()) is None]
         hint = (f"; {' and '.join(holding_counts)} of this file hold{'s' if len(holding_counts) == 1 else ''} "
-                f"integer counts: name {'it' if len(holding_counts) == 1 else 'one'} as counts_layer in the dataset's "
-                "config entry" if holding_counts else " (counts_layer names the layer or 'raw' that holds them)")
+                f"integer counts: name {'it' if len(holding_counts) == 1 else 'one'} as the dataset's counts_layer (or "
+                "evaluate's --counts-layer)" if holding_counts else " (counts_layer names the layer or 'raw' that holds them)")
         raise InputError(f"{path}: {where} holds {problem}; raw counts are needed{hint}")
     return as_int32_counts(counts, path, round_counts)  # checked above
 

@@ -83,8 +83,8 @@ def counts_problem(matrix: sp.spmatrix | np.ndarray | None, round_counts: bool =
         return None
     if not round_counts:
         return (f"non-integer values (e.g. {values[fractional][0]:.8g}), as normalised or log-transformed data do "
-                "(expected counts, as SoupX or alevin give, can be rounded: round_counts: true in the dataset's "
-                "config entry)")
+                "(expected counts, as SoupX or alevin give, can be rounded: the dataset's round_counts: true, or "
+                "evaluate's --round-counts)")
     return normalised_problem(matrix)
 
 

@@ -15,9 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from . import InputError
 from .clustering import leiden_clusters
@@ -25,9 +23,8 @@ from .download import container_problem, fetch, sha256_of
 from .filtering import FilterThresholds, attach_labels, check_labels_are_types, filter_cells_and_genes
 from .formats import FORMATS, detected_format, model_file_problem
 from .images import build_image_store, layout_table
-from .io import (IMAGE_STORE, atomic_output, check_label_column, open_h5ad, read_10x_h5, read_10x_tarball,
-                 read_h5ad_counts, read_loom_counts, write_h5ad)
-from .matrix_checks import counts_problem
+from .io import (IMAGE_STORE, atomic_output, open_h5ad, read_10x_h5, read_10x_tarball, read_h5ad_counts,
+                 read_loom_counts, write_h5ad)
 from .tables import read_annotation, read_counts_table
 
 log = logging.getLogger(__name__)
@@ -272,7 +269,7 @@ EVALUATION_FILES = {"overall": "overall.tsv", "metrics": "metrics.tsv", "json": 
 
 def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dict, seed: int, threads: int = 1,
              label_column: str = "cell_type", simulated_format: str | None = None, annotation: str | None = None,
-             barcode_column: str = "barcode") -> None:
+             barcode_column: str = "barcode", counts_layer: str | None = None, round_counts: bool = False) -> None:
     """Realism metrics of the simulated cells against the held-out test cells, with baselines and control.
 
     The simulated cells may come from another simulator (see ``read_simulated`` for the formats): their counts
@@ -292,8 +289,8 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
     if counts.X.dtype.kind not in "iu":  # the filter writes integer counts
         raise InputError(f"{real}: holds no counts (its values are {counts.X.dtype}, as an image store's scaled "
                          f"values are); give the filter rule's filtered.h5ad")
-    cells = comparable_cells(read_simulated(simulated, simulated_format, label_column, annotation, barcode_column),
-                             simulated, counts, real)
+    cells = comparable_cells(read_simulated(simulated, simulated_format, label_column, annotation, barcode_column,
+                                            counts_layer, round_counts), simulated, counts, real)
     result = score(counts, (split == "test").to_numpy(), cells,
                    EvaluationSettings(**settings, seed=seed, n_jobs=threads))
     tables = {"metrics": result.metrics, "confusion": result.confusion,
@@ -314,23 +311,16 @@ def evaluate(real: str, store: str, simulated: str, outputs: dict, settings: dic
 
 
 def read_simulated(simulated: str, format: str | None, label_column: str, annotation: str | None,
-                   barcode_column: str) -> ad.AnnData:
-    """Simulated cells with their types in ``obs['cell_type']``, from an .h5ad (types in its obs column
-    ``label_column``) or, as other simulators leave them, from any format a dataset may have, typed by the
-    ``annotation`` table's ``label_column`` (see ``read_labelled``).
+                   barcode_column: str, counts_layer: str | None = None, round_counts: bool = False) -> ad.AnnData:
+    """Simulated cells with their types in ``obs['cell_type']``, read as a dataset is (see ``read_labelled``):
+    from an .h5ad or loom file (types in its ``label_column``) or, as other simulators leave them, from any
+    format a dataset may have, typed by the ``annotation`` table's ``label_column``.
 
     ``format`` None: told by the file's bytes, a folder being a 10x matrix folder, whose ``cell_types.tsv`` (as
     ``cvaesim simulate`` writes one) is its annotation unless another is given."""
     path = Path(simulated)
     if format is None:
         format = "10x_tarball" if path.is_dir() else (detected_format(path) or (None,))[0] or "h5ad"
-    if format == "h5ad" and annotation is None:
-        cells = open_h5ad(simulated, "simulated cells as .h5ad", "an .h5ad of simulated cells, or another format "
-                          "with --format (the original's .h5 table cannot be scored)", backed=None)
-        check_label_column(simulated, label_column, cells.obs.columns, "obs", hint=" (--label-column names it)")
-        if label_column != "cell_type":
-            cells.obs["cell_type"] = cells.obs[label_column].astype(str)
-        return cells
     if path.is_dir() and annotation is None and (path / "cell_types.tsv").is_file():
         annotation = str(path / "cell_types.tsv")
     if annotation is None and format not in LABELLED_READERS:
@@ -338,25 +328,17 @@ def read_simulated(simulated: str, format: str | None, label_column: str, annota
     if path.is_dir() and format != "10x_tarball":
         raise InputError(f"{simulated}: a folder, which is read as a 10x matrix folder (format 10x_tarball), "
                          f"not as {format}")
-    return read_labelled(simulated, format, label_column, annotation, barcode_column)
+    return read_labelled(simulated, format, label_column, annotation, barcode_column, counts_layer, round_counts)
 
 
 def comparable_cells(cells: ad.AnnData, simulated: str, counts: ad.AnnData, real: str) -> ad.AnnData:
-    """The simulated ``cells`` (typed in ``obs['cell_type']``) as integer counts over the real cells' genes, in
-    their order; refused, naming the file, where they hold no counts, lack genes, or have types the real cells
-    lack."""
-    if cells.X.dtype.kind not in "iu" and (cells.X.dtype.kind != "f" or counts_problem(cells.X) is not None):
-        raise InputError(f"{simulated}: holds no counts (its values are {cells.X.dtype}, not whole numbers, as "
-                         f"an image store's scaled values or normalised data are); give simulated counts")
-    # Sparse int32, as the workflow's own cells are; another simulator's may be dense, or doubles as R writes counts.
-    cells.X = sp.csr_matrix(cells.X).astype(np.int32, copy=False)
+    """The simulated ``cells`` (integer counts, typed in ``obs['cell_type']``, as ``read_simulated`` gives them)
+    over the real cells' genes, in their order; refused, naming the file, where they lack genes or have types the
+    real cells lack."""
     missing = counts.var_names.difference(cells.var_names, sort=False)
     if len(missing):
         raise InputError(f"{simulated}: {len(missing)} of the {counts.n_vars} genes of {real} are missing (e.g. "
                          f"{', '.join(map(repr, missing[:3]))}); simulated cells are scored over the real cells' genes")
-    if cells.var_names.has_duplicates:
-        raise InputError(f"{simulated}: gene names appear more than once (e.g. "
-                         f"{cells.var_names[cells.var_names.duplicated()][0]!r})")
     if not cells.var_names.equals(counts.var_names):
         log.info("%s: %d genes taken in the order of %s, of its %d", simulated, counts.n_vars, real, cells.n_vars)
         cells = cells[:, counts.var_names].copy()
