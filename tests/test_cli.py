@@ -408,7 +408,8 @@ def test_evaluate_scores_cells_from_the_command_line_as_the_rule_does(trained, t
     for simulated, message in [("fewer_genes.h5ad", "fewer_genes.h5ad: 10 of the 50 genes of"),
                                ("renamed.h5ad", "renamed.h5ad: cell types ['Platelet'] are not among those of"),
                                ("table.h5", "table.h5: not a readable .h5ad file ("),
-                               ("images.h5ad", "images.h5ad: X holds non-integer values (e.g. ")]:
+                               ("images.h5ad", "images.h5ad: X holds non-integer values (e.g. "),
+                               ("missing.h5ad", "missing.h5ad: no such file or folder")]:
         assert main(["evaluate", "--real", real, "--store", store, "--simulated", str(tmp_path / simulated),
                      "--output", str(tmp_path / f"{simulated}_scores")]) == 2
         assert message in capsys.readouterr().err, simulated

@@ -319,6 +319,8 @@ def read_simulated(simulated: str, format: str | None, label_column: str, annota
     ``format`` None: told by the file's bytes, a folder being a 10x matrix folder, whose ``cell_types.tsv`` (as
     ``cvaesim simulate`` writes one) is its annotation unless another is given."""
     path = Path(simulated)
+    if not path.exists():
+        raise InputError(f"{simulated}: no such file or folder")
     if format is None:
         format = "10x_tarball" if path.is_dir() else (detected_format(path) or (None,))[0] or "h5ad"
     if path.is_dir() and annotation is None and (path / "cell_types.tsv").is_file():
