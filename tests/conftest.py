@@ -161,7 +161,7 @@ def small_cells() -> ad.AnnData:
 # A quick configuration for end-to-end runs.
 EPOCHS = 30
 CELLS_PER_TYPE = 60
-LEFT_OUT = {".git", ".venv", "results", "logs", "benchmarks", ".snakemake", ".pytest_cache", "__pycache__",
+LEFT_OUT = {".git", ".venv", ".venv-lower", "results", "logs", "benchmarks", ".snakemake", ".pytest_cache", "__pycache__",
             "datasets", "report.html"}
 
 
