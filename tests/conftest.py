@@ -161,8 +161,8 @@ def small_cells() -> ad.AnnData:
 # A quick configuration for end-to-end runs.
 EPOCHS = 30
 CELLS_PER_TYPE = 60
-LEFT_OUT = {".git", ".venv", ".venv-lower", "results", "logs", "benchmarks", ".snakemake", ".pytest_cache", "__pycache__",
-            "datasets", "report.html"}
+LEFT_OUT = {".git", ".venv", ".venv-lower", "results", "logs", "benchmarks", ".snakemake", ".pytest_cache",
+            "__pycache__", "datasets", "report.html"}
 
 
 def copy_repository(destination: Path) -> Path:
