@@ -249,8 +249,55 @@ def barcode_column(wildcards):
 
 
 def downloaded(name, role):
-    """Where the download rule puts a dataset's matrix or annotation."""
-    return f"resources/datasets/{name}/{DOWNLOAD_NAMES[dataset(name)['format']][role]}"
+    """Where the download rule puts a dataset's matrix or annotation: under the first dataset of the
+    config that shares its download (see ``sharing_download``)."""
+    owner = sharing_download(name, role)[0]
+    filename = DOWNLOAD_NAMES[dataset(name)["format"]][role]
+    return f"resources/datasets/{owner}/{filename}"
+
+
+def sharing_download(name, role):
+    """The datasets of the config (``name`` among them, in the config's order) whose download of
+    ``role`` fetches the same file: the same file name, sources (local paths made absolute) and,
+    for a matrix, sample. A variant of a dataset (another seed or other settings, the same
+    sources) reads the first one's files rather than downloading them again."""
+
+    def download_key(other):
+        sources = local_source(dataset(other)[role]["source"])
+        return (
+            DOWNLOAD_NAMES[dataset(other)["format"]][role],
+            [
+                source if "://" in source else str(Path(source).absolute())
+                for source in ([sources] if isinstance(sources, str) else sources)
+            ],
+            dataset(other).get("sample") if role == "matrix" else None,
+        )
+
+    key = download_key(name)
+    return [
+        other
+        for other in config["datasets"]
+        if "format" in dataset(other)
+        and role in dataset(other)
+        and download_key(other) == key
+    ]
+
+
+def download_pin(name, role):
+    """The SHA-256 that any dataset sharing the download pins (None where none does); refused
+    where two pin different ones."""
+    pins = {
+        other: dataset(other)[role]["sha256"].lower()
+        for other in sharing_download(name, role)
+        if dataset(other)[role].get("sha256")
+    }
+    if len(set(pins.values())) > 1:
+        raise ValueError(
+            f"config: datasets {' and '.join(pins)} share the download of their {role} "
+            f"({dataset(name)[role]['source']}) but pin different SHA-256 digests; correct the "
+            f"wrong one"
+        )
+    return next(iter(pins.values()), None)
 
 
 # The workflow's own folder: a relative source missing from the working directory is looked up
@@ -291,6 +338,11 @@ def local_files(wildcards):
 
 
 def source_entry(wildcards):
+    return dataset(wildcards.dataset)[download_role(wildcards)]
+
+
+def download_role(wildcards):
+    """The role (matrix or annotation) of the file a download job fetches."""
     format = dataset(wildcards.dataset)["format"]
     role_of_file = {
         DOWNLOAD_NAMES[format][role]: role for role in roles(wildcards.dataset)
@@ -299,7 +351,7 @@ def source_entry(wildcards):
         raise ValueError(
             f"{wildcards.dataset} ({format}) has no file {wildcards.filename}"
         )
-    return dataset(wildcards.dataset)[role_of_file[wildcards.filename]]
+    return role_of_file[wildcards.filename]
 
 
 def simulation_request(wildcards, output):
@@ -316,8 +368,9 @@ def pinned_digest(wildcards, output):
     job. Taking ``output`` makes Snakemake count it as derived from the output, not as a
     setting whose change reruns the download and all that follows: pinning the digest
     that the download recorded (as its .sha256 file invites) reruns nothing, and a pin
-    that differs from that record is refused when the workflow loads."""
-    return source_entry(wildcards).get("sha256")
+    that differs from that record is refused when the workflow loads. A pin of another dataset
+    that shares the download counts too."""
+    return download_pin(wildcards.dataset, download_role(wildcards))
 
 
 def check_pinned_digest(name, role):
@@ -381,6 +434,7 @@ def check_local_sources(names):
                     f"config: dataset {name}: {role} source is a list of files; only a 10x_tarball "
                     f"matrix may be given as its files (matrix, barcodes, genes or features)"
                 )
+            download_pin(name, role)  # the datasets sharing the download agree
             if Path(downloaded(name, role)).exists():
                 check_pinned_digest(name, role)
                 continue

@@ -181,7 +181,10 @@ def test_a_dataset_entry_overrides_settings_for_its_own_results(workdir):
         "datasets": {"strict": {**embedded, "seed": 2, "filter": {"min_cells_per_gene": 50},
                                 "image": {"side": 32, "test_fraction": 0.5}, "simulate": {"write_10x": False}}},
     })
+    # Its sources are the first dataset's: it reads that dataset's downloads, not copies of its own.
+    assert "download" not in planned_jobs(workdir, *QUICK_RUN, overlay)
     snakemake(workdir, "results/strict/images/images.h5ad", *QUICK_RUN, overlay)
+    assert not (workdir / "resources" / "datasets" / "strict").exists()
     real = ad.read_h5ad(workdir / "results" / "pbmc68k_reduced" / "filtered.h5ad")
     strict = ad.read_h5ad(workdir / "results" / "strict" / "filtered.h5ad")
     detected_in = np.asarray((real.X > 0).sum(axis=0)).ravel()
@@ -192,7 +195,7 @@ def test_a_dataset_entry_overrides_settings_for_its_own_results(workdir):
     # Nothing of the first dataset reruns; the new one trains with the top-level settings and writes no 10x folder.
     assert planned_jobs(workdir, *QUICK_RUN, overlay) == {
         "train": 1, "simulate": 1, "original_table": 1, "qc": 1, "evaluate": 1, "compare_datasets": 1, "all": 1}
-    for folder in ("results", "logs", "benchmarks", "resources/datasets"):
+    for folder in ("results", "logs", "benchmarks"):
         shutil.rmtree(workdir / folder / "strict")
 
 
@@ -382,6 +385,16 @@ def test_pinning_a_download_s_digest_reruns_nothing_and_a_pin_that_differs_is_re
     refused_before_any_job(workdir, write_config(workdir / "wrong_pin.yaml", {"datasets": wrong}), "pbmc68k_reduced",
                            f"dataset pbmc68k_reduced: annotation.sha256 is {'0' * 64}, but resources/datasets/"
                            f"pbmc68k_reduced/annotation.tsv was downloaded with SHA-256 {record}")
+    # A variant of the dataset shares its downloads, and so its pins: one that pins another digest is refused.
+    embedded = yaml.safe_load((workdir / "config" / "config.yaml").read_text())["datasets"]["pbmc68k_reduced"]
+    variant = {**embedded, "seed": 3, "annotation": {"source": embedded["annotation"]["source"]}}
+    overlay = write_config(workdir / "variant.yaml", {"dataset": "variant", "datasets": {"variant": variant}})
+    assert planned_jobs(workdir, *QUICK_RUN, overlay)["filter"] == 1
+    assert "download" not in planned_jobs(workdir, *QUICK_RUN, overlay)
+    variant["matrix"] = {**embedded["matrix"], "sha256": "0" * 64}
+    refused_before_any_job(workdir, write_config(workdir / "variant.yaml", {"datasets": {"variant": variant}}),
+                           "variant", "config: datasets pbmc68k_reduced and variant share the download of their "
+                           f"matrix ({embedded['matrix']['source']}) but pin different SHA-256 digests")
     # Before a download, the job checks the pin: a file that is not the pinned one is not kept.
     entry = {"format": "h5ad", "matrix": {"source": str(EMBEDDED_H5AD), "sha256": "0" * 64}, "label_column": "louvain"}
     overlay = write_config(workdir / "pinned_new.yaml", {"datasets": {"pinned_new": entry}})
