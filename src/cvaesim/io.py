@@ -427,8 +427,9 @@ def _counts_of(path: Path, matrices: dict, counts_layer: str | None, round_count
         holding_counts = [repr(name) for name, read in matrices.items()
                           if name not in (None, counts_layer) and counts_problem(read()) is None]
         hint = (f"; {' and '.join(holding_counts)} of this file hold{'s' if len(holding_counts) == 1 else ''} "
-                f"integer counts: name {'it' if len(holding_counts) == 1 else 'one'} as the dataset's counts_layer (or "
-                "evaluate's --counts-layer)" if holding_counts else " (counts_layer names the layer or 'raw' that holds them)")
+                f"integer counts: name {'it' if len(holding_counts) == 1 else 'one'} as the dataset's counts_layer "
+                "(or evaluate's --counts-layer)" if holding_counts
+                else " (counts_layer names the layer or 'raw' that holds them)")
         raise InputError(f"{path}: {where} holds {problem}; raw counts are needed{hint}")
     return as_int32_counts(counts, path, round_counts)  # checked above
 
