@@ -249,8 +249,8 @@ def barcode_column(wildcards):
 
 
 def downloaded(name, role):
-    """Where the download rule puts a dataset's matrix or annotation: under the first dataset of the
-    config that shares its download (see ``sharing_download``)."""
+    """Where a dataset's matrix or annotation is downloaded to, in the folder of the first dataset
+    of the config that shares its download (see ``sharing_download``)."""
     owner = sharing_download(name, role)[0]
     filename = DOWNLOAD_NAMES[dataset(name)["format"]][role]
     return f"resources/datasets/{owner}/{filename}"
