@@ -1,4 +1,5 @@
-"""Each rule's conda environment holds what its script imports: the scanpy one has no TensorFlow."""
+"""Each rule's conda environment holds what its script imports: the scanpy one has no TensorFlow; and the
+version bounds agree across pyproject.toml, envs/ and .ci/lower-bounds.txt."""
 
 import ast
 import os
@@ -134,3 +135,32 @@ def test_the_tensorflow_rules_build_the_cpu_or_the_cuda_build_as_the_config_says
         listed[build] = set(re.findall(r"^\S*/(envs/[\w.-]+\.yaml)\t", result.stdout, re.M))
     assert listed == {"cpu": {"envs/scanpy.yaml", "envs/tensorflow.yaml"},
                       "cuda": {"envs/scanpy.yaml", "envs/tensorflow-cuda.yaml"}}
+
+
+# conda-forge's names of packages that PyPI names otherwise.
+PYPI_NAME_OF_CONDA = {"python-igraph": "igraph", "pytables": "tables", "matplotlib-base": "matplotlib"}
+
+
+def test_the_conda_environments_and_the_lower_bounds_file_follow_pyproject_s_version_bounds():
+    """The bounds are written in four places: each env keeps pyproject.toml's, and .ci/lower-bounds.txt pins
+    every dependency with a lower bound at a release that pyproject.toml allows, no older than that bound."""
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    bounds = {requirement.name: requirement.specifier
+              for requirement in map(Requirement, project["dependencies"])}
+    for env in ("scanpy", "tensorflow", "tensorflow-cuda"):
+        dependencies = yaml.safe_load((ROOT / "envs" / f"{env}.yaml").read_text())["dependencies"]
+        listed = {PYPI_NAME_OF_CONDA.get(name, name): SpecifierSet(specifier.replace(" ", ""))
+                  for name, _, specifier in (line.partition(" ") for line in dependencies if isinstance(line, str))
+                  if name not in ("python", "pip")}
+        assert listed == bounds, f"envs/{env}.yaml"
+    pinned = dict(line.split("==") for line in (ROOT / ".ci" / "lower-bounds.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    lower = {name: Version(spec.version) for name, specifier in bounds.items()
+             for spec in specifier if spec.operator == ">="}
+    assert set(pinned) == set(lower)
+    for name, version in pinned.items():
+        assert Version(version) >= lower[name] and bounds[name].contains(version), name
