@@ -7,6 +7,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cvaesim  # noqa: F401  (first: it sets TensorFlow's CPU options before TensorFlow loads)
@@ -32,6 +35,55 @@ AWKWARD_TYPES = [
     "B cell (memory) #2",
     "Zelltyp ß/γ *mixed* 'quoted'",
 ]
+
+
+class Server:
+    """Serves ``files`` on 127.0.0.1; ``cut_once`` names paths whose first response stops halfway, and each
+    response waits ``delay_seconds`` before its body (a large file's download time)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+        self.cut_once: set[str] = set()
+        self.requests: list[dict] = []
+        self.delay_seconds = 0.0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append({"path": self.path, **dict(self.headers)})
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404, "Not Found")
+                    return
+                start = 0
+                if self.headers.get("Range"):
+                    start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                time.sleep(server.delay_seconds)
+                if self.path in server.cut_once:
+                    server.cut_once.discard(self.path)
+                    self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.wfile.flush()
+                    self.connection.close()
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def random_counts(n_cells: int, n_genes: int, cell_types: list[str], seed: int = 0) -> ad.AnnData:
@@ -162,7 +214,7 @@ def small_cells() -> ad.AnnData:
 EPOCHS = 30
 CELLS_PER_TYPE = 60
 LEFT_OUT = {".git", ".venv", ".venv-lower", "results", "logs", "benchmarks", ".snakemake", ".pytest_cache",
-            "__pycache__", "datasets", "report.html"}
+            "__pycache__", "datasets", "downloads", "report.html"}
 
 
 def copy_repository(destination: Path) -> Path:

@@ -3,11 +3,9 @@
 import gzip
 import hashlib
 import tarfile
-import threading
 import urllib.request
 import zipfile
 from pathlib import Path
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -16,53 +14,7 @@ from cvaesim.steps import download
 
 from cvaesim.io import read_10x_h5, read_10x_tarball
 
-from conftest import EMBEDDED_ANNOTATION, EMBEDDED_TARBALL, add_member, write_10x_h5, write_tarball
-
-
-class Server:
-    """Serves ``files``; ``cut_once`` names paths whose first response stops halfway."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files = files
-        self.cut_once: set[str] = set()
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.requests.append({"path": self.path, **dict(self.headers)})
-                body = server.files.get(self.path)
-                if body is None:
-                    self.send_error(404, "Not Found")
-                    return
-                start = 0
-                if self.headers.get("Range"):
-                    start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                if self.path in server.cut_once:
-                    server.cut_once.discard(self.path)
-                    self.wfile.write(body[start:start + (len(body) - start) // 2])
-                    self.wfile.flush()
-                    self.connection.close()
-                    return
-                self.wfile.write(body[start:])
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from conftest import EMBEDDED_ANNOTATION, EMBEDDED_TARBALL, Server, add_member, write_10x_h5, write_tarball
 
 
 @pytest.fixture
@@ -383,8 +335,8 @@ def test_a_gzipped_hdf5_source_is_decompressed_and_keeps_the_source_s_digest(ser
     # Cut off, it is refused under its address and nothing is left.
     server.files["/cut.gz"] = compressed[:len(compressed) // 2]
     cut = tmp_path / "cut" / name
-    with pytest.raises(DownloadError, match=f"/cut.gz: a gzip-compressed HDF5 file that does not decompress to its "
-                                            f"end .*nothing was written"):
+    with pytest.raises(DownloadError, match="/cut.gz: a gzip-compressed HDF5 file that does not decompress to its "
+                                            "end .*nothing was written"):
         download(f"{server.url}/cut.gz", str(cut))
     assert list(cut.parent.iterdir()) == []
 
@@ -402,22 +354,24 @@ def test_a_zip_archive_gives_its_matrix_folder_or_its_one_file_as_a_tar_archive_
         archive.writestr("deposit/README.txt", "two samples")
     zipped = archive_path.read_bytes()
     server.files["/deposit.zip"] = zipped
-    target = tmp_path / "resources" / "matrix.tar.gz"
+    target = tmp_path / "resources" / "datasets" / "deposit" / "matrix.tar.gz"
     download(f"{server.url}/deposit.zip", str(target), sha256=hashlib.sha256(zipped).hexdigest(), sample="sample2")
     taken = read_10x_tarball(target)
     assert list(taken.obs_names) == list(small_cells[20:].obs_names) and (taken.X != small_cells[20:].X).nnz == 0
     assert (target.with_name("matrix.tar.gz.sha256").read_text() ==
             f"{hashlib.sha256(zipped).hexdigest()}  deposit.zip (the zip archive "
             f"deposit/sample2/filtered_feature_bc_matrix was taken out of)  {len(zipped)} bytes\n")
-    # Without the sample key, the error says which matrices there are, and the download waits for the next run.
-    other = tmp_path / "other" / "matrix.tar.gz"
+    # Without the sample key, the error says which matrices there are; the download, kept for the entries reading
+    # its other samples, is not downloaded again.
+    other = tmp_path / "resources" / "datasets" / "other" / "matrix.tar.gz"
     with pytest.raises(DownloadError, match=r"deposit.zip: holds more than one matrix folder or sample "
                                             r"\(deposit/sample1/filtered_feature_bc_matrix, "
-                                            r"deposit/sample2/filtered_feature_bc_matrix\).*kept as"):
+                                            r"deposit/sample2/filtered_feature_bc_matrix\).*kept as .*/resources/"
+                                            r"downloads/deposit.zip.[0-9a-f]{12}, and"):
         download(f"{server.url}/deposit.zip", str(other))
-    assert sorted(path.name for path in other.parent.iterdir()) == ["matrix.kept_download",
-                                                                    "matrix.kept_download.source"]
-    assert other.with_name("matrix.kept_download").read_bytes() == zipped
+    assert list(other.parent.iterdir()) == [] and len(server.requests) == 1
+    (kept,) = (tmp_path / "resources" / "downloads").glob("deposit.zip.*[0-9a-f]")
+    assert kept.read_bytes() == zipped
     # A zipped tarball gives the tarball.
     with zipfile.ZipFile(tmp_path / "tarball.zip", "w") as archive:
         archive.write(EMBEDDED_TARBALL, "matrices.tar.gz")
@@ -474,7 +428,7 @@ def test_a_whole_download_the_config_picks_no_matrix_of_is_kept_for_the_next_run
                      "/annotation.tsv": EMBEDDED_ANNOTATION.read_bytes()})
     try:
         url, dataset = f"{server.url}/GSE4_RAW.tar", tmp_path / "resources" / "datasets" / "geo"
-        kept = dataset / "matrix.kept_download"
+        kept = tmp_path / "resources" / "downloads" / f"GSE4_RAW.tar.{hashlib.sha256(url.encode()).hexdigest()[:12]}"
         with pytest.raises(DownloadError, match=rf"holds more than one Cell Ranger HDF5 file .*; nothing was written "
                                                 rf"to {dataset / 'matrix.h5'} \(the download is kept as {kept}, and "
                                                 r"the next run from that address takes it instead of downloading\)$"):
@@ -493,12 +447,23 @@ def test_a_whole_download_the_config_picks_no_matrix_of_is_kept_for_the_next_run
         assert list(read_10x_h5(dataset / "matrix.h5").obs_names) == list(small_cells[20:].obs_names)
         assert sorted(path.name for path in dataset.iterdir()) == ["annotation.tsv", "annotation.tsv.sha256",
                                                                    "matrix.h5", "matrix.h5.sha256"]
-        # A download kept from another address is not taken (and is deleted).
+        # Read with a sample, it stays for the entries reading the others: another entry takes it for its sample.
+        again = tmp_path / "resources" / "datasets" / "again"
+        download(url, str(again / "matrix.h5"), sample="GSM1")
+        assert list(read_10x_h5(again / "matrix.h5").obs_names) == list(small_cells[10:].obs_names)
+        # Another address is downloaded, and kept apart.
+        download(f"{server.url}/other.tar", str(again / "matrix.h5"), sample="GSM2")
+        assert [request["path"] for request in server.requests[2:]] == ["/other.tar"]
+        assert sorted(path.name for path in again.iterdir()) == ["matrix.h5", "matrix.h5.sha256"]
+        assert len(list(kept.parent.glob("*.tar.*[0-9a-f]"))) == 2
+        # A download kept after a sample that names none of its matrices, then read whole (no sample), is used up.
+        server.files["/one.tar.gz"] = EMBEDDED_TARBALL.read_bytes()
+        whole = tmp_path / "resources" / "datasets" / "whole" / "matrix.tar.gz"
         with pytest.raises(DownloadError, match="kept as"):
-            download(url, str(tmp_path / "again" / "matrix.h5"))
-        download(f"{server.url}/other.tar", str(tmp_path / "again" / "matrix.h5"), sample="GSM1")
-        assert [request["path"] for request in server.requests[2:]] == ["/GSE4_RAW.tar", "/other.tar"]
-        assert sorted(path.name for path in (tmp_path / "again").iterdir()) == ["matrix.h5", "matrix.h5.sha256"]
+            download(f"{server.url}/one.tar.gz", str(whole), sample="GSM9")
+        download(f"{server.url}/one.tar.gz", str(whole))
+        assert whole.read_bytes() == EMBEDDED_TARBALL.read_bytes() and len(server.requests) == 4
+        assert not list(kept.parent.glob("one.tar.gz.*[0-9a-f]"))
     finally:
         server.close()
 
@@ -524,3 +489,32 @@ def test_a_folder_without_one_whole_matrix_or_for_another_format_is_refused(tmp_
                                             r"\(\., filtered_feature_bc_matrix, raw_feature_bc_matrix\)"):
         download(str(outs), str(target))
     assert list(target.parent.iterdir()) == []
+
+
+def test_samples_of_one_web_archive_are_downloaded_once_and_not_copied(tmp_path, small_cells):
+    """GEO's uncompressed RAW tar of two samples' matrix files, read by two entries: one download, and each
+    entry's matrix.tar.gz the kept archive itself (a hard link), not a copy of gigabytes per sample."""
+    raw = tmp_path / "GSE5_RAW.tar"
+    with tarfile.open(raw, "w") as archive:
+        for n in (1, 2):
+            with tarfile.open(write_tarball(tmp_path / f"{n}.tar", small_cells[n * 10:], folder="", v3=True,
+                                            prefix=f"GSM{n}_", compression="")) as one:
+                for member in one:
+                    archive.addfile(member, one.extractfile(member))
+    server = Server({"/GSE5_RAW.tar": raw.read_bytes()})
+    try:
+        datasets = tmp_path / "resources" / "datasets"
+        for n in (1, 2):
+            download(f"{server.url}/GSE5_RAW.tar", str(datasets / f"GSM{n}" / "matrix.tar.gz"), sample=f"GSM{n}")
+    finally:
+        server.close()
+    assert len(server.requests) == 1
+    (kept,) = (tmp_path / "resources" / "downloads").glob("GSE5_RAW.tar.*[0-9a-f]")
+    for n in (1, 2):
+        matrix = datasets / f"GSM{n}" / "matrix.tar.gz"
+        assert list(read_10x_tarball(matrix, sample=f"GSM{n}").obs_names) == list(small_cells[n * 10:].obs_names)
+        assert matrix.stat().st_ino == kept.stat().st_ino
+    # Not the pinned digest: deleted with the entry's file, so the next run downloads it again.
+    with pytest.raises(DownloadError, match="SHA-256 mismatch"):
+        download(f"{server.url}/GSE5_RAW.tar", str(datasets / "GSM3" / "matrix.tar.gz"), "0" * 64, sample="GSM1")
+    assert not kept.exists() and not (datasets / "GSM3" / "matrix.tar.gz").exists()

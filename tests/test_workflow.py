@@ -17,8 +17,8 @@ import pytest
 import scanpy as sc
 import yaml
 
-from conftest import (AWKWARD_TYPES, CELLS_PER_TYPE, EMBEDDED_H5AD, EPOCHS, QUICK_RUN, copy_repository, planned_jobs,
-                      random_counts, snakemake, write_10x_h5, write_annotation, write_config, write_loom,
+from conftest import (AWKWARD_TYPES, CELLS_PER_TYPE, EMBEDDED_H5AD, EPOCHS, QUICK_RUN, Server, copy_repository,
+                      planned_jobs, random_counts, snakemake, write_10x_h5, write_annotation, write_config, write_loom,
                       write_tarball)
 
 pytestmark = pytest.mark.workflow
@@ -424,10 +424,16 @@ def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar_of_eithe
     with tarfile.open(workdir / "GSE2_RAW.tar", "w") as raw:  # each sample's Cell Ranger HDF5 file
         for prefix, cells in samples.items():
             raw.add(write_10x_h5(tmp_path / f"{prefix}.h5", cells), arcname=f"{prefix}filtered_feature_bc_matrix.h5")
-    write_annotation(workdir / "GSM2.tsv", samples["GSM2_"])
+    for sample in ("GSM1", "GSM2"):
+        write_annotation(workdir / f"{sample}.tsv", samples[f"{sample}_"])
     entry = {"format": "10x_tarball", "annotation": {"source": "GSM2.tsv"}, "label_column": "celltype",
              "sample": "GSM2"}
-    overlay = write_config(workdir / "geo.yaml", {"dataset": ["geo_folder", "geo_tar"], "datasets": {
+    # Two entries reading two samples of one archive on the web, their downloads running side by side.
+    server = Server({"/GSE2_RAW.tar": (workdir / "GSE2_RAW.tar").read_bytes()})
+    server.delay_seconds = 2
+    web = {f"web_{sample}": {**entry, "format": "10x_h5", "matrix": {"source": f"{server.url}/GSE2_RAW.tar"},
+                             "annotation": {"source": f"{sample}.tsv"}, "sample": sample} for sample in ("GSM1", "GSM2")}
+    overlay = write_config(workdir / "geo.yaml", {"dataset": ["geo_folder", "geo_tar"], "datasets": {**web,
         "geo_folder": {**entry, "matrix": {"source": "GSE1"}},
         "geo_tar": {**entry, "matrix": {"source": "GSE1_RAW.tar"}},
         "geo_h5": {**entry, "format": "10x_h5", "matrix": {"source": "GSE2_RAW.tar"}},
@@ -437,13 +443,20 @@ def test_the_sample_key_reads_one_geo_sample_from_a_folder_or_a_raw_tar_of_eithe
         "geo_h5ad": {"format": "h5ad", "matrix": {"source": "GSE1_RAW.tar"}, "label_column": "celltype",
                      "sample": "GSM2"},
         "annotation_files": {**entry, "matrix": {"source": "GSE1"}, "annotation": {"source": ["GSM2.tsv"] * 2}}}})
-    snakemake(workdir, "results/geo_folder/filtered.h5ad", "results/geo_tar/filtered.h5ad",
-              "results/geo_h5/filtered.h5ad", "results/geo_files/filtered.h5ad", "--configfile", "config/config.yaml",
-              overlay)
-    for name in ("geo_folder", "geo_tar", "geo_h5", "geo_files"):
+    try:
+        snakemake(workdir, "results/geo_folder/filtered.h5ad", "results/geo_tar/filtered.h5ad",
+                  "results/geo_h5/filtered.h5ad", "results/geo_files/filtered.h5ad", "results/web_GSM1/filtered.h5ad",
+                  "results/web_GSM2/filtered.h5ad", "--configfile", "config/config.yaml", overlay)
+    finally:
+        server.close()
+    for name, sample in [("geo_folder", "GSM2_"), ("geo_tar", "GSM2_"), ("geo_h5", "GSM2_"), ("geo_files", "GSM2_"),
+                         ("web_GSM1", "GSM1_"), ("web_GSM2", "GSM2_")]:
         filtered = ad.read_h5ad(workdir / "results" / name / "filtered.h5ad")
-        assert list(filtered.obs_names) == list(samples["GSM2_"].obs_names)
-        assert filtered.X.sum() == samples["GSM2_"].X.sum()
+        assert list(filtered.obs_names) == list(samples[sample].obs_names)
+        assert filtered.X.sum() == samples[sample].X.sum()
+    # The archive was downloaded once, and is kept for entries reading its other samples.
+    assert [request["path"] for request in server.requests] == ["/GSE2_RAW.tar"]
+    assert [path.name for path in (workdir / "resources" / "downloads").glob("GSE2_RAW.tar.*[0-9a-f]")]
     # The key belongs to the formats whose sources may hold several matrices: for an h5ad, refused at the start.
     refused_before_any_job(workdir, overlay, "geo_h5ad", "dataset geo_h5ad: sample picks one of several matrices in "
                            "a 10x_tarball or 10x_h5 source (a folder or archive); its h5ad source holds one")

@@ -6,15 +6,22 @@ complete (and matches the expected SHA-256), so a failed or killed download neve
 leaves a file that looks finished. A ``.part`` left by an earlier attempt is resumed
 with an HTTP Range request. ``container_problem`` is the check the download step runs on
 a file before it is put in place.
+
+A web download that entries pick samples of, or that the config picks no matrix of, is kept in a
+folder of kept downloads, named by its address: the next entry or run reading that address takes it
+instead of downloading it again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import gzip
 import hashlib
 import http.client
 import logging
+import os
 import re
 import shutil
 import tarfile
@@ -63,6 +70,7 @@ def fetch(
     backoff_seconds: float = 2.0,
     check: Callable[[Path], str | None] | None = None,
     sample: str | None = None,
+    kept_downloads: str | Path | None = None,
 ) -> str:
     """Put ``source`` at ``destination`` and return its SHA-256; a folder source, or a list of a 10x matrix's
     files (GEO's ``GSM123_matrix.mtx.gz``, ``_barcodes.tsv.gz``, ``_features.tsv.gz`` addresses), is packed as a
@@ -71,8 +79,11 @@ def fetch(
 
     ``<destination>.sha256`` records the digest and size, so a user can pin them in the config.
     ``check`` returns why a complete file cannot be used (or None); such a file is deleted.
+    ``kept_downloads`` (by default the destination's folder) keeps a web download with a ``sample``, for the
+    entries that read other samples of it, and one that the config picks no matrix of, for the next run.
     """
     destination = Path(destination)
+    kept = _kept_path(source, Path(kept_downloads or destination.parent)) if _on_the_web(source) else None
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
     transfer = functools.partial(_fetch_file, retries=retries, timeout=timeout, backoff_seconds=backoff_seconds)
@@ -102,13 +113,25 @@ def fetch(
                                 f"genes or features)")
         log.info("packing the 10x matrix files under %s into %s", source, destination)
         _pack(_local_path(source), partial, sample, source)
-    elif not _took_kept_download(source, destination, partial):
+    elif kept is None or (sample is None and not kept.exists()):
         transfer(source, partial)
+    else:
+        with _locked(kept):  # an entry reading another sample of it may be downloading it now
+            if kept.exists():
+                log.info("%s: taking its download kept by an earlier job (%s)", source, kept)
+                partial.unlink(missing_ok=True)
+                _link_or_copy(kept, partial)
+            else:
+                transfer(source, partial)
+                if sample is not None:
+                    _link_or_copy(partial, kept)
+                    log.info("%s: kept as %s for the entries that read its other samples", source, kept)
 
     digest = sha256_of(partial)
     size = partial.stat().st_size
     if sha256 and digest != sha256.lower():
         partial.unlink()
+        _forget(kept)
         raise DownloadError(
             f"{destination}: SHA-256 mismatch for {source}: expected {sha256.lower()}, "
             f"got {digest} ({size} bytes); the file was deleted"
@@ -158,12 +181,15 @@ def fetch(
     except MatrixChoiceError as error:
         # The file is whole, the config picks no matrix of it: fetching it again would give the same bytes.
         raise DownloadError(f"{source}: {error}; nothing was written to {destination}"
-                            f"{_keep_download(source, destination, partial)}") from None
+                            f"{_keep_download(kept, partial)}") from None
     if problem:
         if isinstance(source, str) and is_web_page(partial):
             problem += file_address_hint(source)
         partial.unlink()
+        _forget(kept)  # a cut-off or wrong file is not taken again
         raise DownloadError(f"{source}: {problem}; nothing was written to {destination}")
+    if sample is None:
+        _forget(kept)  # kept for this run alone, to be read whole
     log.info("%s: %d bytes, SHA-256 %s%s", digested, size, digest, " (verified)" if sha256 else "")
     partial.replace(destination)
     destination.with_name(destination.name + ".sha256").write_text(f"{digest}  {recorded}  {size} bytes\n")
@@ -208,41 +234,55 @@ def _gunzip(partial: Path, source: str) -> None:
     decompressed.replace(partial)
 
 
-def _kept_download(destination: Path) -> tuple[Path, Path]:
-    """Where a whole download that the config picked no matrix of waits for the next run, and its address: one
-    place per role (``matrix.h5`` and ``matrix.tar.gz`` share it, so a format mended takes it too; an
-    annotation's download, perhaps running beside it, does not touch it)."""
-    role = destination.name.split(".", 1)[0]
-    kept = destination.with_name(f"{role}.kept_download")
-    return kept, kept.with_name(f"{kept.name}.source")
+def _on_the_web(source: str | list[str]) -> bool:
+    return isinstance(source, str) and urlparse(source).scheme in ("http", "https")
 
 
-def _keep_download(source: str, destination: Path, partial: Path) -> str:
-    """Keep ``partial``, downloaded from ``source``, for the next run (a local source is only deleted); what to
-    add to the error."""
-    if urlparse(source).scheme not in ("http", "https"):
+def _kept_path(url: str, folder: Path) -> Path:
+    """Where the whole download of ``url`` is kept: its file name and a digest of the address, so that two
+    addresses ending in the same name (or in none, as GEO's ``download/?acc=...``) are kept apart."""
+    name = Path(unquote(urlparse(url).path)).name or "download"
+    return folder / f"{name}.{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def _locked(kept: Path):
+    """Hold ``kept``'s lock: one job downloads an address while the others reading it wait, then take it."""
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    with open(kept.with_name(kept.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (no second copy of a download of gigabytes), or a copy where the
+    file system has no links; written whole or not at all."""
+    writing = target.with_name(target.name + ".linking")
+    writing.unlink(missing_ok=True)
+    try:
+        os.link(source, writing)
+    except OSError:
+        shutil.copyfile(source, writing)
+    writing.replace(target)
+
+
+def _keep_download(kept: Path | None, partial: Path) -> str:
+    """Keep ``partial`` as ``kept`` for the next run (a local source is only deleted); what to add to the error."""
+    if kept is None:
         partial.unlink()
         return ""
-    kept, address = _kept_download(destination)
-    partial.replace(kept)
-    address.write_text(source + "\n")
+    with _locked(kept):
+        if kept.exists():  # kept before its matrix was looked for: the download as it came
+            partial.unlink()
+        else:
+            partial.replace(kept)
     return f" (the download is kept as {kept}, and the next run from that address takes it instead of downloading)"
 
 
-def _took_kept_download(source: str, destination: Path, partial: Path) -> bool:
-    """Whether a download kept by an earlier run is of ``source``, and then moved to ``partial``; one of another
-    address is deleted."""
-    kept, address = _kept_download(destination)
-    if not kept.exists():
-        return False
-    same = address.exists() and address.read_text().strip() == source
-    if same:
-        log.info("%s: taking the download kept by an earlier run (%s)", source, kept)
-        kept.replace(partial)
-    else:
-        kept.unlink()
-    address.unlink(missing_ok=True)
-    return same
+def _forget(kept: Path | None) -> None:
+    if kept is not None and kept.exists():
+        with _locked(kept):
+            kept.unlink(missing_ok=True)
 
 
 def _local_path(source: str) -> Path:

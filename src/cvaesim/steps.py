@@ -34,8 +34,10 @@ LABELLED_READERS = {"h5ad": read_h5ad_counts, "loom": read_loom_counts}
 
 
 def download(source: str, output: str, sha256: str | None = None, sample: str | None = None) -> None:
+    """Fetch a dataset's file to ``output`` (``resources/datasets/<name>/<file>``), keeping whole web downloads
+    that entries pick samples of in ``resources/downloads/``, shared by all entries."""
     fetch(source, output, sha256, check=functools.partial(container_problem, name=Path(output).name, sample=sample),
-          sample=sample)
+          sample=sample, kept_downloads=Path(output).absolute().parents[2] / "downloads")
 
 
 def filter_dataset(
