@@ -301,7 +301,7 @@ def test_a_raw_tar_of_hdf5_files_gives_the_sample_s_for_a_10x_h5_dataset(tmp_pat
             download(str(raw), str(again), sample=sample)
         assert list(again.parent.iterdir()) == []
     # A 10x tarball given as 10x_h5 is still told apart by its format, not searched for HDF5 files.
-    with pytest.raises(DownloadError, match="not a readable HDF5 file.*so the dataset's format may be 10x_tarball"):
+    with pytest.raises(DownloadError, match=r"not a readable HDF5 file.*so the dataset's format \(or evaluate's --format\) may be 10x_tarball"):
         download(str(EMBEDDED_TARBALL), str(tmp_path / "tarball" / "matrix.h5"))
     # The same files in a zip archive (as Zenodo and figshare serve them), made on a Mac: the same choice.
     zipped = tmp_path / "deposit.zip"

@@ -70,15 +70,15 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
     h5 = write_10x_h5(tmp_path / "m.h5", small_cells, v3=True)
     # Each file given as the formats it is not: the error says what it is.
     with pytest.raises(InputError, match="not a readable .h5ad file .*; it is gzip-compressed, as a 10x tarball is, "
-                                         "so the dataset's format may be 10x_tarball"):
+                                         "so the dataset's format \\(or evaluate's --format\\) may be 10x_tarball"):
         read_h5ad_counts(tarball, "cell_type", None)
-    with pytest.raises(InputError, match="it is an AnnData .h5ad file, so the dataset's format may be h5ad"):
+    with pytest.raises(InputError, match="it is an AnnData .h5ad file, so the dataset's format \\(or evaluate's --format\\) may be h5ad"):
         read_10x_h5(EMBEDDED_H5AD)
     with pytest.raises(InputError, match=r"not a readable tar archive \(file could not be opened successfully\); it is "
-                                         "a 10x HDF5 matrix, so the dataset's format may be 10x_h5$"):
+                                         "a 10x HDF5 matrix, so the dataset's format \\(or evaluate's --format\\) may be 10x_h5$"):
         read_10x_tarball(h5)
-    assert "format may be" in container_problem(EMBEDDED_H5AD, "matrix.tar.gz")
-    assert "format may be 10x_tarball" in container_problem(tarball, "matrix.h5")
+    assert "may be h5ad" in container_problem(EMBEDDED_H5AD, "matrix.tar.gz")
+    assert "may be 10x_tarball" in container_problem(tarball, "matrix.h5")
     # Compressed whole, an .h5ad or .h5 is no format's file as it is: the download decompresses it for the HDF5
     # formats (test_download), and the error says so, whichever format is set.
     gzipped_h5ad = tmp_path / "cells.h5ad.gz"
@@ -140,7 +140,7 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
     # A pandas table (the original's simulated_table.h5 is one), written by pandas through PyTables.
     table = tmp_path / "cells.h5"
     small_cells.to_df().to_hdf(table, key="counts", format="fixed")
-    for path, advice in [(loom, r"it is a loom file, so the dataset's format may be loom$"),
+    for path, advice in [(loom, r"it is a loom file, so the dataset's format \(or evaluate's --format\) may be loom$"),
                          (table, r"it is a pandas HDF5 table \(as DataFrame.to_hdf writes one, .*\): read it with "
                                  r"pandas.read_hdf and write its counts as an .h5ad or a CSV \(a counts_table\)$"),
                          (h5seurat, r"it is a Seurat .h5Seurat file: convert it to an .h5ad \(SeuratDisk"),
@@ -152,7 +152,7 @@ def test_a_matrix_of_another_format_is_named_in_the_error(tmp_path, small_cells)
     # A file of no known format gets no guess.
     bogus = tmp_path / "page.h5ad"
     bogus.write_text("<html>Access denied</html>")
-    assert "format may be" not in container_problem(bogus, "matrix.h5ad")
+    assert "may be" not in container_problem(bogus, "matrix.h5ad")
 
 
 def test_member_outside_the_folder_is_refused(tmp_path, small_cells):
@@ -584,7 +584,7 @@ def test_loom_layers_labels_and_names_are_checked(tmp_path, small_cells, caplog,
         read_loom_counts(nameless, "ClusterName", None)
     # Given as another HDF5 format, the error says it is a loom file.
     with pytest.raises(InputError, match=r"cells.loom: not a readable .h5ad file .*; it is a loom file, so the "
-                                         r"dataset's format may be loom"):
+                                         r"dataset's format \(or evaluate's --format\) may be loom"):
         read_h5ad_counts(write_loom(tmp_path / "cells.loom", small_cells), "cell_type", None)
     assert container_problem(tmp_path / "cells.loom", "matrix.loom") is None
     (tmp_path / "cut.loom").write_bytes((tmp_path / "cells.loom").read_bytes()[:2000])
@@ -1021,21 +1021,21 @@ def test_count_table_problems_are_named(tmp_path, small_cells):
     assert list(repeated.var_names[:3]) == ["SAME", "SAME-1", "SAME-2"]
     # Other files given as a table: named, with the format they are.
     with pytest.raises(InputError, match="not a text count table; it is an AnnData .h5ad file, so the dataset's "
-                                         "format may be h5ad"):
+                                         r"format \(or evaluate's --format\) may be h5ad"):
         read_counts_table(EMBEDDED_H5AD, barcodes)
     assert container_problem(EMBEDDED_TARBALL, "matrix.txt") == (
-        "not a text count table; it is gzip-compressed, as a 10x tarball is, so the dataset's format may be 10x_tarball")
+        "not a text count table; it is gzip-compressed, as a 10x tarball is, so the dataset's format (or evaluate's --format) may be 10x_tarball")
     page = tmp_path / "page.txt"
     page.write_text("<!DOCTYPE html>\n<html><body>Sign in to continue</body></html>\n")
     assert container_problem(page, "matrix.txt") == (
         "not a text count table; it is a web page, not data (a server's error or sign-in page?)")
     # A table given as another format is named as a table.
     assert container_problem(tmp_path / "expected.csv", "matrix.h5ad").endswith(
-        "; it is a delimited text table, so the dataset's format may be counts_table")
+        "; it is a delimited text table, so the dataset's format (or evaluate's --format) may be counts_table")
     gzipped = tmp_path / "counts.csv.gz"
     gzipped.write_bytes(gzip.compress((tmp_path / "expected.csv").read_bytes()))
     assert container_problem(gzipped, "matrix.tar.gz").endswith(
-        "; it is a gzip-compressed delimited text table, so the dataset's format may be counts_table")
+        "; it is a gzip-compressed delimited text table, so the dataset's format (or evaluate's --format) may be counts_table")
     # A truncated download of a gzipped table.
     cut = tmp_path / "cut.csv.gz"
     cut.write_bytes(gzipped.read_bytes()[: gzipped.stat().st_size // 2])

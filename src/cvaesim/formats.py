@@ -160,14 +160,14 @@ def is_web_page(path: str | Path) -> bool:
 
 
 def format_hint(path: str | Path, expected: str) -> str:
-    """'; it is ..., so the dataset's format may be ...' where the file looks like another format (or
-    '; it is ...' where it looks like none as it is), else ''."""
+    """'; it is ..., so the dataset's format (or evaluate's --format) may be ...' where the file looks like another
+    format (or '; it is ...' where it looks like none as it is), else ''."""
     detected = detected_format(path)
     if detected is None or detected[0] == expected:
         return ""
     if detected[0] is None:
         return f"; it is {detected[1]}"
-    return f"; it is {detected[1]}, so the dataset's format may be {detected[0]}"
+    return f"; it is {detected[1]}, so the dataset's format (or evaluate's --format) may be {detected[0]}"
 
 
 def is_gzipped(path: str | Path) -> bool:
