@@ -501,20 +501,21 @@ def test_samples_of_one_web_archive_are_downloaded_once_and_not_copied(tmp_path,
                                             prefix=f"GSM{n}_", compression="")) as one:
                 for member in one:
                     archive.addfile(member, one.extractfile(member))
-    server = Server({"/GSE5_RAW.tar": raw.read_bytes()})
+    address = "/geo/download/?acc=GSE5&format=file"  # GEO's address of a series' RAW tar: no file name in it
+    server = Server({address: raw.read_bytes()})
     try:
         datasets = tmp_path / "resources" / "datasets"
         for n in (1, 2):
-            download(f"{server.url}/GSE5_RAW.tar", str(datasets / f"GSM{n}" / "matrix.tar.gz"), sample=f"GSM{n}")
+            download(server.url + address, str(datasets / f"GSM{n}" / "matrix.tar.gz"), sample=f"GSM{n}")
     finally:
         server.close()
     assert len(server.requests) == 1
-    (kept,) = (tmp_path / "resources" / "downloads").glob("GSE5_RAW.tar.*[0-9a-f]")
+    (kept,) = (tmp_path / "resources" / "downloads").glob("download.*[0-9a-f]")
     for n in (1, 2):
         matrix = datasets / f"GSM{n}" / "matrix.tar.gz"
         assert list(read_10x_tarball(matrix, sample=f"GSM{n}").obs_names) == list(small_cells[n * 10:].obs_names)
         assert matrix.stat().st_ino == kept.stat().st_ino
     # Not the pinned digest: deleted with the entry's file, so the next run downloads it again.
     with pytest.raises(DownloadError, match="SHA-256 mismatch"):
-        download(f"{server.url}/GSE5_RAW.tar", str(datasets / "GSM3" / "matrix.tar.gz"), "0" * 64, sample="GSM1")
+        download(server.url + address, str(datasets / "GSM3" / "matrix.tar.gz"), "0" * 64, sample="GSM1")
     assert not kept.exists() and not (datasets / "GSM3" / "matrix.tar.gz").exists()

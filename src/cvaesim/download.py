@@ -239,10 +239,11 @@ def _on_the_web(source: str | list[str]) -> bool:
 
 
 def _kept_path(url: str, folder: Path) -> Path:
-    """Where the whole download of ``url`` is kept: its file name and a digest of the address, so that two
-    addresses ending in the same name (or in none, as GEO's ``download/?acc=...``) are kept apart."""
-    name = Path(unquote(urlparse(url).path)).name or "download"
-    return folder / f"{name}.{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    """Where the whole download of ``url`` is kept: its file name (for people to tell; characters a file name
+    should not hold replaced, cut short) and a digest of the address, so that two addresses ending in the same name
+    (or in none, as GEO's ``download/?acc=...``) are kept apart."""
+    name = re.sub(r"[^\w.-]", "_", Path(unquote(urlparse(url).path)).name, flags=re.ASCII).lstrip(".")
+    return folder / f"{name[:100] or 'download'}.{hashlib.sha256(url.encode()).hexdigest()[:12]}"
 
 
 @contextlib.contextmanager
