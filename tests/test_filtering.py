@@ -5,6 +5,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
@@ -175,6 +176,39 @@ def test_thresholds_drop_cells_genes_and_small_types(small_cells, caplog):
     assert (np.bincount(filtered.X.indices, minlength=filtered.n_vars) >= 5).all()
 
 
+def test_top_genes_keeps_the_most_variable_genes_in_their_order_and_drops_cells_left_without_counts(caplog):
+    cells = random_counts(400, 300, ["a", "b", "c"], seed=4)
+    detected = cells.X.getnnz(axis=0) > 0  # min_cells_per_gene 1: of the genes any cell has
+    assert not detected.all()
+    values = ad.AnnData(cells.X[:, detected].astype(np.float32))  # scanpy's tutorials' preparation, in float32
+    sc.pp.normalize_total(values, target_sum=1e4)
+    sc.pp.log1p(values)
+    variable = np.zeros(cells.n_vars, dtype=bool)
+    variable[detected] = sc.pp.highly_variable_genes(values, n_top_genes=50, inplace=False)["highly_variable"]
+    top = filter_cells_and_genes(cells, FilterThresholds(top_genes=50), "cells.h5ad")
+    assert list(top.var_names) == list(cells.var_names[variable]) and top.n_vars == 50
+    assert list(top.obs_names) == list(cells.obs_names)
+    assert (top.X != cells[:, variable].X).nnz == 0 and top.X.dtype == np.int32
+    # More genes asked for than there are: every detected gene, as without the key.
+    every = filter_cells_and_genes(cells, FilterThresholds(top_genes=1000), "cells.h5ad")
+    assert list(every.var_names) == list(cells.var_names[detected])
+    # A cell whose only counts are in a gene left out (top_genes chooses among genes detected in min_cells_per_gene
+    # cells) has none left: dropped, with a warning.
+    rare = np.flatnonzero(~detected)[0]
+    lone = np.zeros((1, cells.n_vars), dtype=np.int32)
+    lone[0, rare] = 5
+    with_lone = ad.concat([cells, ad.AnnData(sp.csr_matrix(lone), obs=pd.DataFrame({"cell_type": ["a"]}, index=["lone"]),
+                                             var=cells.var)])
+    for thresholds in (FilterThresholds(top_genes=50, min_cells_per_gene=2), FilterThresholds(min_cells_per_gene=2)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            kept = filter_cells_and_genes(with_lone, thresholds, "cells.h5ad")
+        assert "lone" not in kept.obs_names and cells.var_names[rare] not in kept.var_names
+        assert kept.n_obs == cells.n_obs and (np.asarray(kept.X.sum(axis=1)).ravel() > 0).all()
+        assert list(kept.obs["cell_type"]) == list(cells.obs["cell_type"])
+        assert f"cells.h5ad: 1 cells have no count in the {kept.n_vars} genes kept and are dropped" in caplog.text
+
+
 def test_labels_joined_by_barcode_with_warnings(small_cells, caplog):
     labels = small_cells.obs["cell_type"].iloc[10:].copy()
     labels.index = small_cells.obs_names[10:]
@@ -316,6 +350,10 @@ def test_cells_without_types_are_typed_by_their_leiden_clusters(tmp_path):
         steps.cluster(str(tmp_path / "cells.h5ad"), str(tmp_path / name), "h5ad", resolution=1.0, seed=3,
                       thresholds=thresholds)
     assert (tmp_path / "clusters.tsv").read_bytes() == (tmp_path / "again.tsv").read_bytes()  # seeded
+    # The cells are clustered on every gene: the filter's top_genes (the genes to simulate) changes nothing here.
+    steps.cluster(str(tmp_path / "cells.h5ad"), str(tmp_path / "top.tsv"), "h5ad", resolution=1.0, seed=3,
+                  thresholds={**thresholds, "top_genes": 20})
+    assert (tmp_path / "top.tsv").read_bytes() == (tmp_path / "clusters.tsv").read_bytes()
     clusters = pd.read_csv(tmp_path / "clusters.tsv", sep="\t", dtype=str)
     assert list(clusters.columns) == ["barcode", "cluster"]
     assert list(clusters["barcode"]) == list(cells.obs_names[3:])

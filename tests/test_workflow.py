@@ -108,10 +108,11 @@ def test_only_what_changed_reruns(workdir):
     mix = write_config(workdir / "mix.yaml", {"simulate": {"cells_per_type": {"CD14+ Monocyte": 50, "CD19+ B": 0}}})
     assert planned_jobs(workdir, *base, mix) == {
         "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1, "evaluate": 1, "compare_datasets": 1, "all": 1}
-    stricter = write_config(workdir / "stricter.yaml", {"filter": {"min_cells_per_gene": 5}})
-    assert planned_jobs(workdir, *base, stricter) == {
-        "filter": 1, "reshape": 1, "train": 1, "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1,
-        "evaluate": 1, "compare_datasets": 1, "all": 1}
+    # A new threshold reruns from the filter on; top_genes too, which left out (as above) changes nothing.
+    for name, threshold in (("stricter", {"min_cells_per_gene": 5}), ("fewer_genes", {"top_genes": 300})):
+        assert planned_jobs(workdir, *base, write_config(workdir / f"{name}.yaml", {"filter": threshold})) == {
+            "filter": 1, "reshape": 1, "train": 1, "simulate": 1, "original_table": 1, "simulated_10x": 1, "qc": 1,
+            "evaluate": 1, "compare_datasets": 1, "all": 1}
     # A local source edited in place is copied again, and what follows reruns; put back, nothing does.
     annotation = workdir / "resources/embedded/pbmc68k_reduced_barcodes_annotation.tsv"
     original, times = annotation.read_bytes(), annotation.stat()

@@ -42,10 +42,8 @@ def leiden_clusters(cells: ad.AnnData, resolution: float, seed: int, source: str
                          f"filter.min_counts_per_cell (e.g. 500) to keep only the cells")
     log.info("%s: clustering %d cells (Leiden, resolution %g, seed %d) for their cell types", source, cells.n_obs,
              resolution, seed)
-    values = ad.AnnData(cells.X.astype(np.float32), obs=pd.DataFrame(index=cells.obs_names))
-    sc.pp.normalize_total(values, target_sum=1e4)
-    sc.pp.log1p(values)
-    sc.pp.highly_variable_genes(values, n_top_genes=min(VARIABLE_GENES, values.n_vars), subset=True)
+    values = log_normalised(cells)
+    values = values[:, variable_genes(values, VARIABLE_GENES)].copy()
     sc.pp.pca(values, n_comps=min(COMPONENTS, values.n_obs - 1, values.n_vars - 1), random_state=seed)
     sc.pp.neighbors(values, n_neighbors=NEIGHBOURS, random_state=seed)
     sc.tl.leiden(values, resolution=resolution, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
@@ -53,3 +51,23 @@ def leiden_clusters(cells: ad.AnnData, resolution: float, seed: int, source: str
     log.info("%s: %d clusters: %s", source, clusters.cat.categories.size,
              ", ".join(f"{name}: {n}" for name, n in clusters.value_counts(sort=False).items()))
     return pd.Categorical(clusters)
+
+
+def log_normalised(cells: ad.AnnData) -> ad.AnnData:
+    """The cells' counts scaled to 10,000 per cell and log1p-transformed (float32), as scanpy's tutorials prepare
+    them for variable genes and principal components."""
+    import scanpy as sc
+
+    values = ad.AnnData(cells.X.astype(np.float32), obs=pd.DataFrame(index=cells.obs_names))
+    sc.pp.normalize_total(values, target_sum=1e4)
+    sc.pp.log1p(values)
+    return values
+
+
+def variable_genes(values: ad.AnnData, n_genes: int) -> np.ndarray:
+    """Which genes of the log-normalised cells ``values`` are the ``n_genes`` most variable, as scanpy's
+    highly_variable_genes (its default flavor) picks them (of fewer genes, those whose dispersion it can rank)."""
+    import scanpy as sc
+
+    table = sc.pp.highly_variable_genes(values, n_top_genes=min(n_genes, values.n_vars), inplace=False)
+    return table["highly_variable"].to_numpy()

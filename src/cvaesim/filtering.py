@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from . import InputError, did_you_mean
+from .clustering import log_normalised, variable_genes
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class FilterThresholds:
     min_genes_per_cell: int = 0
     min_cells_per_gene: int = 1
     min_cells_per_type: int = 1
+    top_genes: int | None = None  # keep only this many of the most variable genes (None: every gene)
 
 
 def attach_labels(adata: ad.AnnData, labels: pd.Series, matrix: str | Path, annotation: str | Path) -> ad.AnnData:
@@ -243,6 +245,9 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
         & (totals >= thresholds.min_counts_per_cell)
         & (np.diff(counts.indptr) >= thresholds.min_genes_per_cell)
     )
+    keep_genes = np.ones(adata.n_vars, dtype=bool)
+    if thresholds.top_genes is not None and adata.n_vars > thresholds.top_genes:
+        keep_genes = _most_variable_genes(adata[keep_cells], thresholds, source)
     type_sizes = pd.Series(labels.to_numpy()[keep_cells]).value_counts()
     small_types = type_sizes.index[type_sizes < thresholds.min_cells_per_type]
     if len(small_types):
@@ -252,7 +257,14 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
         keep_cells &= ~labels.isin(small_types).to_numpy()
     filtered = adata[keep_cells]
     detected_in = np.bincount(filtered.X.indices, minlength=filtered.n_vars)
-    filtered = filtered[:, detected_in >= thresholds.min_cells_per_gene].copy()
+    filtered = filtered[:, keep_genes & (detected_in >= thresholds.min_cells_per_gene)].copy()
+    # A cell whose counts all lie in genes left out has no profile left to learn.
+    emptied = np.diff(filtered.X.indptr) == 0
+    if emptied.any():
+        log.warning("%s: %d cells have no count in the %d genes kept and are dropped", source, emptied.sum(),
+                    filtered.n_vars)
+        filtered = filtered[~emptied].copy()
+        keep_cells[np.flatnonzero(keep_cells)[emptied]] = False
     if filtered.n_obs == 0 or filtered.n_vars == 0:
         raise InputError(
             f"{source}: no cells or genes pass the filter thresholds {thresholds} "
@@ -264,6 +276,17 @@ def filter_cells_and_genes(adata: ad.AnnData, thresholds: FilterThresholds, sour
     log.info("%s: kept %d of %d cells and %d of %d genes", source, filtered.n_obs, adata.n_obs, filtered.n_vars,
              adata.n_vars)
     return filtered
+
+
+def _most_variable_genes(cells: ad.AnnData, thresholds: FilterThresholds, source: str | Path) -> np.ndarray:
+    """Which genes ``top_genes`` keeps: the most variable in the ``cells`` that pass the cell thresholds, of the
+    genes detected in enough of them."""
+    detected = np.bincount(cells.X.indices, minlength=cells.n_vars) >= thresholds.min_cells_per_gene
+    keep_genes = np.zeros(cells.n_vars, dtype=bool)
+    keep_genes[np.flatnonzero(detected)[variable_genes(log_normalised(cells[:, detected]), thresholds.top_genes)]] = True
+    log.info("%s: keeping the %d most variable of %d detected genes (top_genes)", source, keep_genes.sum(),
+             detected.sum())
+    return keep_genes
 
 
 # From this many types, a column that gives most cells a type of their own names cells, not types.

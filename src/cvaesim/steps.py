@@ -103,9 +103,10 @@ def cluster(matrix: str, output: str, format: str, resolution: float, seed: int,
         raise InputError(f"{matrix}: unknown format {format!r}; choose one of {FORMATS}")
     counts = read_counts(matrix, format, round_counts, sample, counts_layer)
     counts.obs["cell_type"] = "unclustered"
-    # The type threshold is the filter's, which drops clusters too small once the cells are typed.
-    cells = filter_cells_and_genes(counts, replace(FilterThresholds(**(thresholds or {})), min_cells_per_type=1),
-                                   matrix)
+    # The type threshold is the filter's, which drops clusters too small once the cells are typed; the cells are
+    # clustered on all their genes, as top_genes chooses the genes to simulate.
+    cells = filter_cells_and_genes(counts, replace(FilterThresholds(**(thresholds or {})), min_cells_per_type=1,
+                                                   top_genes=None), matrix)
     clusters = leiden_clusters(cells, resolution, seed, matrix)
     with atomic_output(output) as temporary:
         pd.DataFrame({"barcode": cells.obs_names, "cluster": clusters}).to_csv(temporary, sep="\t", index=False)
