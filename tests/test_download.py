@@ -451,18 +451,28 @@ def test_a_whole_download_the_config_picks_no_matrix_of_is_kept_for_the_next_run
         again = tmp_path / "resources" / "datasets" / "again"
         download(url, str(again / "matrix.h5"), sample="GSM1")
         assert list(read_10x_h5(again / "matrix.h5").obs_names) == list(small_cells[10:].obs_names)
+        # A sample's file that is no HDF5 file is refused; the archive stays for the entries reading its other samples.
+        with tarfile.open(tmp_path / "broken.tar", "w") as archive:
+            archive.add(tmp_path / "1.h5", arcname="GSM1_filtered_feature_bc_matrix.h5")
+            add_member(archive, "GSM3_filtered_feature_bc_matrix.h5", b"not HDF5")
+        server.files["/broken.tar"] = (tmp_path / "broken.tar").read_bytes()
+        download(f"{server.url}/broken.tar", str(again / "matrix.h5"), sample="GSM1")
+        with pytest.raises(DownloadError, match="broken.tar: not a readable HDF5 file"):
+            download(f"{server.url}/broken.tar", str(tmp_path / "resources" / "datasets" / "GSM3" / "matrix.h5"),
+                     sample="GSM3")
+        assert len(list(kept.parent.glob("broken.tar.*[0-9a-f]"))) == 1 and len(server.requests) == 3
         # Another address is downloaded, and kept apart.
         download(f"{server.url}/other.tar", str(again / "matrix.h5"), sample="GSM2")
-        assert [request["path"] for request in server.requests[2:]] == ["/other.tar"]
+        assert [request["path"] for request in server.requests[2:]] == ["/broken.tar", "/other.tar"]
         assert sorted(path.name for path in again.iterdir()) == ["matrix.h5", "matrix.h5.sha256"]
-        assert len(list(kept.parent.glob("*.tar.*[0-9a-f]"))) == 2
+        assert len(list(kept.parent.glob("*.tar.*[0-9a-f]"))) == 3
         # A download kept after a sample that names none of its matrices, then read whole (no sample), is used up.
         server.files["/one.tar.gz"] = EMBEDDED_TARBALL.read_bytes()
         whole = tmp_path / "resources" / "datasets" / "whole" / "matrix.tar.gz"
         with pytest.raises(DownloadError, match="kept as"):
             download(f"{server.url}/one.tar.gz", str(whole), sample="GSM9")
         download(f"{server.url}/one.tar.gz", str(whole))
-        assert whole.read_bytes() == EMBEDDED_TARBALL.read_bytes() and len(server.requests) == 4
+        assert whole.read_bytes() == EMBEDDED_TARBALL.read_bytes() and len(server.requests) == 5
         assert not list(kept.parent.glob("one.tar.gz.*[0-9a-f]"))
     finally:
         server.close()

@@ -84,6 +84,7 @@ def fetch(
     """
     destination = Path(destination)
     kept = _kept_path(source, Path(kept_downloads or destination.parent)) if _on_the_web(source) else None
+    taken = False  # whether the file was taken from ``kept``, not fetched
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
     transfer = functools.partial(_fetch_file, retries=retries, timeout=timeout, backoff_seconds=backoff_seconds)
@@ -117,7 +118,8 @@ def fetch(
         transfer(source, partial)
     else:
         with _locked(kept):  # an entry reading another sample of it may be downloading it now
-            if kept.exists():
+            taken = kept.exists()
+            if taken:
                 log.info("%s: taking its download kept by an earlier job (%s)", source, kept)
                 partial.unlink(missing_ok=True)
                 _link_or_copy(kept, partial)
@@ -186,7 +188,8 @@ def fetch(
         if isinstance(source, str) and is_web_page(partial):
             problem += file_address_hint(source)
         partial.unlink()
-        _forget(kept)  # a cut-off or wrong file is not taken again
+        if not taken:  # a cut-off or wrong file is not taken again; one taken served another entry's config
+            _forget(kept)
         raise DownloadError(f"{source}: {problem}; nothing was written to {destination}")
     if sample is None:
         _forget(kept)  # kept for this run alone, to be read whole
