@@ -282,8 +282,9 @@ def _most_variable_genes(cells: ad.AnnData, thresholds: FilterThresholds, source
     """Which genes ``top_genes`` keeps: the most variable in the ``cells`` that pass the cell thresholds, of the
     genes detected in enough of them."""
     detected = np.bincount(cells.X.indices, minlength=cells.n_vars) >= thresholds.min_cells_per_gene
+    candidates = np.flatnonzero(detected)
     keep_genes = np.zeros(cells.n_vars, dtype=bool)
-    keep_genes[np.flatnonzero(detected)[variable_genes(log_normalised(cells[:, detected]), thresholds.top_genes)]] = True
+    keep_genes[candidates[variable_genes(log_normalised(cells[:, candidates]), thresholds.top_genes)]] = True
     log.info("%s: keeping the %d most variable of %d detected genes (top_genes)", source, keep_genes.sum(),
              detected.sum())
     return keep_genes
