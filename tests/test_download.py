@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import logging
 import tarfile
 import urllib.request
 import zipfile
@@ -529,3 +530,27 @@ def test_samples_of_one_web_archive_are_downloaded_once_and_not_copied(tmp_path,
     with pytest.raises(DownloadError, match="SHA-256 mismatch"):
         download(server.url + address, str(datasets / "GSM3" / "matrix.tar.gz"), "0" * 64, sample="GSM1")
     assert not kept.exists() and not (datasets / "GSM3" / "matrix.tar.gz").exists()
+
+
+def test_a_file_system_without_locks_downloads_all_the_same(tmp_path, small_cells, monkeypatch, caplog):
+    """Some NFS mounts refuse file locks (ENOLCK): the kept download is then used without waiting, with a warning."""
+    def no_locks(*args):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr("cvaesim.download.fcntl.flock", no_locks)
+    raw = tmp_path / "GSE6_RAW.tar"
+    with tarfile.open(raw, "w") as archive:
+        for n in (1, 2):
+            archive.add(write_10x_h5(tmp_path / f"{n}.h5", small_cells[n * 10:]),
+                        arcname=f"GSM{n}_filtered_feature_bc_matrix.h5")
+    server = Server({"/GSE6_RAW.tar": raw.read_bytes()})
+    try:
+        datasets = tmp_path / "resources" / "datasets"
+        with caplog.at_level(logging.WARNING):
+            for n in (1, 2):
+                download(f"{server.url}/GSE6_RAW.tar", str(datasets / f"GSM{n}" / "matrix.h5"), sample=f"GSM{n}")
+    finally:
+        server.close()
+    assert len(server.requests) == 1 and "cannot be locked ([Errno 37] No locks available)" in caplog.text
+    for n in (1, 2):
+        assert list(read_10x_h5(datasets / f"GSM{n}" / "matrix.h5").obs_names) == list(small_cells[n * 10:].obs_names)

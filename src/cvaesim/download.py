@@ -254,7 +254,10 @@ def _locked(kept: Path):
     """Hold ``kept``'s lock: one job downloads an address while the others reading it wait, then take it."""
     kept.parent.mkdir(parents=True, exist_ok=True)
     with open(kept.with_name(kept.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as error:  # a file system without locks (an NFS mount without its lock service)
+            log.warning("%s: cannot be locked (%s); jobs reading it side by side may each download it", kept, error)
         yield
 
 
