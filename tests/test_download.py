@@ -417,14 +417,19 @@ def test_a_zip_archive_gives_its_matrix_folder_or_its_one_file_as_a_tar_archive_
         download(str(tmp_path / "two.tar"), str(tmp_path / "table" / "matrix.txt"))
 
 
+def raw_tar_of_hdf5_files(path: Path, cells) -> Path:
+    """GEO's RAW tar of two samples' Cell Ranger HDF5 files: GSM1 holds ``cells[10:]``, GSM2 ``cells[20:]``."""
+    with tarfile.open(path, "w") as archive:
+        for n in (1, 2):
+            archive.add(write_10x_h5(path.with_name(f"{n}.h5"), cells[n * 10:]),
+                        arcname=f"GSM{n}_filtered_feature_bc_matrix.h5")
+    return path
+
+
 def test_a_whole_download_the_config_picks_no_matrix_of_is_kept_for_the_next_run(tmp_path, small_cells):
     """GEO's RAW tar of several samples, downloaded without the sample key (or given as the wrong format), is not
     downloaded again once the config names the sample."""
-    raw = tmp_path / "GSE4_RAW.tar"
-    with tarfile.open(raw, "w") as archive:
-        for n in (1, 2):
-            archive.add(write_10x_h5(tmp_path / f"{n}.h5", small_cells[n * 10:]),
-                        arcname=f"GSM{n}_filtered_feature_bc_matrix.h5")
+    raw = raw_tar_of_hdf5_files(tmp_path / "GSE4_RAW.tar", small_cells)
     server = Server({"/GSE4_RAW.tar": raw.read_bytes(), "/other.tar": raw.read_bytes(),
                      "/annotation.tsv": EMBEDDED_ANNOTATION.read_bytes()})
     try:
@@ -538,11 +543,7 @@ def test_a_file_system_without_locks_downloads_all_the_same(tmp_path, small_cell
         raise OSError(37, "No locks available")
 
     monkeypatch.setattr("cvaesim.download.fcntl.flock", no_locks)
-    raw = tmp_path / "GSE6_RAW.tar"
-    with tarfile.open(raw, "w") as archive:
-        for n in (1, 2):
-            archive.add(write_10x_h5(tmp_path / f"{n}.h5", small_cells[n * 10:]),
-                        arcname=f"GSM{n}_filtered_feature_bc_matrix.h5")
+    raw = raw_tar_of_hdf5_files(tmp_path / "GSE6_RAW.tar", small_cells)
     server = Server({"/GSE6_RAW.tar": raw.read_bytes()})
     try:
         datasets = tmp_path / "resources" / "datasets"
